@@ -1,0 +1,264 @@
+"""vitkern.ops.patch_embed (Triton) against vitkern.reference.patch_embed_reference.
+
+On CPU the Triton kernels run in Triton's interpreter (fp32, fp16; tiny shapes);
+on a GPU the same tests run on CUDA tensors, plus bf16 and the ViT-B shapes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vitkern
+from vitkern.backends import BackendUnavailableError
+from vitkern.ops import patch_embed
+from vitkern.reference import patch_embed_reference
+from vitkern.testing import poison_outputs
+
+from helpers import assert_close, nan_padded
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+HIGH = torch.float32 if ON_GPU else torch.float64  # the oracle's precision (DESIGN.md)
+
+# (B, C, H, W, (Ph, Pw), D, with_bias, with_cls, with_pos): patch sizes 4/8/14/16/32, C = 1, 3 and
+# larger, non-square images, D not a power of two, batch 1, rectangular patches.
+CASES = [
+    pytest.param(2, 3, 32, 48, (8, 8), 40, True, True, True, id="p8-nonsquare-cls-pos"),
+    pytest.param(2, 3, 16, 12, (4, 4), 96, True, False, False, id="p4-swin-stem"),
+    pytest.param(1, 3, 28, 42, (14, 14), 192, True, True, True, id="p14-b1-d192"),
+    pytest.param(2, 1, 32, 64, (16, 16), 1000, True, True, False, id="p16-c1-d1000-cls-only"),
+    pytest.param(1, 3, 64, 32, (32, 32), 384, True, False, True, id="p32-d384-pos-only"),
+    pytest.param(2, 4, 32, 32, (16, 16), 768, False, True, True, id="p16-c4-d768-nobias"),
+    pytest.param(3, 5, 12, 24, (4, 8), 20, True, True, True, id="rect-patch-c5"),
+]
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+
+
+def _make_inputs(B, C, H, W, patch, D, with_bias, with_cls, with_pos, dtype, device=DEVICE):
+    PH, PW = patch
+    tokens = (H // PH) * (W // PW) + int(with_cls)
+    # Scale like a trained stem so fp16 stays far from overflow.
+    scale = (C * PH * PW) ** -0.5
+    return dict(
+        x=torch.randn(B, C, H, W, device=device).to(dtype),
+        weight=(torch.randn(D, C, PH, PW, device=device) * scale).to(dtype),
+        bias=torch.randn(D, device=device).to(dtype) if with_bias else None,
+        cls_token=torch.randn(1, 1, D, device=device).to(dtype) if with_cls else None,
+        pos_embed=torch.randn(1, tokens, D, device=device).to(dtype) if with_pos else None,
+    )
+
+
+def _leaves(inputs, dtype=None):
+    """Fresh leaf copies (optionally cast) that require grad."""
+    out = {}
+    for name, t in inputs.items():
+        if t is None:
+            out[name] = None
+        else:
+            t = t.detach() if dtype is None else t.detach().to(dtype)
+            out[name] = t.clone().requires_grad_(True)
+    return out
+
+
+def _run(fn, inputs, grad_out):
+    out = fn(inputs["x"], inputs["weight"], inputs["bias"],
+             cls_token=inputs["cls_token"], pos_embed=inputs["pos_embed"])
+    names = [n for n, t in inputs.items() if t is not None]
+    grads = torch.autograd.grad(out, [inputs[n] for n in names], grad_out)
+    return out, dict(zip(names, grads))
+
+
+def _triton(x, weight, bias=None, *, cls_token=None, pos_embed=None):
+    return patch_embed(x, weight, bias, cls_token=cls_token, pos_embed=pos_embed, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,C,H,W,patch,D,with_bias,with_cls,with_pos", CASES)
+def test_forward_and_every_gradient_match_reference(B, C, H, W, patch, D, with_bias, with_cls, with_pos, dtype):
+    base = _make_inputs(B, C, H, W, patch, D, with_bias, with_cls, with_pos, dtype)
+    # NaN around every input catches out-of-bounds reads; poisoned outputs catch unwritten elements.
+    kernel_in = {n: (nan_padded(t).requires_grad_(True) if t is not None else None) for n, t in base.items()}
+    tokens = (H // patch[0]) * (W // patch[1]) + int(with_cls)
+    grad_out = torch.randn(B, tokens, D, device=DEVICE).to(dtype)
+    with poison_outputs():
+        out, grads = _run(_triton, kernel_in, grad_out)
+    ref_out, ref_grads = _run(patch_embed_reference, _leaves(base, HIGH), grad_out.to(HIGH))
+    same_out, same_grads = (None, {}) if dtype == torch.float32 else _run(patch_embed_reference, _leaves(base), grad_out)
+
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    assert_close("out", out, ref_out, same_out)
+    assert set(grads) == set(ref_grads)
+    for name in grads:
+        assert grads[name].shape == base[name].shape, name
+        assert_close(f"d{name}", grads[name], ref_grads[name], same_grads.get(name), grad=True)
+
+
+def test_strided_and_channels_last_inputs():
+    inputs = _make_inputs(2, 3, 32, 48, (16, 16), 24, True, True, True, torch.float32)
+    x = inputs["x"]
+    layouts = {
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "transposed_hw": x.transpose(2, 3).contiguous().transpose(2, 3),
+        "batch_slice": torch.stack([x, torch.randn_like(x)], 1).flatten(0, 1)[::2],
+    }
+    ref = patch_embed_reference(**{**inputs, "x": x.double(), "weight": inputs["weight"].double(),
+                                   "bias": inputs["bias"].double(), "cls_token": inputs["cls_token"].double(),
+                                   "pos_embed": inputs["pos_embed"].double()})
+    for name, xv in layouts.items():
+        assert not xv.is_contiguous() or name == "channels_last"
+        out = _triton(xv, inputs["weight"], inputs["bias"], cls_token=inputs["cls_token"],
+                      pos_embed=inputs["pos_embed"])
+        assert_close(f"out[{name}]", out, ref)
+
+
+def test_expanded_upstream_gradient_from_sum():
+    """out.sum() hands the backward a stride-0 gradient; the kernels must take strides."""
+    base = _make_inputs(2, 3, 16, 16, (8, 8), 24, True, True, True, torch.float32)
+    kin, rin = _leaves(base), _leaves(base, HIGH)
+    _triton(kin["x"], kin["weight"], kin["bias"], cls_token=kin["cls_token"], pos_embed=kin["pos_embed"]).sum().backward()
+    patch_embed_reference(rin["x"], rin["weight"], rin["bias"], cls_token=rin["cls_token"],
+                          pos_embed=rin["pos_embed"]).sum().backward()
+    for name in base:
+        assert_close(f"d{name}", kin[name].grad, rin[name].grad, grad=True)
+
+
+def test_only_requested_gradients():
+    base = _make_inputs(2, 3, 16, 32, (8, 8), 24, True, True, True, torch.float32)
+    x = base["x"]  # an image needs no gradient in training
+    w = base["weight"].clone().requires_grad_(True)
+    pos = base["pos_embed"].clone().requires_grad_(True)
+    out = _triton(x, w, base["bias"], cls_token=base["cls_token"], pos_embed=pos)
+    g = torch.randn_like(out)
+    dw, dpos = torch.autograd.grad(out, [w, pos], g)
+    rw, rpos = base["weight"].double().requires_grad_(True), base["pos_embed"].double().requires_grad_(True)
+    ref = patch_embed_reference(x.double(), rw, base["bias"].double(), cls_token=base["cls_token"].double(),
+                                pos_embed=rpos)
+    ref_dw, ref_dpos = torch.autograd.grad(ref, [rw, rpos], g.double())
+    assert_close("dweight", dw, ref_dw, grad=True)
+    assert_close("dpos_embed", dpos, ref_dpos, grad=True)
+
+
+def test_deterministic_bit_for_bit():
+    base = _make_inputs(3, 3, 32, 32, (8, 8), 40, True, True, True, torch.float32)
+    g = torch.randn(3, 17, 40, device=DEVICE)
+    runs = [_run(_triton, _leaves(base), g) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    for name in runs[0][1]:
+        assert torch.equal(runs[0][1][name], runs[1][1][name]), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("res,patch,batch", [(224, 16, 8), (384, 32, 4), (224, 4, 2)])
+def test_vit_shapes_bf16_on_gpu(res, patch, batch):
+    D = 96 if patch == 4 else 768
+    base = _make_inputs(batch, 3, res, res, (patch, patch), D, True, patch != 4, patch != 4, torch.bfloat16)
+    g = torch.randn(batch, (res // patch) ** 2 + int(patch != 4), D, device=DEVICE, dtype=torch.bfloat16)
+    with poison_outputs():
+        out, grads = _run(_triton, _leaves(base), g)
+    ref_out, ref_grads = _run(patch_embed_reference, _leaves(base, torch.float32), g.float())
+    same_out, same_grads = _run(patch_embed_reference, _leaves(base), g)
+    assert_close("out", out, ref_out, same_out)
+    for name in grads:
+        assert_close(f"d{name}", grads[name], ref_grads[name], same_grads[name], grad=True)
+
+
+# --------------------------------------------------------------------------- #
+# Bad input: clear errors naming the argument
+# --------------------------------------------------------------------------- #
+def _ok():
+    return dict(x=torch.randn(2, 3, 32, 32), weight=torch.randn(8, 3, 16, 16), bias=torch.randn(8))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("change,match", [
+    (lambda a: a.update(x=torch.randn(3, 32, 32)), r"x must be 4-D"),
+    (lambda a: a.update(weight=torch.randn(8, 3, 16)), r"weight must be 4-D"),
+    (lambda a: a.update(x=torch.randn(2, 3, 30, 32)), r"divisible by the patch size"),
+    (lambda a: a.update(x=torch.randn(2, 4, 32, 32)), r"weight has 3 input channels .* x has C=4"),
+    (lambda a: a.update(x=torch.randn(0, 3, 32, 32)), r"empty batch"),
+    (lambda a: a.update(x=torch.randn(2, 3, 32, 32, dtype=torch.float64)), r"x.dtype must be one of"),
+    (lambda a: a.update(bias=torch.randn(8, dtype=torch.float16)), r"bias.dtype is torch.float16"),
+    (lambda a: a.update(bias=torch.randn(9)), r"bias must have shape \(8,\)"),
+    (lambda a: a.update(weight=torch.randn(8, 3, 16, 16, device="meta")), r"weight is on meta"),
+    (lambda a: a.update(cls_token=torch.randn(1, 1, 7)), r"cls_token must hold D=8"),
+    (lambda a: a.update(pos_embed=torch.randn(1, 5, 8)), r"pos_embed must have shape \(1, 4, 8\)"),
+    (lambda a: a.update(x=[1, 2]), r"x must be a torch.Tensor"),
+])
+def test_bad_input_raises_clear_error(change, match, backend):
+    args = _ok()
+    change(args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        patch_embed(args.pop("x"), args.pop("weight"), args.pop("bias", None), backend=backend, **args)
+
+
+def test_bad_backend_name():
+    with pytest.raises(ValueError, match=r"backend must be one of .* got 'cudnn'"):
+        patch_embed(**_ok(), backend="cudnn")
+
+
+def test_forced_backend_that_cannot_run_says_why():
+    with pytest.raises(BackendUnavailableError, match=r"backend='cuda' cannot run this call: vitkern._C"):
+        patch_embed(**_ok(), backend="cuda")
+    if not ON_GPU:
+        args = {k: v.to(torch.bfloat16) for k, v in _ok().items()}
+        with pytest.raises(BackendUnavailableError, match=r"interpreter computes bfloat16 wrongly"):
+            patch_embed(**args, backend="triton")
+
+
+def test_auto_picks_torch_on_cpu_and_explain_lists_reasons():
+    args = _ok()
+    reasons = vitkern.backends.explain("patch_embed", args["x"], args["weight"], args["bias"])
+    assert reasons["torch"] is None and "vitkern._C" in reasons["cuda"]
+    out = patch_embed(**args)  # auto
+    if not ON_GPU:
+        assert "vitkern_patch_embed" not in type(out.grad_fn or object()).__name__
+        assert reasons["triton"] is None  # the interpreter is on in CPU test runs
+    else:
+        assert out.grad_fn is None or "vitkern_patch_embed" in type(out.grad_fn).__name__
+
+
+def test_autocast_casts_like_conv2d():
+    args = {k: v.to(DEVICE) for k, v in _ok().items()}
+    dtype = torch.bfloat16
+    with torch.autocast(DEVICE.type, dtype=dtype):
+        out = patch_embed(**args, backend="torch")
+    assert out.dtype == dtype
+
+
+# --------------------------------------------------------------------------- #
+# torch.library registration: opcheck, torch.compile, FLOP counting
+# --------------------------------------------------------------------------- #
+def test_custom_ops_pass_opcheck():
+    base = _leaves(_make_inputs(2, 3, 16, 24, (8, 8), 24, True, True, True, torch.float32))
+    args = (base["x"], base["weight"], base["bias"], base["cls_token"], base["pos_embed"])
+    torch.library.opcheck(torch.ops.vitkern.patch_embed_fwd.default, args)
+    g = torch.randn(2, 7, 24, device=DEVICE)
+    plain = tuple(a.detach() for a in args[:2])
+    torch.library.opcheck(torch.ops.vitkern.patch_embed_bwd.default, (g, *plain, True, True, True, True))
+    torch.library.opcheck(torch.ops.vitkern.patch_embed_bwd.default, (g, *plain, True, False, True, False))
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    base = _make_inputs(2, 3, 16, 24, (8, 8), 24, True, True, True, torch.float32)
+    compiled = torch.compile(_triton, fullgraph=True, backend="aot_eager")
+    kin, cin = _leaves(base), _leaves(base)
+    g = torch.randn(2, 7, 24, device=DEVICE)
+    eager_out, eager_grads = _run(_triton, kin, g)
+    comp_out, comp_grads = _run(compiled, cin, g)
+    assert torch.equal(eager_out, comp_out)
+    for name in eager_grads:
+        assert torch.equal(eager_grads[name], comp_grads[name]), name
+
+
+def test_flop_counter_counts_the_custom_ops_on_meta():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(4, 3, 224, 224, device="meta")
+    w = torch.randn(768, 3, 16, 16, device="meta", requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        out = torch.ops.vitkern.patch_embed_fwd(x, w, None, None, None)
+    gemm = 2 * 4 * 196 * 768 * (3 * 16 * 16)
+    assert counter.get_total_flops() == gemm
+    with FlopCounterMode(display=False) as counter:
+        out.backward(torch.randn_like(out))
+    assert counter.get_total_flops() == gemm  # dW only: the image needs no gradient

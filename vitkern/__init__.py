@@ -1,0 +1,27 @@
+"""vitkern: fused CUDA/Triton kernels for Vision Transformers.
+
+Submodules load on first use so that ``import vitkern`` stays cheap and works on
+machines with neither a GPU nor Triton:
+
+* :mod:`vitkern.ops`       functional ops (each with ``backend=...``)
+* :mod:`vitkern.nn`        drop-in replacements for timm modules
+* :mod:`vitkern.reference` the naive PyTorch implementations the kernels must equal
+* :mod:`vitkern.backends`  backend predicates and selection
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_SUBMODULES = ("backends", "nn", "ops", "reference", "testing")
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"vitkern.{name}")
+    raise AttributeError(f"module 'vitkern' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_SUBMODULES))

@@ -1,0 +1,501 @@
+"""Fused patchify-projection: image -> (B, T+N, D) tokens in one kernel.
+
+out[b, T+n, :] = W @ patch(b, n) + bias + pos[T+n]      (patch rows)
+out[b, 0,   :] = cls + pos[0]                            (CLS row, T = 1)
+
+The forward is one implicit GEMM: rows are the output tokens b*(T+N)+t, so a
+tile of rows is a contiguous block of the output; each patch row gathers its
+K = C*Ph*Pw pixels straight from the image through its strides (no unfolded
+patch tensor), accumulates in fp32, and the epilogue adds bias, the CLS token and
+the position embedding before the single store. CLS rows load no pixels.
+
+Backward, with no unfolded tensor either:
+* dx  = dout_patches @ W, stored through the same patch arithmetic (stride ==
+  kernel, so patches do not overlap and every pixel of the covered image is written once);
+* dW  = dout_patchesᵀ @ patches, the patches gathered from x in place; the M
+  reduction is split across programs into fp32 partials summed in a fixed order
+  (deterministic, no atomics);
+* dpos = Σ_b dout, reduced in-kernel in a fixed order; dbias and dcls are its
+  patch rows' and CLS row's sums.
+
+Layout of this file: Triton kernels -> launchers -> torch.library custom ops with
+fake and autograd registrations -> backend predicates -> the public op.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from vitkern import _triton, backends
+from vitkern._memory import new_output
+from vitkern._triton import cdiv, next_power_of_2, tl, triton
+from vitkern.reference import patch_embed_reference
+
+__all__ = ["patch_embed", "patch_embed_flops"]
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- #
+# Triton kernels
+# --------------------------------------------------------------------------- #
+@triton.jit
+def _patch_embed_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, cls_ptr, pos_ptr, out_ptr,
+    M, D, K, TOKENS, PREFIX, GRID_W,
+    sx_b, sx_c, sx_h, sx_w,
+    sw_d, sw_c, sw_h, sw_w,
+    spos_t, spos_d,
+    PH: tl.constexpr, PW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr, HAS_POS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # output token rows b*TOKENS + t
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # embedding channels d
+    row_ok = rows < M
+    col_ok = cols < D
+
+    b = rows // TOKENS
+    t = rows % TOKENS
+    is_patch = row_ok & (t >= PREFIX)
+    n = tl.where(is_patch, t - PREFIX, 0)
+    patch_h = n // GRID_W
+    patch_w = n % GRID_W
+    row_base = b * sx_b + patch_h * (PH * sx_h) + patch_w * (PW * sx_w)  # int64: top-left pixel of the patch
+    w_cols = cols.to(tl.int64) * sw_d
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)  # k = (c, i, j) flattened as in the Conv2d weight
+        k_ok = ks < K
+        c = ks // (PH * PW)
+        ij = ks % (PH * PW)
+        i = ij // PW
+        j = ij % PW
+        x_off = c.to(tl.int64) * sx_c + i * sx_h + j * sx_w
+        a = tl.load(x_ptr + row_base[:, None] + x_off[None, :],
+                    mask=is_patch[:, None] & k_ok[None, :], other=0.0)
+        w_off = c.to(tl.int64) * sw_c + i * sw_h + j * sw_w
+        w = tl.load(w_ptr + w_off[:, None] + w_cols[None, :],
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += tl.dot(a, w)
+
+    # Epilogue: bias on patch rows, CLS on prefix rows, position embedding on all.
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        acc += tl.where(is_patch[:, None], bias[None, :], 0.0)
+    if HAS_CLS:
+        cls = tl.load(cls_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        acc += tl.where(is_patch[:, None], 0.0, cls[None, :])
+    if HAS_POS:
+        pos = tl.load(pos_ptr + t[:, None] * spos_t + cols[None, :].to(tl.int64) * spos_d,
+                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += pos.to(tl.float32)
+    out_off = rows[:, None] * D + cols[None, :]
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _patch_embed_dx_kernel(
+    g_ptr, w_ptr, dx_ptr,
+    MP, D, K, NUM_PATCHES, PREFIX, GRID_W,
+    sg_b, sg_t, sg_d,
+    sw_d, sw_c, sw_h, sw_w,
+    sdx_b, sdx_c, sdx_h, sdx_w,
+    PH: tl.constexpr, PW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dpatch[m, k] = sum_d dout[patch row m, d] * W[d, k], stored into dx's pixels."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # patch rows b*N + n
+    ks = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < MP
+    k_ok = ks < K
+    b = rows // NUM_PATCHES
+    n = rows % NUM_PATCHES
+    g_row = b * sg_b + (n + PREFIX) * sg_t
+    c = ks // (PH * PW)
+    ij = ks % (PH * PW)
+    i = ij // PW
+    j = ij % PW
+    w_k = c.to(tl.int64) * sw_c + i * sw_h + j * sw_w
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_K):
+        ds = d0 + tl.arange(0, BLOCK_K)
+        d_ok = ds < D
+        g = tl.load(g_ptr + g_row[:, None] + ds[None, :].to(tl.int64) * sg_d,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + ds[:, None].to(tl.int64) * sw_d + w_k[None, :],
+                    mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.dot(g, w)
+
+    patch_h = n // GRID_W
+    patch_w = n % GRID_W
+    dx_row = b * sdx_b + patch_h * (PH * sdx_h) + patch_w * (PW * sdx_w)
+    dx_k = c.to(tl.int64) * sdx_c + i * sdx_h + j * sdx_w
+    tl.store(dx_ptr + dx_row[:, None] + dx_k[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _patch_embed_dw_kernel(
+    g_ptr, x_ptr, partial_ptr,
+    MP, D, K, NUM_PATCHES, PREFIX, GRID_W, ROWS_PER_SPLIT,
+    sg_b, sg_t, sg_d,
+    sx_b, sx_c, sx_h, sx_w,
+    PH: tl.constexpr, PW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """partial[s, d, k] = sum over split s's patch rows m of dout[m, d] * patch[m, k]."""
+    pid_d = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    split = tl.program_id(2)
+    ds = pid_d * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_ok = ds < D
+    k_ok = ks < K
+    c = ks // (PH * PW)
+    ij = ks % (PH * PW)
+    i = ij // PW
+    j = ij % PW
+    x_k = c.to(tl.int64) * sx_c + i * sx_h + j * sx_w
+    g_d = ds.to(tl.int64) * sg_d
+
+    row_start = split.to(tl.int64) * ROWS_PER_SPLIT
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for m0 in range(0, ROWS_PER_SPLIT, BLOCK_K):
+        rows = row_start + m0 + tl.arange(0, BLOCK_K)
+        row_ok = rows < MP
+        b = rows // NUM_PATCHES
+        n = rows % NUM_PATCHES
+        g_row = b * sg_b + (n + PREFIX) * sg_t
+        g_t = tl.load(g_ptr + g_d[:, None] + g_row[None, :],
+                      mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+        x_row = b * sx_b + (n // GRID_W) * (PH * sx_h) + (n % GRID_W) * (PW * sx_w)
+        a = tl.load(x_ptr + x_row[:, None] + x_k[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.dot(g_t, a)
+
+    out_off = split.to(tl.int64) * D * K + ds[:, None].to(tl.int64) * K + ks[None, :]
+    tl.store(partial_ptr + out_off, acc, mask=d_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _sum_over_batch_kernel(
+    g_ptr, out_ptr, BATCH, TOKENS, D,
+    sg_b, sg_t, sg_d,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[t, d] = sum_b dout[b, t, d] in fp32, b in order (deterministic)."""
+    ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ok = (ts < TOKENS)[:, None] & (ds < D)[None, :]
+    offs = ts[:, None].to(tl.int64) * sg_t + ds[None, :].to(tl.int64) * sg_d
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for b in range(0, BATCH):
+        acc += tl.load(g_ptr + b * sg_b + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + ts[:, None] * D + ds[None, :], acc, mask=ok)
+
+
+# --------------------------------------------------------------------------- #
+# Launchers
+# --------------------------------------------------------------------------- #
+def _gemm_config(dtype: torch.dtype, m: int, n: int, k: int) -> dict:
+    """Tile sizes. The interpreter runs one numpy op per tile op, so big tiles are
+    cheapest there; on the GPU, 128x128 tiles with 64-deep k steps for 16-bit inputs."""
+    def fit(block, size, floor=16):
+        return max(floor, min(block, next_power_of_2(size)))
+
+    if _triton.INTERPRET:
+        return dict(BLOCK_M=fit(64, m), BLOCK_N=fit(64, n), BLOCK_K=fit(64, k), num_warps=4)
+    block_k = 32 if dtype == torch.float32 else 64
+    return dict(BLOCK_M=fit(128, m), BLOCK_N=fit(128, n), BLOCK_K=fit(block_k, k),
+                num_warps=8, num_stages=3)
+
+
+def _launch_forward(x, weight, bias, cls_token, pos_embed) -> Tensor:
+    B, C, H, W = x.shape
+    D, _, PH, PW = weight.shape
+    grid_h, grid_w = H // PH, W // PW
+    prefix = 1 if cls_token is not None else 0
+    tokens = prefix + grid_h * grid_w
+    M, K = B * tokens, C * PH * PW
+    out = new_output((B, tokens, D), dtype=x.dtype, device=x.device)
+    pos2d = pos_embed.reshape(tokens, D) if pos_embed is not None else None
+    cfg = _gemm_config(x.dtype, M, D, K)
+    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(D, cfg["BLOCK_N"]))
+    dummy = weight  # placeholder pointer for absent optional inputs (never read)
+    _patch_embed_fwd_kernel[grid](
+        x, weight,
+        bias if bias is not None else dummy,
+        cls_token.reshape(D) if cls_token is not None else dummy,
+        pos2d if pos2d is not None else dummy,
+        out,
+        M, D, K, tokens, prefix, grid_w,
+        *x.stride(), *weight.stride(),
+        *(pos2d.stride() if pos2d is not None else (0, 0)),
+        PH=PH, PW=PW,
+        HAS_BIAS=bias is not None, HAS_CLS=cls_token is not None, HAS_POS=pos_embed is not None,
+        **cfg,
+    )
+    return out
+
+
+def _dw_splits(d_tiles: int, k_tiles: int, row_tiles: int, device: torch.device) -> int:
+    """Split the M reduction of dW until the grid covers the GPU about twice."""
+    if device.type != "cuda":
+        return 1
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(row_tiles, cdiv(target, d_tiles * k_tiles)))
+
+
+def _launch_backward(grad_out, x, weight, has_cls, need_dx, need_dweight, need_token_sums):
+    B, C, H, W = x.shape
+    D, _, PH, PW = weight.shape
+    grid_h, grid_w = H // PH, W // PW
+    num_patches = grid_h * grid_w
+    prefix = 1 if has_cls else 0
+    tokens = prefix + num_patches
+    MP, K = B * num_patches, C * PH * PW
+
+    dx = x.new_empty(0)  # unrequested results are distinct empty tensors (outputs must not alias)
+    if need_dx:
+        # Pixels beyond the last full patch (possible only for a cropped view) get no gradient.
+        covered = (grid_h * PH == H) and (grid_w * PW == W)
+        dx = new_output((B, C, H, W), dtype=x.dtype, device=x.device) if covered else \
+            torch.zeros((B, C, H, W), dtype=x.dtype, device=x.device)
+        cfg = _gemm_config(x.dtype, MP, K, D)
+        grid = (cdiv(MP, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_N"]))
+        _patch_embed_dx_kernel[grid](
+            grad_out, weight, dx,
+            MP, D, K, num_patches, prefix, grid_w,
+            *grad_out.stride(), *weight.stride(), *dx.stride(),
+            PH=PH, PW=PW, **cfg,
+        )
+
+    dweight = x.new_empty(0)
+    if need_dweight:
+        cfg = _gemm_config(x.dtype, D, K, MP)
+        d_tiles, k_tiles = cdiv(D, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_N"])
+        row_tiles = cdiv(MP, cfg["BLOCK_K"])
+        splits = _dw_splits(d_tiles, k_tiles, row_tiles, x.device)
+        rows_per_split = cdiv(row_tiles, splits) * cfg["BLOCK_K"]
+        splits = cdiv(MP, rows_per_split)
+        partial = new_output((splits, D, K), dtype=torch.float32, device=x.device)
+        _patch_embed_dw_kernel[(d_tiles, k_tiles, splits)](
+            grad_out, x, partial,
+            MP, D, K, num_patches, prefix, grid_w, rows_per_split,
+            *grad_out.stride(), *x.stride(),
+            PH=PH, PW=PW, **cfg,
+        )
+        dweight = partial.sum(0).to(weight.dtype).reshape(weight.shape)
+
+    token_sums = x.new_empty(0, dtype=torch.float32)
+    if need_token_sums:
+        token_sums = new_output((tokens, D), dtype=torch.float32, device=x.device)
+        block_t, block_d = 16, min(128, next_power_of_2(D))
+        _sum_over_batch_kernel[(cdiv(tokens, block_t), cdiv(D, block_d))](
+            grad_out, token_sums, B, tokens, D, *grad_out.stride(),
+            BLOCK_T=block_t, BLOCK_D=block_d,
+        )
+    return dx, dweight, token_sums
+
+
+# --------------------------------------------------------------------------- #
+# torch.library custom ops: opaque to torch.compile, counted by FlopCounterMode
+# --------------------------------------------------------------------------- #
+@torch.library.custom_op("vitkern::patch_embed_fwd", mutates_args=())
+def _patch_embed_fwd(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], cls_token: Optional[Tensor], pos_embed: Optional[Tensor]
+) -> Tensor:
+    return _launch_forward(x, weight, bias, cls_token, pos_embed)
+
+
+@_patch_embed_fwd.register_fake
+def _(x, weight, bias, cls_token, pos_embed):
+    B, _, H, W = x.shape
+    D, _, PH, PW = weight.shape
+    tokens = (1 if cls_token is not None else 0) + (H // PH) * (W // PW)
+    return x.new_empty((B, tokens, D))
+
+
+@torch.library.custom_op("vitkern::patch_embed_bwd", mutates_args=())
+def _patch_embed_bwd(
+    grad_out: Tensor, x: Tensor, weight: Tensor, has_cls: bool,
+    need_dx: bool, need_dweight: bool, need_token_sums: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx, dweight, token_sums = Σ_b dout in fp32); unrequested ones are empty."""
+    return _launch_backward(grad_out, x, weight, has_cls, need_dx, need_dweight, need_token_sums)
+
+
+@_patch_embed_bwd.register_fake
+def _(grad_out, x, weight, has_cls, need_dx, need_dweight, need_token_sums):
+    tokens = grad_out.shape[1]
+    return (
+        x.new_empty(x.shape if need_dx else 0),
+        weight.new_empty(weight.shape if need_dweight else 0),
+        x.new_empty((tokens, weight.shape[0]) if need_token_sums else 0, dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, cls_token, pos_embed = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_cls = cls_token is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.cls_shape = tuple(cls_token.shape) if cls_token is not None else None
+    ctx.cls_dtype = cls_token.dtype if cls_token is not None else None
+    ctx.pos_shape = tuple(pos_embed.shape) if pos_embed is not None else None
+    ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
+
+
+def _backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b, need_cls, need_pos = ctx.needs_input_grad
+    dx, dweight, token_sums = torch.ops.vitkern.patch_embed_bwd(
+        grad_out, x, weight, ctx.has_cls, need_x, need_w, need_b or need_cls or need_pos)
+    prefix = 1 if ctx.has_cls else 0
+    dbias = token_sums[prefix:].sum(0).to(ctx.bias_dtype) if need_b else None
+    dcls = token_sums[0].to(ctx.cls_dtype).reshape(ctx.cls_shape) if need_cls else None
+    dpos = token_sums.to(ctx.pos_dtype).reshape(ctx.pos_shape) if need_pos else None
+    return (dx if need_x else None, dweight if need_w else None, dbias, dcls, dpos)
+
+
+_patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def patch_embed_flops(x_shape: Sequence[int], weight_shape: Sequence[int]) -> int:
+    """Multiply-adds x 2 of the projection GEMM: 2 * B * N * D * C * Ph * Pw."""
+    B, C, H, W = x_shape
+    D, _, PH, PW = weight_shape
+    return 2 * B * (H // PH) * (W // PW) * D * C * PH * PW
+
+
+try:  # FlopCounterMode learns our op's cost (torch >= 2.4)
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.vitkern.patch_embed_fwd)
+    def _fwd_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs):
+        return patch_embed_flops(x_shape, weight_shape)
+
+    @register_flop_formula(torch.ops.vitkern.patch_embed_bwd)
+    def _bwd_flops(grad_shape, x_shape, weight_shape, has_cls, need_dx, need_dweight, *args, **kwargs):
+        return patch_embed_flops(x_shape, weight_shape) * (int(need_dx) + int(need_dweight))
+except ImportError:  # pragma: no cover
+    pass
+
+
+# --------------------------------------------------------------------------- #
+# Validation, backend predicates, public op
+# --------------------------------------------------------------------------- #
+def _shape(t) -> str:
+    return "None" if t is None else f"{tuple(t.shape)}"
+
+
+def _validate(x, weight, bias, cls_token, pos_embed) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"patch_embed: x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"patch_embed: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"patch_embed: x must be 4-D (B, C, H, W), got shape {_shape(x)}")
+    if weight.dim() != 4:
+        raise ValueError(f"patch_embed: weight must be 4-D (D, C, Ph, Pw) as in Conv2d, got shape {_shape(weight)}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"patch_embed: x.dtype must be one of float32/float16/bfloat16, got {x.dtype}")
+    B, C, H, W = x.shape
+    D, Cw, PH, PW = weight.shape
+    if B == 0:
+        raise ValueError(f"patch_embed: x has an empty batch (shape {_shape(x)}); expected B >= 1")
+    if Cw != C:
+        raise ValueError(f"patch_embed: weight has {Cw} input channels (shape {_shape(weight)}) but x has C={C}")
+    if D == 0 or PH == 0 or PW == 0:
+        raise ValueError(f"patch_embed: weight shape {_shape(weight)} has a zero dimension")
+    if H % PH or W % PW:
+        raise ValueError(f"patch_embed: image size (H, W)=({H}, {W}) must be divisible by the patch size "
+                         f"({PH}, {PW}); pad the image (timm: dynamic_img_pad=True) or crop it first")
+    named = {"weight": weight, "bias": bias, "cls_token": cls_token, "pos_embed": pos_embed}
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"patch_embed: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"patch_embed: {name} is on {t.device} but x is on {x.device}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"patch_embed: {name}.dtype is {t.dtype} but x.dtype is {x.dtype}; cast them to "
+                            f"one dtype (or run under torch.autocast)")
+    if bias is not None and tuple(bias.shape) != (D,):
+        raise ValueError(f"patch_embed: bias must have shape ({D},), got {_shape(bias)}")
+    if cls_token is not None and cls_token.numel() != D:
+        raise ValueError(f"patch_embed: cls_token must hold D={D} values, e.g. shape (1, 1, {D}); "
+                         f"got {_shape(cls_token)}")
+    if pos_embed is not None:
+        tokens = (1 if cls_token is not None else 0) + (H // PH) * (W // PW)
+        if tuple(pos_embed.shape) not in ((1, tokens, D), (tokens, D)):
+            raise ValueError(f"patch_embed: pos_embed must have shape (1, {tokens}, {D}) for "
+                             f"{'1 CLS + ' if cls_token is not None else ''}{tokens - (cls_token is not None)} "
+                             f"patches, got {_shape(pos_embed)}")
+
+
+def _why_not_triton(x, weight, bias=None, cls_token=None, pos_embed=None) -> Optional[str]:
+    return backends.triton_reason([x, weight, bias, cls_token, pos_embed], x.dtype)
+
+
+def _why_not_cuda(x, weight, bias=None, cls_token=None, pos_embed=None) -> Optional[str]:
+    return backends.cuda_extension_reason("patch_embed", [x, weight, bias, cls_token, pos_embed])
+
+
+_BACKENDS = backends.register(
+    "patch_embed",
+    {"cuda": _why_not_cuda, "triton": _why_not_triton, "torch": lambda *a, **k: None},
+    gpu_auto_order=("triton", "torch"),
+)
+
+
+def _autocast(tensors):
+    """Cast like Conv2d does under autocast: our custom op has no autocast rule."""
+    if not isinstance(tensors[0], Tensor):
+        return tensors  # _validate names the bad argument
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+
+
+def patch_embed(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    cls_token: Optional[Tensor] = None,
+    pos_embed: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Patchify-projection: ``Conv2d(stride=patch)`` -> tokens (+ CLS row, + position embedding).
+
+    Args:
+        x: image (B, C, H, W), any strides; H and W divisible by the patch size.
+        weight: (D, C, Ph, Pw), as ``Conv2d.weight``.
+        bias: (D,) or None.
+        cls_token: D values (timm's (1, 1, D)) prepended as row 0, or None.
+        pos_embed: (1, T+N, D) or (T+N, D) added to every row (T = 1 with a CLS token), or None.
+        backend: "auto" | "cuda" | "triton" | "torch" (see :mod:`vitkern.backends`).
+
+    Returns:
+        (B, T+N, D) tokens in x's dtype, N = (H/Ph)(W/Pw). Differentiable w.r.t. every input.
+    """
+    x, weight, bias, cls_token, pos_embed = _autocast([x, weight, bias, cls_token, pos_embed])
+    _validate(x, weight, bias, cls_token, pos_embed)
+    chosen = _BACKENDS.select(backend, [x, weight, bias, cls_token, pos_embed],
+                              x, weight, bias, cls_token, pos_embed)
+    if chosen == "torch":
+        return patch_embed_reference(x, weight, bias, cls_token=cls_token, pos_embed=pos_embed)
+    return torch.ops.vitkern.patch_embed_fwd(x, weight, bias, cls_token, pos_embed)
