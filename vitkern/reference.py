@@ -1,0 +1,332 @@
+"""Naive reference implementations: the math vitkern's kernels must equal.
+
+Plain PyTorch, written for reading, not speed. Tests evaluate these in float64
+(CPU) or float32 (GPU) as the oracle, and benchmarks time them as the "naive"
+baseline, so both always check against the same code.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "patch_embed_reference",
+    "attention_reference",
+    "swin_effective_window",
+    "relative_position_index",
+    "window_attention_reference",
+    "sr_attention_reference",
+]
+
+
+# --------------------------------------------------------------------------- #
+# Patchify-projection
+# --------------------------------------------------------------------------- #
+def patch_embed_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    cls_token: Optional[torch.Tensor] = None,
+    pos_embed: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Conv2d(stride = kernel = patch) -> tokens, optional CLS row and position embedding.
+
+    x (B, C, H, W), weight (D, C, Ph, Pw), bias (D,), cls_token with D elements
+    (timm keeps it as (1, 1, D)), pos_embed (1, T+N, D) or (T+N, D) with T = 1
+    when a CLS token is given. Returns (B, T+N, D), N = (H/Ph)(W/Pw).
+    """
+    patch = weight.shape[-2:]
+    tokens = F.conv2d(x, weight, bias, stride=patch)  # (B, D, H/Ph, W/Pw)
+    tokens = tokens.flatten(2).transpose(1, 2)  # (B, N, D)
+    if cls_token is not None:
+        cls = cls_token.reshape(1, 1, -1).expand(tokens.shape[0], -1, -1)
+        tokens = torch.cat([cls, tokens], dim=1)
+    if pos_embed is not None:
+        tokens = tokens + pos_embed.reshape(1, tokens.shape[1], tokens.shape[2])
+    return tokens
+
+
+# --------------------------------------------------------------------------- #
+# Global multi-head attention
+# --------------------------------------------------------------------------- #
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    attn_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + attn_bias) v, non-causal.
+
+    q (B, h, Nq, d), k and v (B, h, Nk, d); attn_bias broadcastable to
+    (B, h, Nq, Nk); scale defaults to d ** -0.5, as in SDPA.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q * scale) @ k.transpose(-2, -1)  # (B, h, Nq, Nk)
+    if attn_bias is not None:
+        scores = scores + attn_bias
+    probs = scores.softmax(dim=-1)
+    return probs @ v
+
+
+# --------------------------------------------------------------------------- #
+# Shifted-window attention (Swin)
+# --------------------------------------------------------------------------- #
+IntOrPair = Union[int, Sequence[int]]
+
+
+def _pair(value: IntOrPair, name: str) -> Tuple[int, int]:
+    """An int or an (h, w) pair of ints as a 2-tuple; ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name}: expected an int or an (h, w) pair of ints, got {value!r}")
+    if isinstance(value, int):
+        return (value, value)
+    try:
+        pair = tuple(value)
+    except TypeError:
+        raise ValueError(f"{name}: expected an int or an (h, w) pair of ints, got {value!r}") from None
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise ValueError(f"{name}: expected an int or an (h, w) pair of ints, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def swin_effective_window(
+    grid_size: IntOrPair,
+    window_size: IntOrPair,
+    shift_size: IntOrPair = 0,
+    always_partition: bool = False,
+) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """The (window, shift) a Swin block really uses on a ``grid_size`` token grid.
+
+    The small-grid rule of timm's SwinTransformerBlock: per dimension, a grid no
+    larger than the requested window is covered by a single window of the grid's
+    size and is not shifted. ``always_partition=True`` keeps the requested sizes
+    (the grid is then padded up to the window).
+    """
+    grid = _pair(grid_size, "grid_size")
+    window = _pair(window_size, "window_size")
+    shift = _pair(shift_size, "shift_size")
+    if always_partition:
+        return window, shift
+    eff_window = tuple(min(g, w) for g, w in zip(grid, window))
+    eff_shift = tuple(0 if g <= w else s for g, w, s in zip(grid, eff_window, shift))
+    return eff_window, eff_shift  # type: ignore[return-value]
+
+
+def relative_position_index(window_size: IntOrPair, device=None) -> torch.Tensor:
+    """(Mh*Mw, Mh*Mw) long tensor: row of the relative-position bias table per (query, key) pair.
+
+    Tokens of a window are numbered row-major. For a query at (yi, xi) and a key
+    at (yj, xj) the offset (yi - yj, xi - xj) lies in [-(Mh-1), Mh-1] x [-(Mw-1), Mw-1];
+    shifted to start at 0 it addresses the table laid out row-major as (2Mh-1, 2Mw-1).
+    """
+    mh, mw = _pair(window_size, "window_size")
+    ys = torch.arange(mh, device=device).repeat_interleave(mw)  # row of each window token
+    xs = torch.arange(mw, device=device).repeat(mh)  # column of each window token
+    dy = ys[:, None] - ys[None, :] + (mh - 1)
+    dx = xs[:, None] - xs[None, :] + (mw - 1)
+    return dy * (2 * mw - 1) + dx
+
+
+def _shift_region_labels(length: int, window: int, shift: int) -> List[int]:
+    """Region label (0, 1, 2) of each position along one padded axis, as timm's mask builds it.
+
+    timm paints the slices [0:-window], [-window:-shift], [-shift:] of the padded axis
+    in that order (Python slice semantics, later slices overwrite earlier ones). With
+    shift == 0 the last slice is the whole axis, so every position gets label 2 and the
+    axis contributes no masking.
+    """
+    labels = [0] * length
+    bounds = ((0, -window), (-window, -shift), (-shift, None))
+    positions = list(range(length))
+    for label, (start, stop) in enumerate(bounds):
+        for p in positions[start:stop]:
+            labels[p] = label
+    return labels
+
+
+def _shift_mask(padded_hw, window, shift, mask_value, dtype, device) -> torch.Tensor:
+    """(nW, Mh*Mw, Mh*Mw) additive mask: ``mask_value`` between tokens of different regions."""
+    (hp, wp), (mh, mw) = padded_hw, window
+    rows = torch.tensor(_shift_region_labels(hp, mh, shift[0]), device=device)
+    cols = torch.tensor(_shift_region_labels(wp, mw, shift[1]), device=device)
+    region = rows[:, None] * 3 + cols[None, :]  # (Hp, Wp)
+    region = region.reshape(hp // mh, mh, wp // mw, mw).permute(0, 2, 1, 3).reshape(-1, mh * mw)
+    different = region[:, :, None] != region[:, None, :]  # (nW, query, key)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(different, torch.full((), mask_value, dtype=dtype, device=device), zero)
+
+
+def window_attention_reference(
+    qkv: torch.Tensor,
+    rel_pos_bias_table: torch.Tensor,
+    *,
+    num_heads: int,
+    window_size: IntOrPair,
+    shift_size: IntOrPair = 0,
+    scale: Optional[float] = None,
+    qkv_bias: Optional[torch.Tensor] = None,
+    mask_value: float = -100.0,
+) -> torch.Tensor:
+    """Swin (shifted-)window multi-head attention, before the output projection.
+
+    Equals timm's ``SwinTransformerBlock._attn`` with ``attn.proj`` removed, given
+    ``qkv = attn.qkv(x)`` for the block's (normalised) input x of shape (B, H, W, C).
+
+    qkv (B, H, W, 3C): per-token [q | k | v], each C = num_heads * head_dim channels,
+    heads contiguous inside each. rel_pos_bias_table ((2Mh-1)(2Mw-1), num_heads).
+    window_size / shift_size: int or (h, w); the *effective* sizes (see
+    :func:`swin_effective_window`). qkv_bias (3C,): the qkv Linear's bias, which is
+    what timm's zero-padded tokens turn into; zeros when None. Returns (B, H, W, C).
+
+    Steps: roll the grid by -shift; pad bottom/right up to a multiple of the window
+    (roll, then pad); split into windows; in each window softmax(q*scale k^T + relative
+    position bias + shift mask) v, where the shift mask (``mask_value`` between tokens
+    of different regions of the padded grid, regions as timm paints them) is applied
+    only when some shift is non-zero and padded keys are not masked; merge windows,
+    crop the padding, roll back by +shift.
+    """
+    if qkv.dim() != 4:
+        raise ValueError(f"qkv: expected rank 4 (B, H, W, 3C), got rank {qkv.dim()} with shape {tuple(qkv.shape)}")
+    B, H, W, C3 = qkv.shape
+    if C3 % 3 != 0:
+        raise ValueError(f"qkv: expected last dimension 3C (a multiple of 3), got {C3}")
+    C = C3 // 3
+    if not isinstance(num_heads, int) or num_heads <= 0 or C % num_heads != 0:
+        raise ValueError(f"num_heads: expected a positive divisor of C = {C}, got {num_heads!r}")
+    mh, mw = window = _pair(window_size, "window_size")
+    sh, sw = shift = _pair(shift_size, "shift_size")
+    if mh <= 0 or mw <= 0:
+        raise ValueError(f"window_size: expected positive sizes, got {window}")
+    if not (0 <= sh < mh and 0 <= sw < mw):
+        raise ValueError(f"shift_size: expected 0 <= shift < window_size {window} per dimension, got {shift}")
+    n = mh * mw
+    table_rows = (2 * mh - 1) * (2 * mw - 1)
+    if rel_pos_bias_table.dim() != 2 or tuple(rel_pos_bias_table.shape) != (table_rows, num_heads):
+        raise ValueError(f"rel_pos_bias_table: expected shape ((2*{mh}-1)*(2*{mw}-1), num_heads) = "
+                         f"{(table_rows, num_heads)}, got {tuple(rel_pos_bias_table.shape)}")
+    if qkv_bias is not None and tuple(qkv_bias.shape) != (C3,):
+        raise ValueError(f"qkv_bias: expected shape ({C3},), got {tuple(qkv_bias.shape)}")
+    head_dim = C // num_heads
+    scale = head_dim ** -0.5 if scale is None else scale
+
+    # 1. cyclic shift, then pad bottom/right with the value a zero token has after the qkv Linear.
+    x = torch.roll(qkv, shifts=(-sh, -sw), dims=(1, 2)) if (sh or sw) else qkv
+    pad_h, pad_w = (-H) % mh, (-W) % mw
+    hp, wp = H + pad_h, W + pad_w
+    fill = qkv_bias if qkv_bias is not None else qkv.new_zeros(C3)
+    fill = fill.to(qkv.dtype)
+    if pad_w:
+        x = torch.cat([x, fill.expand(B, H, pad_w, C3)], dim=2)
+    if pad_h:
+        x = torch.cat([x, fill.expand(B, pad_h, wp, C3)], dim=1)
+
+    # 2. windows: (B, nW, n, 3C), windows and tokens row-major.
+    nwh, nww = hp // mh, wp // mw
+    x = x.reshape(B, nwh, mh, nww, mw, C3).permute(0, 1, 3, 2, 4, 5).reshape(B, nwh * nww, n, C3)
+    x = x.reshape(B, nwh * nww, n, 3, num_heads, head_dim).permute(3, 0, 1, 4, 2, 5)
+    q, k, v = x[0], x[1], x[2]  # (B, nW, heads, n, d)
+
+    # 3. attention bias: relative position (heads, n, n) + shift mask (nW, 1, n, n).
+    index = relative_position_index(window, device=qkv.device)
+    bias = rel_pos_bias_table[index.reshape(-1)].reshape(n, n, num_heads).permute(2, 0, 1)
+    if sh or sw:
+        mask = _shift_mask((hp, wp), window, shift, mask_value, bias.dtype, qkv.device)
+        bias = bias + mask[:, None]
+    out = attention_reference(q, k, v, scale=scale, attn_bias=bias)  # (B, nW, heads, n, d)
+
+    # 4. merge heads and windows, crop the padding, undo the shift.
+    out = out.permute(0, 1, 3, 2, 4).reshape(B, nwh, nww, mh, mw, C)
+    out = out.permute(0, 1, 3, 2, 4, 5).reshape(B, hp, wp, C)[:, :H, :W]
+    if sh or sw:
+        out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# Spatial-reduction attention (PVT v2)
+# --------------------------------------------------------------------------- #
+def sr_attention_reference(
+    x: torch.Tensor,
+    feat_size: Sequence[int],
+    *,
+    num_heads: int,
+    q_weight: torch.Tensor,
+    q_bias: Optional[torch.Tensor],
+    kv_weight: torch.Tensor,
+    kv_bias: Optional[torch.Tensor],
+    proj_weight: torch.Tensor,
+    proj_bias: Optional[torch.Tensor],
+    sr_weight: Optional[torch.Tensor] = None,
+    sr_bias: Optional[torch.Tensor] = None,
+    norm_weight: Optional[torch.Tensor] = None,
+    norm_bias: Optional[torch.Tensor] = None,
+    sr_ratio: int = 1,
+    linear_attn: bool = False,
+    norm_eps: float = 1e-5,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """PVT v2 spatial-reduction attention, including the output projection.
+
+    Equals timm ``pvt_v2.Attention.forward(x, feat_size)`` with the same weights
+    (q: (C, C), kv: (2C, C), proj: (C, C), sr: Conv2d weight, norm: LayerNorm).
+
+    x (B, N, C) with N = H*W tokens of the (H, W) = feat_size grid, row-major.
+    Keys/values come from:
+      * sr_ratio == 1 (and not linear_attn): x itself;
+      * sr_ratio > 1: Conv2d(kernel = stride = sr_ratio, no padding; trailing rows and
+        columns that do not fill a kernel are dropped) -> LayerNorm(norm_eps);
+      * linear_attn: adaptive average pool to 7x7 -> 1x1 Conv2d -> LayerNorm -> GELU.
+    kv Linear gives [k | v]; softmax(q k^T * scale) v per head; proj. Returns (B, N, C).
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x: expected rank 3 (B, N, C), got rank {x.dim()} with shape {tuple(x.shape)}")
+    B, N, C = x.shape
+    try:
+        H, W = (int(s) for s in feat_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"feat_size: expected an (H, W) pair, got {feat_size!r}") from None
+    if H * W != N:
+        raise ValueError(f"feat_size: expected H*W == N = {N} tokens, got {(H, W)} (H*W = {H * W})")
+    if not isinstance(num_heads, int) or num_heads <= 0 or C % num_heads != 0:
+        raise ValueError(f"num_heads: expected a positive divisor of C = {C}, got {num_heads!r}")
+    if not isinstance(sr_ratio, int) or sr_ratio < 1:
+        raise ValueError(f"sr_ratio: expected an int >= 1, got {sr_ratio!r}")
+    for name, w, shape in (("q_weight", q_weight, (C, C)), ("kv_weight", kv_weight, (2 * C, C)),
+                           ("proj_weight", proj_weight, (C, C))):
+        if tuple(w.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(w.shape)}")
+    reduce = linear_attn or sr_ratio > 1
+    if reduce:
+        kernel = 1 if linear_attn else sr_ratio
+        if sr_weight is None or tuple(sr_weight.shape) != (C, C, kernel, kernel):
+            got = None if sr_weight is None else tuple(sr_weight.shape)
+            raise ValueError(f"sr_weight: expected shape {(C, C, kernel, kernel)}, got {got}")
+        if norm_weight is None:
+            raise ValueError(f"norm_weight: expected shape ({C},) when keys are reduced, got None")
+        if not linear_attn and (H < sr_ratio or W < sr_ratio):
+            raise ValueError(f"feat_size: expected H, W >= sr_ratio = {sr_ratio}, got {(H, W)}")
+    head_dim = C // num_heads
+
+    q = F.linear(x, q_weight, q_bias).reshape(B, N, num_heads, head_dim).transpose(1, 2)
+    if reduce:
+        grid = x.transpose(1, 2).reshape(B, C, H, W)
+        if linear_attn:
+            grid = F.conv2d(F.adaptive_avg_pool2d(grid, 7), sr_weight, sr_bias)
+        else:
+            grid = F.conv2d(grid, sr_weight, sr_bias, stride=sr_ratio)
+        src = grid.flatten(2).transpose(1, 2)  # (B, Nk, C)
+        src = F.layer_norm(src, (C,), norm_weight, norm_bias, norm_eps)
+        if linear_attn:
+            src = F.gelu(src)
+    else:
+        src = x
+    kv = F.linear(src, kv_weight, kv_bias)  # (B, Nk, 2C)
+    kv = kv.reshape(B, -1, 2, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    out = attention_reference(q, kv[0], kv[1], scale=scale)  # (B, heads, N, d)
+    out = out.transpose(1, 2).reshape(B, N, C)
+    return F.linear(out, proj_weight, proj_bias)
