@@ -176,7 +176,7 @@ def _ok():
     (lambda a: a.update(x=torch.randn(2, 3, 30, 32)), r"divisible by the patch size"),
     (lambda a: a.update(x=torch.randn(2, 4, 32, 32)), r"weight has 3 input channels .* x has C=4"),
     (lambda a: a.update(x=torch.randn(0, 3, 32, 32)), r"empty batch"),
-    (lambda a: a.update(x=torch.randn(2, 3, 32, 32, dtype=torch.float64)), r"x.dtype must be one of"),
+    (lambda a: a.update(x=torch.randint(0, 9, (2, 3, 32, 32))), r"x.dtype must be one of"),
     (lambda a: a.update(bias=torch.randn(8, dtype=torch.float16)), r"bias.dtype is torch.float16"),
     (lambda a: a.update(bias=torch.randn(9)), r"bias must have shape \(8,\)"),
     (lambda a: a.update(weight=torch.randn(8, 3, 16, 16, device="meta")), r"weight is on meta"),
@@ -199,6 +199,10 @@ def test_bad_backend_name():
 def test_forced_backend_that_cannot_run_says_why():
     with pytest.raises(BackendUnavailableError, match=r"backend='cuda' cannot run this call: vitkern._C"):
         patch_embed(**_ok(), backend="cuda")
+    args = {k: v.double() for k, v in _ok().items()}
+    with pytest.raises(BackendUnavailableError, match=r"Triton kernels take float32, float16 or bfloat16, got torch.float64"):
+        patch_embed(**args, backend="triton")
+    assert patch_embed(**args).dtype == torch.float64  # auto falls back to the reference
     if not ON_GPU:
         args = {k: v.to(torch.bfloat16) for k, v in _ok().items()}
         with pytest.raises(BackendUnavailableError, match=r"interpreter computes bfloat16 wrongly"):

@@ -35,7 +35,8 @@ from vitkern.reference import patch_embed_reference
 
 __all__ = ["patch_embed", "patch_embed_flops"]
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)  # float64: torch backend only
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------- #
@@ -408,7 +409,7 @@ def _validate(x, weight, bias, cls_token, pos_embed) -> None:
     if weight.dim() != 4:
         raise ValueError(f"patch_embed: weight must be 4-D (D, C, Ph, Pw) as in Conv2d, got shape {_shape(weight)}")
     if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"patch_embed: x.dtype must be one of float32/float16/bfloat16, got {x.dtype}")
+        raise TypeError(f"patch_embed: x.dtype must be one of float64/float32/float16/bfloat16, got {x.dtype}")
     B, C, H, W = x.shape
     D, Cw, PH, PW = weight.shape
     if B == 0:
@@ -445,6 +446,8 @@ def _validate(x, weight, bias, cls_token, pos_embed) -> None:
 
 
 def _why_not_triton(x, weight, bias=None, cls_token=None, pos_embed=None) -> Optional[str]:
+    if x.dtype not in _KERNEL_DTYPES:
+        return f"the Triton kernels take float32, float16 or bfloat16, got {x.dtype} (use backend='torch')"
     return backends.triton_reason([x, weight, bias, cls_token, pos_embed], x.dtype)
 
 

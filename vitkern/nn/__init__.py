@@ -1,0 +1,7 @@
+"""Drop-in ``torch.nn`` modules with timm's signatures, defaults, attribute names and state_dict keys.
+
+* :class:`PatchEmbed` - ``timm.layers.PatchEmbed`` on the fused patchify-projection op.
+"""
+from vitkern.nn.patch_embed import PatchEmbed
+
+__all__ = ["PatchEmbed"]
