@@ -59,17 +59,21 @@ def attention_reference(
     *,
     scale: Optional[float] = None,
     attn_bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + attn_bias) v, non-causal.
 
     q (B, h, Nq, d), k and v (B, h, Nk, d); attn_bias broadcastable to
-    (B, h, Nq, Nk); scale defaults to d ** -0.5, as in SDPA.
+    (B, h, Nq, Nk); scale defaults to d ** -0.5, as in SDPA. dropout_p > 0 drops
+    attention probabilities (and rescales the kept ones by 1/(1-p)), as SDPA does.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q * scale) @ k.transpose(-2, -1)  # (B, h, Nq, Nk)
     if attn_bias is not None:
         scores = scores + attn_bias
     probs = scores.softmax(dim=-1)
+    if dropout_p > 0:
+        probs = F.dropout(probs, p=dropout_p)
     return probs @ v
 
 

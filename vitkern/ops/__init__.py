@@ -1,4 +1,5 @@
 """Functional ops. Each takes ``backend="auto" | "cuda" | "triton" | "torch"``."""
+from vitkern.ops.attention import attention, attention_packed
 from vitkern.ops.patch_embed import patch_embed
 
-__all__ = ["patch_embed"]
+__all__ = ["attention", "attention_packed", "patch_embed"]

@@ -1,0 +1,352 @@
+"""vitkern.ops.attention / attention_packed (Triton) against vitkern.reference.attention_reference.
+
+CPU: Triton's interpreter, fp32 and fp16, tiny shapes. GPU: the same tests on CUDA
+tensors plus bf16 and the ViT sequence lengths.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import vitkern
+from vitkern.backends import BackendUnavailableError
+from vitkern.ops import attention, attention_packed
+from vitkern.ops.attention import dropout_keep_mask
+from vitkern.reference import attention_reference
+from vitkern.testing import poison_outputs
+
+from helpers import assert_close, nan_padded
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+HIGH = torch.float32 if ON_GPU else torch.float64
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+
+# (B, h, Nq, Nk, d, bias shape or None, bias needs grad)
+CASES = [
+    pytest.param(2, 3, 50, 50, 64, None, False, id="n50-d64"),
+    pytest.param(1, 2, 197, 197, 80, None, False, id="n197-d80"),
+    pytest.param(2, 2, 77, 13, 32, (2, 1, 77, 13), True, id="nq77-nk13-bias-bcast-heads"),
+    pytest.param(1, 1, 1, 3, 16, None, False, id="nq1-nk3"),
+    pytest.param(2, 2, 5, 70, 96, (2, 2, 5, 70), True, id="nq5-nk70-d96-full-bias"),
+    pytest.param(1, 2, 65, 129, 128, (65, 129), False, id="d128-bias-2d-nograd"),
+    pytest.param(3, 1, 33, 45, 16, (1, 1, 1, 45), True, id="key-bias-bcast-b3"),
+]
+
+
+def _rand(shape, dtype, scale=1.0):
+    return (torch.randn(shape, device=DEVICE) * scale).to(dtype)
+
+
+def _grads(out, inputs, grad_out):
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,H,NQ,NK,D,bias_shape,bias_grad", CASES)
+def test_forward_and_every_gradient_match_reference(B, H, NQ, NK, D, bias_shape, bias_grad, dtype):
+    base = [_rand((B, H, NQ, D), dtype), _rand((B, H, NK, D), dtype), _rand((B, H, NK, D), dtype)]
+    bias = _rand(bias_shape, dtype) if bias_shape else None
+    grad_out = _rand((B, H, NQ, D), dtype)
+
+    # NaN around every input catches out-of-bounds reads; poisoned outputs catch unwritten elements.
+    q, k, v = (nan_padded(t).requires_grad_(True) for t in base)
+    b = nan_padded(bias).requires_grad_(bias_grad) if bias is not None else None
+    leaves = [q, k, v] + ([b] if bias_grad else [])
+    with poison_outputs():
+        out = attention(q, k, v, attn_bias=b, backend="triton")
+        grads = _grads(out, leaves, grad_out)
+
+    def reference(dt):
+        ins = [t.detach().to(dt).requires_grad_(True) for t in base]
+        rb = bias.detach().to(dt).requires_grad_(bias_grad) if bias is not None else None
+        ref = attention_reference(*ins, attn_bias=rb)
+        return ref, _grads(ref, ins + ([rb] if bias_grad else []), grad_out.to(dt))
+
+    ref_out, ref_grads = reference(HIGH)
+    same_out, same_grads = reference(dtype) if dtype != torch.float32 else (None, [None] * len(ref_grads))
+    assert out.shape == (B, H, NQ, D) and out.dtype == dtype
+    assert_close("out", out, ref_out, same_out)
+    for name, g, rg, sg in zip(["dq", "dk", "dv", "dbias"], grads, ref_grads, same_grads):
+        assert_close(name, g, rg, sg, grad=True)
+
+
+def test_views_of_packed_qkv_are_read_in_place():
+    B, N, H, D = 2, 50, 3, 32
+    qkv = _rand((B, N, 3 * H * D), torch.float32)
+    q, k, v = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)  # strided views, unit stride on d
+    assert not q.is_contiguous()
+    out = attention(q, k, v, backend="triton")
+    ref = attention_reference(q.double(), k.double(), v.double())
+    assert_close("out", out, ref)
+    # The output is a (B, h, N, d) view of a (B, N, h, d) buffer: merging heads costs no copy.
+    merged = out.transpose(1, 2).reshape(B, N, H * D)
+    assert merged.data_ptr() == out.data_ptr()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_packed_entry_point_matches_reference(dtype, bias):
+    B, N, H, D = 2, 37, 2, 48
+    qkv_base = _rand((B, N, 3 * H * D), dtype)
+    bias_base = _rand((1, H, N, N), dtype) if bias else None
+    grad_out = _rand((B, N, H * D), dtype)
+    qkv = nan_padded(qkv_base).requires_grad_(True)  # strided over (B, N), unit stride on channels
+    b = bias_base.clone().requires_grad_(True) if bias else None
+    with poison_outputs():
+        out = attention_packed(qkv, H, attn_bias=b, backend="triton")
+        grads = _grads(out, [qkv] + ([b] if bias else []), grad_out)
+    assert out.shape == (B, N, H * D) and out.is_contiguous()
+
+    def reference(dt):
+        t = qkv_base.detach().to(dt).requires_grad_(True)
+        rb = bias_base.detach().to(dt).requires_grad_(True) if bias else None
+        q, k, v = t.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+        ref = attention_reference(q, k, v, attn_bias=rb).transpose(1, 2).reshape(B, N, H * D)
+        return ref, _grads(ref, [t] + ([rb] if bias else []), grad_out.to(dt))
+
+    ref_out, ref_grads = reference(HIGH)
+    same_out, same_grads = reference(dtype) if dtype != torch.float32 else (None, [None, None])
+    assert_close("out", out, ref_out, same_out)
+    for name, g, rg, sg in zip(["dqkv", "dbias"], grads, ref_grads, same_grads):
+        assert_close(name, g, rg, sg, grad=True)
+
+
+def test_single_key_returns_v_and_zero_score_gradients():
+    """With one key softmax is exactly 1: out = v, dv = dout, and dq = dk = 0 (up to rounding)."""
+    q, k, v = (_rand((2, 2, n, 16), torch.float32).requires_grad_(True) for n in (1, 1, 1))
+    g = _rand((2, 2, 1, 16), torch.float32)
+    out = attention(q, k, v, backend="triton")
+    dq, dk, dv = _grads(out, [q, k, v], g)
+    torch.testing.assert_close(out, v.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dv, g, rtol=1e-6, atol=1e-6)
+    scale = g.abs().max() * v.abs().max() * k.abs().max()
+    assert dq.abs().max() <= 1e-6 * scale and dk.abs().max() <= 1e-6 * scale
+
+
+def test_custom_scale_and_long_sequence():
+    B, H, N, D = 1, 1, 577, 16
+    q, k, v = (_rand((B, H, N, D), torch.float32).requires_grad_(True) for _ in range(3))
+    g = torch.randn(B, H, N, D, device=DEVICE)
+    out = attention(q, k, v, scale=0.3, backend="triton")
+    grads = _grads(out, [q, k, v], g)
+    hi = [t.detach().to(HIGH).requires_grad_(True) for t in (q, k, v)]
+    ref = attention_reference(*hi, scale=0.3)
+    for name, a, r in zip(["out", "dq", "dk", "dv"], [out, *grads], [ref, *_grads(ref, hi, g.to(HIGH))]):
+        assert_close(name, a, r, grad=name != "out")
+
+
+def test_expanded_upstream_gradient_from_sum():
+    q, k, v = (_rand((2, 2, 20, 32), torch.float32).requires_grad_(True) for _ in range(3))
+    attention(q, k, v, backend="triton").sum().backward()
+    hi = [t.detach().to(HIGH).requires_grad_(True) for t in (q, k, v)]
+    attention_reference(*hi).sum().backward()
+    for name, a, r in zip("qkv", (q, k, v), hi):
+        assert_close(f"d{name}", a.grad, r.grad, grad=True)
+    qkv = _rand((2, 20, 3 * 64), torch.float32).requires_grad_(True)
+    attention_packed(qkv, 2, backend="triton").sum().backward()
+    t = qkv.detach().to(HIGH).requires_grad_(True)
+    qq, kk, vv = t.view(2, 20, 3, 2, 32).permute(2, 0, 3, 1, 4)
+    attention_reference(qq, kk, vv).sum().backward()
+    assert_close("dqkv", qkv.grad, t.grad, grad=True)
+
+
+def test_deterministic_bit_for_bit():
+    q, k, v = (_rand((2, 3, 70, 32), torch.float32) for _ in range(3))
+    bias = _rand((1, 3, 70, 70), torch.float32)
+    g = _rand((2, 3, 70, 32), torch.float32)
+    runs = []
+    for _ in range(2):
+        ins = [t.clone().requires_grad_(True) for t in (q, k, v, bias)]
+        out = attention(*ins[:3], attn_bias=ins[3], backend="triton")
+        runs.append([out, *_grads(out, ins, g)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- #
+# Dropout: in-kernel random numbers
+# --------------------------------------------------------------------------- #
+def _dropout_reference(q, k, v, bias, mask):
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if bias is not None:
+        scores = scores + bias
+    return (scores.softmax(-1) * mask) @ v
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dropout_equals_reference_with_the_kernels_mask(with_bias):
+    B, H, NQ, NK, D, p = 2, 2, 45, 70, 32, 0.3
+    ins = [_rand((B, H, n, D), torch.float32).requires_grad_(True) for n in (NQ, NK, NK)]
+    bias = _rand((1, H, NQ, NK), torch.float32).requires_grad_(True) if with_bias else None
+    g = _rand((B, H, NQ, D), torch.float32)
+    torch.manual_seed(1234)
+    out = attention(*ins, attn_bias=bias, dropout_p=p, backend="triton")
+    leaves = ins + ([bias] if with_bias else [])
+    grads = _grads(out, leaves, g)
+    torch.manual_seed(1234)  # the op draws its seed from torch's default generator
+    seed = int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).item())
+    mask = dropout_keep_mask(seed, (B, H, NQ, NK), p, device=DEVICE).to(HIGH)
+    torch.testing.assert_close(mask.unique(), torch.tensor([0.0, 1 / (1 - p)], dtype=HIGH, device=DEVICE))
+    hi = [t.detach().to(HIGH).requires_grad_(True) for t in leaves]
+    ref = _dropout_reference(hi[0], hi[1], hi[2], hi[3] if with_bias else None, mask)
+    assert_close("out", out, ref)
+    for name, a, r in zip(["dq", "dk", "dv", "dbias"], grads, _grads(ref, hi, g.to(HIGH))):
+        assert_close(name, a, r, grad=True)
+
+
+def test_dropout_reproducible_under_seed_and_varies_without():
+    q, k, v = (_rand((1, 2, 40, 16), torch.float32) for _ in range(3))
+    torch.manual_seed(7)
+    a = attention(q, k, v, dropout_p=0.5, backend="triton")
+    torch.manual_seed(7)
+    b = attention(q, k, v, dropout_p=0.5, backend="triton")
+    c = attention(q, k, v, dropout_p=0.5, backend="triton")
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keep_rate_and_unbiased_scaling(p):
+    n = 256 * 256 * 2
+    mask = dropout_keep_mask(99, (1, 2, 256, 256), p, device=DEVICE)
+    keep = (mask > 0).double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(keep - (1 - p)) < 5 * sigma, f"keep rate {keep:.4f} vs {1 - p}"
+    assert abs(mask.double().mean().item() - 1.0) < 5 * sigma / (1 - p)  # E[mask] = 1: unbiased
+    # Different (batch·head) and query rows draw different numbers.
+    assert not torch.equal(mask[0, 0], mask[0, 1]) and not torch.equal(mask[0, 0, 0], mask[0, 0, 1])
+
+
+def test_dropout_output_is_unbiased():
+    """Averaged over seeds, dropout's output tends to the dropout-free output."""
+    q, k, v = (_rand((1, 1, 8, 16), torch.float32) for _ in range(3))
+    exact = attention_reference(q.double(), k.double(), v.double())
+    runs = torch.stack([attention(q, k, v, dropout_p=0.3, backend="triton").double() for _ in range(200)])
+    err = (runs.mean(0) - exact).abs()
+    stderr = runs.std(0) / math.sqrt(runs.shape[0])
+    assert (err < 5 * stderr + 1e-6).all(), f"max error {err.max():.3e} vs 5 stderr {5 * stderr.max():.3e}"
+
+
+# --------------------------------------------------------------------------- #
+# GPU: bf16 and the ViT sequence lengths
+# --------------------------------------------------------------------------- #
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,d", [(197, 64), (577, 64), (1025, 64), (257, 80), (50, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_vit_lengths_on_gpu(n, d, dtype):
+    B, H = 4, 6
+    base = [_rand((B, H, n, d), dtype) for _ in range(3)]
+    g = _rand((B, H, n, d), dtype)
+    ins = [t.clone().requires_grad_(True) for t in base]
+    with poison_outputs():
+        out = attention(*ins, backend="triton")
+        grads = _grads(out, ins, g)
+    hi = [t.float().requires_grad_(True) for t in base]
+    lo = [t.clone().requires_grad_(True) for t in base]
+    ref, same = attention_reference(*hi), attention_reference(*lo)
+    ref_grads, same_grads = _grads(ref, hi, g.float()), _grads(same, lo, g)
+    assert_close("out", out, ref, same)
+    for name, a, r, s in zip(["dq", "dk", "dv"], grads, ref_grads, same_grads):
+        assert_close(name, a, r, s, grad=True)
+
+
+# --------------------------------------------------------------------------- #
+# Bad input
+# --------------------------------------------------------------------------- #
+def _qkv(nq=8, nk=8, d=16):
+    return dict(q=torch.randn(2, 2, nq, d), k=torch.randn(2, 2, nk, d), v=torch.randn(2, 2, nk, d))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("change,match", [
+    (lambda a: a.update(q=torch.randn(2, 8, 16)), r"q must be 4-D"),
+    (lambda a: a.update(k=torch.randn(2, 3, 8, 16)), r"must share \(B, heads\)"),
+    (lambda a: a.update(v=torch.randn(2, 2, 8, 32)), r"head_dim 16 like q"),
+    (lambda a: a.update(v=torch.randn(2, 2, 9, 16)), r"same number of keys"),
+    (lambda a: a.update(k=torch.randn(2, 2, 8, 16, dtype=torch.float16)), r"k.dtype is torch.float16"),
+    (lambda a: a.update(v=torch.randn(2, 2, 8, 16, device="meta")), r"v is on meta"),
+    (lambda a: a.update(q=torch.randint(0, 3, (2, 2, 8, 16))), r"q.dtype must be one of"),
+    (lambda a: a.update(q=torch.randn(2, 2, 0, 16)), r"empty input"),
+    (lambda a: a.update(attn_bias=torch.zeros(2, 2, 8, 8, dtype=torch.bool)), r"additive floating-point"),
+    (lambda a: a.update(attn_bias=torch.randn(3, 8, 8)), r"attn_bias must broadcast to"),
+    (lambda a: a.update(dropout_p=1.0), r"dropout_p must be a float in \[0, 1\)"),
+])
+def test_bad_input_raises_clear_error(change, match, backend):
+    args = _qkv()
+    change(args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        attention(args.pop("q"), args.pop("k"), args.pop("v"), backend=backend, **args)
+
+
+def test_packed_bad_input():
+    with pytest.raises(ValueError, match=r"qkv must be a 3-D tensor"):
+        attention_packed(torch.randn(2, 3, 4, 5), 2)
+    with pytest.raises(ValueError, match=r"must be 3\*num_heads\*head_dim; got num_heads=5"):
+        attention_packed(torch.randn(2, 10, 96), 5)
+
+
+def test_forced_backend_that_cannot_run_says_why():
+    args = _qkv(d=160)
+    with pytest.raises(BackendUnavailableError, match=r"head_dim 160 is larger than the Triton kernels support"):
+        attention(**args, backend="triton")
+    assert attention(**args).shape == (2, 2, 8, 160)  # auto falls back to the reference
+    with pytest.raises(BackendUnavailableError, match=r"backend='cuda' cannot run this call: vitkern._C"):
+        attention(**_qkv(), backend="cuda")
+    with pytest.raises(BackendUnavailableError, match=r"float32, float16 or bfloat16, got torch.float64"):
+        attention(**{n: t.double() for n, t in _qkv().items()}, backend="triton")
+    reasons = vitkern.backends.explain("attention", *_qkv().values())
+    assert reasons["torch"] is None and reasons["cuda"]
+
+
+def test_autocast_casts_like_sdpa():
+    args = {n: t.to(DEVICE) for n, t in _qkv().items()}
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = attention(**args, backend="torch")
+    assert out.dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------- #
+# torch.library registration
+# --------------------------------------------------------------------------- #
+def test_custom_ops_pass_opcheck():
+    q, k, v = (_rand((2, 2, 20, 16), torch.float32).requires_grad_(True) for _ in range(3))
+    bias = _rand((1, 2, 20, 20), torch.float32).requires_grad_(True)
+    torch.library.opcheck(torch.ops.vitkern.attention_fwd.default, (q, k, v, bias, 0.25, 0.0, None))
+    qkv = _rand((2, 20, 96), torch.float32).requires_grad_(True)
+    torch.library.opcheck(torch.ops.vitkern.attention_packed_fwd.default, (qkv, 2, None, 0.25, 0.0, None))
+    seed = torch.tensor([3])
+    torch.library.opcheck(torch.ops.vitkern.attention_packed_fwd.default, (qkv, 2, bias, 0.25, 0.2, seed))
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    qkv = _rand((2, 20, 96), torch.float32)
+    bias = _rand((1, 2, 20, 20), torch.float32)
+
+    def fn(t, b):
+        return attention_packed(t, 2, attn_bias=b, backend="triton")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    g = _rand((2, 20, 32), torch.float32)
+    results = []
+    for f in (fn, compiled):
+        ins = [qkv.clone().requires_grad_(True), bias.clone().requires_grad_(True)]
+        out = f(*ins)
+        results.append([out, *_grads(out, ins, g)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_flop_counter_counts_the_custom_ops_on_meta():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    B, N, H, D = 8, 197, 12, 64
+    qkv = torch.randn(B, N, 3 * H * D, device="meta", requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        out, _ = torch.ops.vitkern.attention_packed_fwd(qkv, H, None, D ** -0.5, 0.0, None)
+    assert counter.get_total_flops() == 4 * B * H * N * N * D
+    with FlopCounterMode(display=False) as counter:
+        out.backward(torch.randn_like(out))
+    assert counter.get_total_flops() == 10 * B * H * N * N * D

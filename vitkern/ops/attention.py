@@ -1,0 +1,682 @@
+"""Fused global attention (FlashAttention-style), forward and backward.
+
+out = softmax(q kᵀ · scale + attn_bias) v, non-causal, any Nq and Nk.
+
+Forward: one program per (batch·head, block of queries) walks the keys in blocks
+with an online softmax (running max and sum), so the Nq×Nk scores never reach
+device memory; it stores the output and the row logsumexp. Keys past Nk are
+set to -inf before the row max. Dropout keeps each probability with a Philox
+draw keyed by (seed, element index), recomputed identically in the backward.
+
+Backward (deterministic: every output element is reduced by one program in a
+fixed order, no atomics):
+  1. delta = rowsum(dO ∘ O)                        (one small kernel)
+  2. dK, dV: one program per key block, looping over query blocks
+  3. dQ (and dS for a bias that needs a gradient): one program per query block,
+     looping over key blocks
+Steps 2 and 3 both recompute q kᵀ; that costs FLOPs but keeps dQ free of atomics.
+
+Layouts: every kernel takes (batch, head, token, dim) strides, so views of a
+packed qkv Linear output (B, N, 3·h·d) are read in place and the output is written
+straight into (B, N, h·d) for the proj Linear (see :func:`attention_packed`).
+
+Layout of this file: Triton kernels -> launchers -> torch.library custom ops with
+fake and autograd registrations -> backend predicates -> the public ops.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from vitkern import _triton, backends
+from vitkern._memory import new_output
+from vitkern._triton import cdiv, next_power_of_2, tl, triton
+from vitkern.reference import attention_reference
+
+__all__ = ["attention", "attention_packed", "attention_flops", "dropout_keep_mask"]
+
+_SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)  # float64: torch only
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 128
+_LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------- #
+# Triton kernels
+# --------------------------------------------------------------------------- #
+@triton.jit
+def _keep_scale(seed, bh, q_idx, k_idx, NQ, NK, dropout_p, inv_keep):
+    """Dropout factor per (query, key): 0 where dropped, 1/(1-p) where kept.
+
+    The Philox offset is the element's flat index in (B·h, Nq, Nk), so the forward,
+    both backward kernels and :func:`dropout_keep_mask` draw the same numbers.
+    """
+    offs = (bh * NQ + q_idx[:, None]) * NK + k_idx[None, :]
+    keep = tl.rand(seed, offs) >= dropout_p
+    return tl.where(keep, inv_keep, 0.0)
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr,
+    NQ, NK, HEADS, qk_scale, seed, dropout_p, inv_keep,
+    sq_b, sq_h, sq_n, sq_d,
+    sk_b, sk_h, sk_n, sk_d,
+    sv_b, sv_h, sv_n, sv_d,
+    sbias_b, sbias_h, sbias_m, sbias_n,
+    so_b, so_h, so_n, so_d,
+    HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // HEADS
+    h = bh % HEADS
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < NQ
+    dim_ok = dims < HEAD_DIM
+
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None].to(tl.int64) * sq_n + dims[None, :] * sq_d,
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+    bias_base = bias_ptr + b * sbias_b + h * sbias_h + rows[:, None].to(tl.int64) * sbias_m
+
+    # Scores are kept in base 2 (scaled by log2 e) so the exponentials are exp2.
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start in range(0, NK, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < NK
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * sk_n + dims[None, :] * sk_d,
+                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if HAS_BIAS:
+            bias = tl.load(bias_base + cols[None, :].to(tl.int64) * sbias_n,
+                           mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634
+        s = tl.where(col_ok[None, :], s, float("-inf"))  # padded keys out before the row max
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            p = p * _keep_scale(seed, bh, rows, cols, NQ, NK, dropout_p, inv_keep)
+        v = tl.load(v_base + cols[:, None].to(tl.int64) * sv_n + dims[None, :] * sv_d,
+                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    out_off = b * so_b + h * so_h + rows[:, None].to(tl.int64) * so_n + dims[None, :] * so_d
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(lse_ptr + bh * NQ + rows, m_i + tl.math.log2(l_i), mask=row_ok)  # base-2 logsumexp
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    out_ptr, dout_ptr, delta_ptr, NQ, HEADS,
+    so_b, so_h, so_n, so_d,
+    sdo_b, sdo_h, sdo_n, sdo_d,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta[bh, i] = sum_d dO[i, d] * O[i, d] (the softmax backward's row term)."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // HEADS
+    h = bh % HEADS
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    ok = (rows < NQ)[:, None] & (dims < HEAD_DIM)[None, :]
+    r64 = rows[:, None].to(tl.int64)
+    o = tl.load(out_ptr + b * so_b + h * so_h + r64 * so_n + dims[None, :] * so_d, mask=ok, other=0.0)
+    do = tl.load(dout_ptr + b * sdo_b + h * sdo_h + r64 * sdo_n + dims[None, :] * sdo_d, mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + bh * NQ + rows, delta, mask=rows < NQ)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    NQ, NK, HEADS, qk_scale, sm_scale, seed, dropout_p, inv_keep,
+    sq_b, sq_h, sq_n, sq_d,
+    sk_b, sk_h, sk_n, sk_d,
+    sv_b, sv_h, sv_n, sv_d,
+    sbias_b, sbias_h, sbias_m, sbias_n,
+    sdo_b, sdo_h, sdo_n, sdo_d,
+    sdk_b, sdk_h, sdk_n, sdk_d,
+    sdv_b, sdv_h, sdv_n, sdv_d,
+    HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // HEADS
+    h = bh % HEADS
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    col_ok = cols < NK
+    dim_ok = dims < HEAD_DIM
+    kv_mask = col_ok[:, None] & dim_ok[None, :]
+    c64 = cols[:, None].to(tl.int64)
+    k = tl.load(k_ptr + b * sk_b + h * sk_h + c64 * sk_n + dims[None, :] * sk_d, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * sv_b + h * sv_h + c64 * sv_n + dims[None, :] * sv_d, mask=kv_mask, other=0.0)
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for start in range(0, NQ, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < NQ
+        q_mask = row_ok[:, None] & dim_ok[None, :]
+        r64 = rows[:, None].to(tl.int64)
+        q = tl.load(q_ptr + b * sq_b + h * sq_h + r64 * sq_n + dims[None, :] * sq_d, mask=q_mask, other=0.0)
+        do = tl.load(dout_ptr + b * sdo_b + h * sdo_h + r64 * sdo_n + dims[None, :] * sdo_d,
+                     mask=q_mask, other=0.0)
+        lse = tl.load(lse_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + b * sbias_b + h * sbias_h + r64 * sbias_m + cols[None, :].to(tl.int64) * sbias_n,
+                           mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634
+        valid = row_ok[:, None] & col_ok[None, :]
+        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)  # softmax probabilities
+        dp = tl.dot(do, tl.trans(v))
+        if HAS_DROPOUT:
+            z = _keep_scale(seed, bh, rows, cols, NQ, NK, dropout_p, inv_keep)
+            dv += tl.dot(tl.trans((p * z).to(do.dtype)), do)
+            dp = dp * z
+        else:
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+
+    dk = dk * sm_scale
+    tl.store(dk_ptr + b * sdk_b + h * sdk_h + c64 * sdk_n + dims[None, :] * sdk_d,
+             dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + b * sdv_b + h * sdv_h + c64 * sdv_n + dims[None, :] * sdv_d,
+             dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, dbias_ptr,
+    NQ, NK, HEADS, qk_scale, sm_scale, seed, dropout_p, inv_keep,
+    sq_b, sq_h, sq_n, sq_d,
+    sk_b, sk_h, sk_n, sk_d,
+    sv_b, sv_h, sv_n, sv_d,
+    sbias_b, sbias_h, sbias_m, sbias_n,
+    sdo_b, sdo_h, sdo_n, sdo_d,
+    sdq_b, sdq_h, sdq_n, sdq_d,
+    HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // HEADS
+    h = bh % HEADS
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < NQ
+    dim_ok = dims < HEAD_DIM
+    q_mask = row_ok[:, None] & dim_ok[None, :]
+    r64 = rows[:, None].to(tl.int64)
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + r64 * sq_n + dims[None, :] * sq_d, mask=q_mask, other=0.0)
+    do = tl.load(dout_ptr + b * sdo_b + h * sdo_h + r64 * sdo_n + dims[None, :] * sdo_d, mask=q_mask, other=0.0)
+    lse = tl.load(lse_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start in range(0, NK, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < NK
+        kv_mask = col_ok[:, None] & dim_ok[None, :]
+        c64 = cols[:, None].to(tl.int64)
+        k = tl.load(k_ptr + b * sk_b + h * sk_h + c64 * sk_n + dims[None, :] * sk_d, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * sv_b + h * sv_h + c64 * sv_n + dims[None, :] * sv_d, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        valid = row_ok[:, None] & col_ok[None, :]
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + b * sbias_b + h * sbias_h + r64 * sbias_m + cols[None, :].to(tl.int64) * sbias_n,
+                           mask=valid, other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634
+        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        if HAS_DROPOUT:
+            dp = dp * _keep_scale(seed, bh, rows, cols, NQ, NK, dropout_p, inv_keep)
+        ds = p * (dp - delta[:, None])
+        if BIAS_GRAD:  # dS of this (batch, head) in a dense fp32 (B, h, Nq, Nk) buffer
+            tl.store(dbias_ptr + (bh * NQ + r64) * NK + cols[None, :], ds, mask=valid)
+        dq += tl.dot(ds.to(k.dtype), k)
+
+    dq = dq * sm_scale
+    tl.store(dq_ptr + b * sdq_b + h * sdq_h + r64 * sdq_n + dims[None, :] * sdq_d,
+             dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _dropout_mask_kernel(out_ptr, seed, NQ, NK, dropout_p, inv_keep, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The dropout factors the kernels use, for tests: out[bh, i, j] in {0, 1/(1-p)}."""
+    bh = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    for start in range(0, NK, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        z = _keep_scale(seed, bh, rows, cols, NQ, NK, dropout_p, inv_keep)
+        ok = (rows < NQ)[:, None] & (cols < NK)[None, :]
+        tl.store(out_ptr + (bh * NQ + rows[:, None].to(tl.int64)) * NK + cols[None, :], z, mask=ok)
+
+
+# --------------------------------------------------------------------------- #
+# Launchers. q, k, v, out and grads are (B, h, N, d) views with any strides.
+# --------------------------------------------------------------------------- #
+def _block_d(head_dim: int) -> int:
+    return max(16, next_power_of_2(head_dim))
+
+
+def _fwd_config(head_dim: int) -> dict:
+    if _triton.INTERPRET:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+    if head_dim <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+
+
+def _bwd_config(head_dim: int) -> dict:
+    if _triton.INTERPRET:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+    if head_dim <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1)
+
+
+def _bias_strides(bias: Optional[Tensor], shape4) -> Tuple[int, int, int, int]:
+    """Strides of the bias broadcast to (B, h, Nq, Nk): 0 along broadcast dimensions."""
+    if bias is None:
+        return (0, 0, 0, 0)
+    return tuple(bias.expand(shape4).stride())
+
+
+def _seed_value(seed: Optional[Tensor]) -> int:
+    return int(seed.item()) if seed is not None and seed.numel() else 0
+
+
+def _launch_fwd(q, k, v, bias, scale, dropout_p, seed, out) -> Tensor:
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    lse = new_output((B, H, NQ), dtype=torch.float32, device=q.device)
+    cfg = _fwd_config(D)
+    grid = (B * H, cdiv(NQ, cfg["BLOCK_M"]))
+    _attn_fwd_kernel[grid](
+        q, k, v, bias if bias is not None else q, out, lse,
+        NQ, NK, H, scale * _LOG2E, _seed_value(seed), dropout_p, 1.0 / (1.0 - dropout_p),
+        *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias, (B, H, NQ, NK)), *out.stride(),
+        HEAD_DIM=D, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, BLOCK_D=_block_d(D), **cfg,
+    )
+    return lse
+
+
+def _launch_bwd(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, dq, dk, dv, bias_grad: bool):
+    """Fills dq, dk, dv (views); returns dS as a dense fp32 (B, h, Nq, Nk) tensor if bias_grad."""
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    cfg = _bwd_config(D)
+    block_d = _block_d(D)
+    delta = new_output((B, H, NQ), dtype=torch.float32, device=q.device)
+    _attn_bwd_delta_kernel[(B * H, cdiv(NQ, cfg["BLOCK_M"]))](
+        out, dout, delta, NQ, H, *out.stride(), *dout.stride(),
+        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=block_d,
+    )
+    seed_value = _seed_value(seed)
+    common = (NQ, NK, H, scale * _LOG2E, scale, seed_value, dropout_p, 1.0 / (1.0 - dropout_p),
+              *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias, (B, H, NQ, NK)), *dout.stride())
+    flags = dict(HEAD_DIM=D, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, BLOCK_D=block_d, **cfg)
+    bias_arg = bias if bias is not None else q
+    _attn_bwd_dkdv_kernel[(B * H, cdiv(NK, cfg["BLOCK_N"]))](
+        q, k, v, bias_arg, dout, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(), **flags,
+    )
+    dscores = new_output((B, H, NQ, NK), dtype=torch.float32, device=q.device) if bias_grad else None
+    _attn_bwd_dq_kernel[(B * H, cdiv(NQ, cfg["BLOCK_M"]))](
+        q, k, v, bias_arg, dout, lse, delta, dq, dscores if bias_grad else q, *common, *dq.stride(),
+        BIAS_GRAD=bias_grad, **flags,
+    )
+    return dscores
+
+
+def _reduce_bias_grad(dscores: Tensor, bias: Tensor) -> Tensor:
+    """Sum dS over the dimensions along which the bias was broadcast (fixed order: deterministic)."""
+    shape4 = (1,) * (4 - bias.dim()) + tuple(bias.shape)
+    dims = [i for i, (s, full) in enumerate(zip(shape4, dscores.shape)) if s == 1 and full != 1]
+    grad = dscores.sum(dim=dims, keepdim=True) if dims else dscores
+    return grad.reshape(bias.shape).to(bias.dtype)
+
+
+def dropout_keep_mask(seed: int, shape, dropout_p: float, device="cpu") -> Tensor:
+    """The dropout factors (0 or 1/(1-p)) the Triton kernels apply for ``seed``, shape (B, h, Nq, Nk).
+
+    For tests: with it, the reference ``softmax(...) * mask @ v`` reproduces a dropout run exactly.
+    """
+    B, H, NQ, NK = shape
+    out = torch.empty((B, H, NQ, NK), dtype=torch.float32, device=device)
+    _dropout_mask_kernel[(B * H, cdiv(NQ, 64))](out, int(seed), NQ, NK, float(dropout_p),
+                                                1.0 / (1.0 - float(dropout_p)), BLOCK_M=64, BLOCK_N=64)
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# torch.library custom ops
+# --------------------------------------------------------------------------- #
+def _split_heads(t: Tensor, num_heads: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(B, N, 3·h·d) -> three (B, h, N, d) views, no copy."""
+    B, N, C3 = t.shape
+    d = C3 // (3 * num_heads)
+    qkv = t.view(B, N, 3, num_heads, d).permute(2, 0, 3, 1, 4)
+    return qkv[0], qkv[1], qkv[2]
+
+
+@torch.library.custom_op("vitkern::attention_fwd", mutates_args=())
+def _attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor], scale: float, dropout_p: float,
+    seed: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
+    """Returns (out laid out as (B, Nq, h, d) — the caller views it as (B, h, Nq, d) — and lse)."""
+    B, H, NQ, D = q.shape
+    out = new_output((B, NQ, H, D), dtype=q.dtype, device=q.device)
+    lse = _launch_fwd(q, k, v, attn_bias, scale, dropout_p, seed, out.transpose(1, 2))
+    return out, lse
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, attn_bias, scale, dropout_p, seed):
+    B, H, NQ, D = q.shape
+    return q.new_empty((B, NQ, H, D)), q.new_empty((B, H, NQ), dtype=torch.float32)
+
+
+@torch.library.custom_op("vitkern::attention_bwd", mutates_args=())
+def _attention_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, attn_bias: Optional[Tensor],
+    scale: float, dropout_p: float, seed: Optional[Tensor], bias_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv, dS); dS is (B, h, Nq, Nk) fp32 when bias_grad, else empty."""
+    dq = new_output(q.shape, dtype=q.dtype, device=q.device)
+    dk = new_output(k.shape, dtype=k.dtype, device=k.device)
+    dv = new_output(v.shape, dtype=v.dtype, device=v.device)
+    dscores = _launch_bwd(dout, q, k, v, out, lse, attn_bias, scale, dropout_p, seed, dq, dk, dv, bias_grad)
+    return dq, dk, dv, dscores if dscores is not None else q.new_empty(0, dtype=torch.float32)
+
+
+@_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, attn_bias, scale, dropout_p, seed, bias_grad):
+    B, H, NQ, _ = q.shape
+    dscores_shape = (B, H, NQ, k.shape[2]) if bias_grad else (0,)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_empty(dscores_shape, dtype=torch.float32))
+
+
+def _fwd_setup(ctx, inputs, output):
+    q, k, v, attn_bias, scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, attn_bias, seed)
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+    ctx.mark_non_differentiable(lse)
+
+
+def _fwd_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, attn_bias, seed = ctx.saved_tensors
+    bias_grad = attn_bias is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dscores = torch.ops.vitkern.attention_bwd(
+        dout.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, attn_bias, ctx.scale, ctx.dropout_p, seed,
+        bias_grad)
+    dbias = _reduce_bias_grad(dscores, attn_bias) if bias_grad else None
+    return dq, dk, dv, dbias, None, None, None
+
+
+_attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+
+@torch.library.custom_op("vitkern::attention_packed_fwd", mutates_args=())
+def _attention_packed_fwd(
+    qkv: Tensor, num_heads: int, attn_bias: Optional[Tensor], scale: float, dropout_p: float,
+    seed: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
+    """qkv (B, N, 3·h·d) -> (out (B, N, h·d), lse (B, h, N))."""
+    q, k, v = _split_heads(qkv, num_heads)
+    B, H, N, D = q.shape
+    out = new_output((B, N, H * D), dtype=qkv.dtype, device=qkv.device)
+    lse = _launch_fwd(q, k, v, attn_bias, scale, dropout_p, seed, out.view(B, N, H, D).transpose(1, 2))
+    return out, lse
+
+
+@_attention_packed_fwd.register_fake
+def _(qkv, num_heads, attn_bias, scale, dropout_p, seed):
+    B, N, C3 = qkv.shape
+    return qkv.new_empty((B, N, C3 // 3)), qkv.new_empty((B, num_heads, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("vitkern::attention_packed_bwd", mutates_args=())
+def _attention_packed_bwd(
+    dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, attn_bias: Optional[Tensor],
+    scale: float, dropout_p: float, seed: Optional[Tensor], bias_grad: bool,
+) -> Tuple[Tensor, Tensor]:
+    """Returns (dqkv (B, N, 3·h·d) written in place by the kernels, dS or empty)."""
+    q, k, v = _split_heads(qkv, num_heads)
+    B, H, N, D = q.shape
+    dqkv = new_output(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    dq, dk, dv = _split_heads(dqkv, num_heads)
+    as_heads = lambda t: t.view(B, N, H, D).transpose(1, 2)  # noqa: E731
+    dscores = _launch_bwd(as_heads(dout), q, k, v, as_heads(out), lse, attn_bias, scale, dropout_p, seed,
+                          dq, dk, dv, bias_grad)
+    return dqkv, dscores if dscores is not None else qkv.new_empty(0, dtype=torch.float32)
+
+
+@_attention_packed_bwd.register_fake
+def _(dout, qkv, out, lse, num_heads, attn_bias, scale, dropout_p, seed, bias_grad):
+    B, N, _ = qkv.shape
+    dscores_shape = (B, num_heads, N, N) if bias_grad else (0,)
+    return qkv.new_empty(qkv.shape), qkv.new_empty(dscores_shape, dtype=torch.float32)
+
+
+def _packed_setup(ctx, inputs, output):
+    qkv, num_heads, attn_bias, scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, attn_bias, seed)
+    ctx.num_heads, ctx.scale, ctx.dropout_p = num_heads, scale, dropout_p
+    ctx.mark_non_differentiable(lse)
+
+
+def _packed_backward(ctx, dout, _dlse):
+    qkv, out, lse, attn_bias, seed = ctx.saved_tensors
+    bias_grad = attn_bias is not None and ctx.needs_input_grad[2]
+    dqkv, dscores = torch.ops.vitkern.attention_packed_bwd(
+        dout.contiguous() if dout.stride(-1) != 1 else dout, qkv, out, lse, ctx.num_heads, attn_bias,
+        ctx.scale, ctx.dropout_p, seed, bias_grad)
+    dbias = _reduce_bias_grad(dscores, attn_bias) if bias_grad else None
+    return dqkv, None, dbias, None, None, None
+
+
+_attention_packed_fwd.register_autograd(_packed_backward, setup_context=_packed_setup)
+
+
+def attention_flops(batch: int, heads: int, nq: int, nk: int, head_dim: int, backward: bool = False) -> int:
+    """Matmul FLOPs: forward q·kᵀ and p·v (4·B·h·Nq·Nk·d); backward the usual 5 matmuls (10·...)."""
+    per = batch * heads * nq * nk * head_dim
+    return 10 * per if backward else 4 * per
+
+
+try:
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.vitkern.attention_fwd)
+    def _fwd_flops(q_shape, k_shape, *args, **kwargs):
+        B, H, NQ, D = q_shape
+        return attention_flops(B, H, NQ, k_shape[2], D)
+
+    @register_flop_formula(torch.ops.vitkern.attention_bwd)
+    def _bwd_flops(dout_shape, q_shape, k_shape, *args, **kwargs):
+        B, H, NQ, D = q_shape
+        return attention_flops(B, H, NQ, k_shape[2], D, backward=True)
+
+    @register_flop_formula(torch.ops.vitkern.attention_packed_fwd)
+    def _packed_fwd_flops(qkv_shape, num_heads, *args, **kwargs):
+        B, N, C3 = qkv_shape
+        return attention_flops(B, num_heads, N, N, C3 // (3 * num_heads))
+
+    @register_flop_formula(torch.ops.vitkern.attention_packed_bwd)
+    def _packed_bwd_flops(dout_shape, qkv_shape, saved_out_shape, lse_shape, num_heads, *args, **kwargs):
+        B, N, C3 = qkv_shape
+        return attention_flops(B, num_heads, N, N, C3 // (3 * num_heads), backward=True)
+except ImportError:  # pragma: no cover
+    pass
+
+
+# --------------------------------------------------------------------------- #
+# Validation, backend predicates, public ops
+# --------------------------------------------------------------------------- #
+def _validate(q, k, v, attn_bias, dropout_p, op="attention") -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be 4-D (B, heads, N, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"{op}: {name}.dtype must be one of float64/float32/float16/bfloat16, got {t.dtype}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name}.dtype is {t.dtype} but q.dtype is {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+    B, H, NQ, D = q.shape
+    if k.shape[:2] != (B, H) or v.shape[:2] != (B, H):
+        raise ValueError(f"{op}: q, k, v must share (B, heads) = {(B, H)}; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[3] != D or v.shape[3] != D:
+        raise ValueError(f"{op}: k and v must have head_dim {D} like q; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"{op}: k and v must have the same number of keys; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if B == 0 or H == 0 or NQ == 0 or k.shape[2] == 0 or D == 0:
+        raise ValueError(f"{op}: empty input: q {tuple(q.shape)}, k {tuple(k.shape)}; every dimension must be >= 1")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"{op}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if attn_bias is not None:
+        if not isinstance(attn_bias, Tensor):
+            raise TypeError(f"{op}: attn_bias must be a torch.Tensor or None, got {type(attn_bias).__name__}")
+        if not attn_bias.is_floating_point():
+            raise TypeError(f"{op}: attn_bias must be an additive floating-point bias, got {attn_bias.dtype}; "
+                            f"turn a boolean mask into one with torch.where(mask, 0.0, float('-inf'))")
+        if attn_bias.device != q.device:
+            raise ValueError(f"{op}: attn_bias is on {attn_bias.device} but q is on {q.device}")
+        full = (B, H, NQ, k.shape[2])
+        try:
+            torch.broadcast_shapes(attn_bias.shape, full)
+            ok = attn_bias.dim() <= 4 and torch.broadcast_shapes(attn_bias.shape, full) == full
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{op}: attn_bias must broadcast to (B, heads, Nq, Nk) = {full}, "
+                             f"got shape {tuple(attn_bias.shape)}")
+
+
+def _why_not_triton(q, k, v, attn_bias=None, dropout_p=0.0) -> Optional[str]:
+    if q.dtype not in _KERNEL_DTYPES:
+        return f"the Triton kernels take float32, float16 or bfloat16, got {q.dtype} (use backend='torch')"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head_dim {q.shape[-1]} is larger than the Triton kernels support ({MAX_HEAD_DIM})"
+    if attn_bias is not None and attn_bias.dtype not in _KERNEL_DTYPES:
+        return f"the Triton kernels take a float32/float16/bfloat16 attn_bias, got {attn_bias.dtype}"
+    return backends.triton_reason([q, k, v, attn_bias], q.dtype)
+
+
+def _why_not_cuda(q, k, v, attn_bias=None, dropout_p=0.0) -> Optional[str]:
+    return backends.cuda_extension_reason("attention", [q, k, v, attn_bias])
+
+
+_BACKENDS = backends.register(
+    "attention",
+    {"cuda": _why_not_cuda, "triton": _why_not_triton, "torch": lambda *a, **kw: None},
+    gpu_auto_order=("triton", "torch"),
+)
+
+
+def _autocast(tensors: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
+    """Cast q, k, v like SDPA does under autocast (our custom ops have no autocast rule)."""
+    first = tensors[0]
+    if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and i < 3 else t
+            for i, t in enumerate(tensors)]
+
+
+def _new_seed(dropout_p: float) -> Optional[Tensor]:
+    # Drawn from torch's default CPU generator: dropout is reproducible under torch.manual_seed.
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64) if dropout_p > 0 else None
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: Optional[float] = None,
+    attn_bias: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> Tensor:
+    """Non-causal scaled dot-product attention, as ``F.scaled_dot_product_attention``.
+
+    Args:
+        q: (B, h, Nq, d); k, v: (B, h, Nk, d). Any strides (views of a packed qkv are read in place).
+        scale: multiplies q·kᵀ; default d ** -0.5.
+        attn_bias: additive float bias broadcastable to (B, h, Nq, Nk), or None. Differentiable.
+        dropout_p: attention-probability dropout, applied whenever > 0 (pass 0 in eval, as SDPA).
+            Random numbers come from a seed drawn from torch's default generator.
+        backend: "auto" | "cuda" | "triton" | "torch".
+
+    Returns:
+        (B, h, Nq, d). The Triton backend returns it as a view of a (B, Nq, h, d) buffer,
+        so ``out.transpose(1, 2).reshape(B, Nq, h * d)`` costs no copy.
+    """
+    q, k, v, attn_bias = _autocast([q, k, v, attn_bias])
+    _validate(q, k, v, attn_bias, dropout_p)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    chosen = _BACKENDS.select(backend, [q, k, v, attn_bias], q, k, v, attn_bias, dropout_p)
+    if chosen == "torch":
+        return attention_reference(q, k, v, scale=scale, attn_bias=attn_bias, dropout_p=dropout_p)
+    out, _ = torch.ops.vitkern.attention_fwd(q, k, v, attn_bias, scale, float(dropout_p), _new_seed(dropout_p))
+    return out.transpose(1, 2)
+
+
+def attention_packed(
+    qkv: Tensor,
+    num_heads: int,
+    *,
+    scale: Optional[float] = None,
+    attn_bias: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> Tensor:
+    """Self-attention straight from a qkv Linear's output to the proj Linear's input.
+
+    qkv (B, N, 3·h·d) laid out [q | k | v], heads contiguous inside each (timm's
+    ``Attention.qkv``); returns (B, N, h·d). The Triton path reads q, k, v in place and
+    writes the output, and in the backward dqkv, in these layouts: no permute or copy.
+    Other arguments as :func:`attention`.
+    """
+    if not isinstance(qkv, Tensor) or qkv.dim() != 3:
+        got = tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__
+        raise ValueError(f"attention_packed: qkv must be a 3-D tensor (B, N, 3*heads*head_dim), got {got}")
+    if not isinstance(num_heads, int) or num_heads <= 0 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"attention_packed: qkv's last dimension {qkv.shape[-1]} must be 3*num_heads*head_dim; "
+                         f"got num_heads={num_heads!r}")
+    (qkv,) = _autocast([qkv])
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()  # splitting the channels into (3, h, d) views needs unit stride there
+    q, k, v = _split_heads(qkv, num_heads)
+    _validate(q, k, v, attn_bias, dropout_p, op="attention_packed")
+    B, N, _ = qkv.shape
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    chosen = _BACKENDS.select(backend, [q, k, v, attn_bias], q, k, v, attn_bias, dropout_p)
+    if chosen == "torch":
+        out = attention_reference(q, k, v, scale=scale, attn_bias=attn_bias, dropout_p=dropout_p)
+        return out.transpose(1, 2).reshape(B, N, -1)
+    out, _ = torch.ops.vitkern.attention_packed_fwd(qkv, num_heads, attn_bias, scale, float(dropout_p),
+                                                    _new_seed(dropout_p))
+    return out
