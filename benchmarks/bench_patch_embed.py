@@ -1,0 +1,444 @@
+"""Patchify-projection benchmarks: ``vitkern.ops.patch_embed`` against the naive reference and peers.
+
+Grid (GPU, bf16): ViT-B's patch embedding with its ``_pos_embed`` (Conv2d(3, 768, P, P) ->
+tokens -> CLS row -> + position embedding) at resolution 224 / 384 / 512 x patch 16 / 32,
+batch 64 and 256; and Swin's stem (Conv2d(3, 96, 4, 4), no CLS, no position embedding)
+at 224, batch 64 and 256.
+
+Modes:
+* ``fwd``: forward only (inputs do not require grad, no graph is built).
+* ``fwd+bwd``: forward + backward for weight, bias, CLS token and position embedding. This is
+  ViT training: the image is data, nobody needs d(image), and every implementation skips
+  the dx GEMM when x does not require grad (cuDNN dgrad is not run either).
+* ``fwd+bwd+dx``: the same plus the gradient w.r.t. the image, to show that path
+  (adversarial examples, saliency, a patch embedding that is not the first layer).
+The backward is ``torch.autograd.grad(out, leaves, random upstream grad)``, so no ``.grad``
+accumulation kernels are timed.
+
+Implementations, timed in the same run (one pytest-benchmark group per case and mode):
+* ``naive``: ``vitkern.reference.patch_embed_reference`` as is.
+* ``conv2d_nchw``: F.conv2d on NCHW + flatten/transpose/cat/+pos, what a user writes by hand.
+* ``conv2d_channels_last``: the same with image and weight in channels_last (converted outside
+  the timing, as a channels_last data pipeline would deliver them).
+* ``unfold_linear``: reshape/permute the image into patches, F.linear, cat, + pos (the
+  "reshape + linear" route that beats some cuDNN choices for stride == kernel).
+* ``compile_reference``: ``torch.compile`` of the reference (compiled outside the timing;
+  a failing compile is recorded and that peer skipped).
+* ``vitkern_triton``: ``patch_embed(..., backend="triton")``.
+The best peer is the fastest of the four peers (neither naive nor vitkern).
+
+Every case first checks equality with the reference: output and every gradient of each
+implementation against the fp32 reference on upcast inputs (float64 on CPU), within 2x
+(forward) / 3x (gradients) the error of the bf16 naive reference (tests/helpers.assert_close).
+
+On CPU: a smoke grid (224, patch 16 / 32 and the Swin stem, batch 2, fp32) for the eager
+implementations; ``compile_reference`` and ``vitkern_triton`` are skipped with the reason,
+and vitkern's Triton kernels are checked for equality under the interpreter on tiny shapes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import zlib
+from contextlib import nullcontext
+from typing import Callable, Dict, List, Optional, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import harness
+from vitkern import _triton
+from vitkern.ops import patch_embed
+from vitkern.reference import patch_embed_reference
+
+FAMILY = "patch_embed"
+INPUTS = ("x", "weight", "bias", "cls_token", "pos_embed")
+
+
+# --------------------------------------------------------------------------- #
+# Grid
+# --------------------------------------------------------------------------- #
+@dataclasses.dataclass(frozen=True)
+class PECase:
+    name: str
+    B: int
+    C: int
+    H: int
+    W: int
+    P: int
+    D: int
+    cls_pos: bool  # CLS token + position embedding (ViT) or neither (Swin stem)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.H // self.P) * (self.W // self.P)
+
+    @property
+    def tokens(self) -> int:
+        return self.num_patches + (1 if self.cls_pos else 0)
+
+    @property
+    def K(self) -> int:
+        return self.C * self.P * self.P
+
+    def shape(self) -> Dict[str, object]:
+        return dict(B=self.B, C=self.C, H=self.H, W=self.W, P=self.P, D=self.D, N=self.num_patches,
+                    tokens=self.tokens, cls_pos=self.cls_pos)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    name: str
+    id: str
+    backward: bool
+    dx: bool
+
+
+MODES = (
+    Mode("fwd", "fwd", backward=False, dx=False),
+    Mode("fwd+bwd", "fwd_bwd", backward=True, dx=False),
+    Mode("fwd+bwd+dx", "fwd_bwd_dx", backward=True, dx=True),
+)
+
+# implementation -> role ("naive" | "peer" | "vitkern"); the order is the timing order.
+IMPLS: Dict[str, str] = {
+    "naive": "naive",
+    "conv2d_nchw": "peer",
+    "conv2d_channels_last": "peer",
+    "unfold_linear": "peer",
+    "compile_reference": "peer",
+    "vitkern_triton": "vitkern",
+}
+
+
+def full_grid() -> List[PECase]:
+    cases = []
+    for res in (224, 384, 512):
+        for patch in (16, 32):
+            for batch in (64, 256):
+                cases.append(PECase(f"vitb_p{patch}_{res}_bs{batch}", batch, 3, res, res, patch, 768, True))
+    for batch in (64, 256):
+        cases.append(PECase(f"swin_stem_p4_224_bs{batch}", batch, 3, 224, 224, 4, 96, False))
+    return cases
+
+
+def smoke_grid() -> List[PECase]:
+    return [
+        PECase("vitb_p16_224_bs2", 2, 3, 224, 224, 16, 768, True),
+        PECase("vitb_p32_224_bs2", 2, 3, 224, 224, 32, 768, True),
+        PECase("swin_stem_p4_224_bs2", 2, 3, 224, 224, 4, 96, False),
+    ]
+
+
+def pytest_generate_tests(metafunc):
+    if "pe_point" not in metafunc.fixturenames:
+        return
+    cases = full_grid() if harness.grid_choice(metafunc.config) == "full" else smoke_grid()
+    # case outermost, implementation innermost: the per-(case, mode) inputs and references
+    # are built once and shared by the six implementations.
+    points = [(c, m, i) for c in cases for m in MODES for i in IMPLS]
+    metafunc.parametrize("pe_point", points, ids=[f"{c.name}-{m.id}-{i}" for c, m, i in points])
+
+
+# --------------------------------------------------------------------------- #
+# FLOPs and minimum bytes
+# --------------------------------------------------------------------------- #
+def flops(case: PECase, mode: Mode) -> int:
+    """2*B*N*D*C*P^2 forward; the backward adds dW (1x) and, with dx, dX (1x more)."""
+    fwd = 2 * case.B * case.num_patches * case.D * case.K
+    if not mode.backward:
+        return fwd
+    return fwd + fwd * (2 if mode.dx else 1)
+
+
+def min_bytes(case: PECase, mode: Mode, elem: int) -> int:
+    """Bytes each pass must move at least (every tensor read or written once).
+
+    forward: read x, weight, bias (+ cls, pos); write out.
+    backward: read dout, x (for dW) (+ weight for dx); write dW, dbias (+ dcls, dpos) (+ dx).
+    The forward and backward are separate passes, so fwd+bwd counts x twice.
+    """
+    x = case.B * case.C * case.H * case.W
+    w = case.D * case.K
+    b = case.D
+    cls = case.D if case.cls_pos else 0
+    pos = case.tokens * case.D if case.cls_pos else 0
+    out = case.B * case.tokens * case.D
+    total = x + w + b + cls + pos + out
+    if mode.backward:
+        total += out + x + w + b + cls + pos
+        if mode.dx:
+            total += w + x
+    return total * elem
+
+
+# --------------------------------------------------------------------------- #
+# Implementations: fn(x, weight, bias, cls_token, pos_embed) -> (B, T+N, D)
+# --------------------------------------------------------------------------- #
+def _naive(x, weight, bias, cls_token, pos_embed):
+    return patch_embed_reference(x, weight, bias, cls_token=cls_token, pos_embed=pos_embed)
+
+
+def _add_cls_pos(tokens, cls_token, pos_embed):
+    if cls_token is not None:
+        tokens = torch.cat([cls_token.reshape(1, 1, -1).expand(tokens.shape[0], -1, -1), tokens], dim=1)
+    if pos_embed is not None:
+        tokens = tokens + pos_embed.reshape(1, tokens.shape[1], tokens.shape[2])
+    return tokens
+
+
+def _conv2d(x, weight, bias, cls_token, pos_embed):
+    """F.conv2d + flatten/transpose/cat/+pos; NCHW or channels_last, as the inputs come."""
+    y = F.conv2d(x, weight, bias, stride=tuple(weight.shape[-2:]))
+    return _add_cls_pos(y.flatten(2).transpose(1, 2), cls_token, pos_embed)
+
+
+def _unfold_linear(x, weight, bias, cls_token, pos_embed):
+    B, C, H, W = x.shape
+    D, _, ph, pw = weight.shape
+    gh, gw = H // ph, W // pw
+    patches = x.reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * ph * pw)
+    y = F.linear(patches, weight.reshape(D, C * ph * pw), bias)
+    return _add_cls_pos(y, cls_token, pos_embed)
+
+
+def _vitkern_triton(x, weight, bias, cls_token, pos_embed):
+    return patch_embed(x, weight, bias, cls_token=cls_token, pos_embed=pos_embed, backend="triton")
+
+
+_DYNAMIC_COMPILED: Optional[Callable] = None
+
+
+def _raise_recompile_limit(limit: int = 64) -> None:
+    """One dynamic compile per (patch size, CLS, mode) is ~10 graphs: above dynamo's default limit
+    of 8, past which it silently runs eager. Raise the limit, and make a hit an error."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        try:
+            if getattr(cfg, name) < limit:
+                setattr(cfg, name, limit)
+        except Exception:  # noqa: BLE001 - name absent in this torch
+            pass
+    try:
+        cfg.fail_on_recompile_limit_hit = True
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _compiled_reference(compile_mode: str, state: "CaseState") -> Callable:
+    global _DYNAMIC_COMPILED
+    _raise_recompile_limit()
+    if compile_mode == "static":
+        if state.compiled is None:
+            torch._dynamo.reset()  # one specialised graph per (case, mode); never near the limit
+            state.compiled = torch.compile(_naive, dynamic=False)
+        return state.compiled
+    if _DYNAMIC_COMPILED is None:
+        _DYNAMIC_COMPILED = torch.compile(_naive, dynamic=True)
+    return _DYNAMIC_COMPILED
+
+
+# --------------------------------------------------------------------------- #
+# Inputs and references, built once per (case, mode)
+# --------------------------------------------------------------------------- #
+class CaseState:
+    """Rotated input copies, the wrt list and the two references for one (case, mode)."""
+
+    def __init__(self, case: PECase, mode: Mode, device: torch.device, dtype: torch.dtype):
+        self.case, self.mode, self.device, self.dtype = case, mode, device, dtype
+        self.wrt: Tuple[str, ...] = ()
+        if mode.backward:
+            self.wrt = (("x",) if mode.dx else ()) + ("weight", "bias") + \
+                (("cls_token", "pos_embed") if case.cls_pos else ())
+        self.compiled: Optional[Callable] = None
+        self._channels_last: Optional[List[dict]] = None
+
+        gen = torch.Generator(device=device)
+        gen.manual_seed(zlib.crc32(f"{case.name}/{mode.name}".encode()))
+        first = self._make_set(gen)
+        copies = harness.rotation_count(harness.tensor_bytes(first.values()), device)
+        self.sets = [first] + [self._make_set(gen) for _ in range(copies - 1)]
+
+        high = torch.float32 if device.type == "cuda" else torch.float64
+        self.ref_high = self._reference(first, high)
+        self.ref_same = self._reference(first, None) if dtype in (torch.float16, torch.bfloat16) else None
+
+    def _make_set(self, gen: torch.Generator) -> dict:
+        c, dev, dt = self.case, self.device, self.dtype
+
+        def rnd(*shape, scale=1.0, name=None):
+            t = torch.randn(shape, generator=gen, device=dev, dtype=dt)
+            if scale != 1.0:
+                t.mul_(scale)
+            return t.requires_grad_(name in self.wrt)
+
+        s = {
+            "x": rnd(c.B, c.C, c.H, c.W, name="x"),
+            "weight": rnd(c.D, c.C, c.P, c.P, scale=c.K ** -0.5, name="weight"),
+            "bias": rnd(c.D, scale=0.5, name="bias"),
+            "cls_token": rnd(1, 1, c.D, scale=0.5, name="cls_token") if c.cls_pos else None,
+            "pos_embed": rnd(1, c.tokens, c.D, scale=0.5, name="pos_embed") if c.cls_pos else None,
+        }
+        if self.mode.backward:
+            s["grad"] = rnd(c.B, c.tokens, c.D)
+        return s
+
+    def _reference(self, s: dict, high: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
+        """The naive reference's output and gradients, on inputs upcast to ``high`` (or as they are)."""
+        leaves = {}
+        for name in INPUTS:
+            t = s[name]
+            if t is None:
+                leaves[name] = None
+                continue
+            u = t.detach()
+            if high is not None:
+                u = u.to(high)
+            leaves[name] = u.requires_grad_(name in self.wrt)
+        with harness.exact_fp32() if high is not None else nullcontext():
+            out = _naive(*(leaves[n] for n in INPUTS))
+            result = {"out": out.detach()}
+            if self.wrt:
+                grad = s["grad"].to(high) if high is not None else s["grad"]
+                grads = torch.autograd.grad(out, [leaves[n] for n in self.wrt], grad)
+                result.update({f"d{n}": g.detach() for n, g in zip(self.wrt, grads)})
+        return result
+
+    def channels_last_sets(self) -> List[dict]:
+        if self._channels_last is None:
+            converted = []
+            for s in self.sets:
+                t = dict(s)
+                for name in ("x", "weight"):
+                    v = s[name]
+                    t[name] = v.detach().contiguous(memory_format=torch.channels_last).requires_grad_(v.requires_grad)
+                converted.append(t)
+            self._channels_last = converted
+        return self._channels_last
+
+
+_STATE: Dict[str, object] = {"key": None, "value": None}
+
+
+def _state(case: PECase, mode: Mode, device: torch.device, dtype: torch.dtype) -> CaseState:
+    key = (case, mode, str(device), dtype)
+    if _STATE["key"] != key:
+        _STATE["key"] = _STATE["value"] = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        _STATE["value"] = CaseState(case, mode, device, dtype)
+        _STATE["key"] = key
+    return _STATE["value"]  # type: ignore[return-value]
+
+
+def _make_step(fn: Callable, wrt: Tuple[str, ...]) -> Callable[[dict], tuple]:
+    """One timed call: the forward, and with ``wrt`` the backward for those leaves."""
+    if not wrt:
+        def step(a):
+            return fn(a["x"], a["weight"], a["bias"], a["cls_token"], a["pos_embed"]), ()
+    else:
+        def step(a):
+            out = fn(a["x"], a["weight"], a["bias"], a["cls_token"], a["pos_embed"])
+            return out, torch.autograd.grad(out, [a[n] for n in wrt], a["grad"])
+    return step
+
+
+def _check_equal(impl: str, out, grads, state: CaseState) -> Dict[str, float]:
+    same = state.ref_same or {}
+    errors = {"out": harness.assert_close(f"{impl} out", out, state.ref_high["out"], same.get("out"))}
+    for name, g in zip(state.wrt, grads):
+        key = f"d{name}"
+        errors[key] = harness.assert_close(f"{impl} {key}", g, state.ref_high[key], same.get(key), grad=True)
+    return errors
+
+
+def _skip_reason(impl: str, settings) -> Optional[str]:
+    if settings.device.type != "cuda":
+        if impl == "vitkern_triton":
+            return ("no CUDA GPU: Triton kernels run on CPU only under TRITON_INTERPRET=1, whose timings "
+                    "are meaningless; equality is checked by test_vitkern_triton_interpreter_equality")
+        if impl == "compile_reference":
+            return "no CUDA GPU: torch.compile on CPU takes minutes per shape and is not the comparison of interest"
+    if impl == "compile_reference" and settings.compile == "off":
+        return "--vk-compile=off"
+    return None
+
+
+# --------------------------------------------------------------------------- #
+# The benchmark
+# --------------------------------------------------------------------------- #
+def test_patch_embed(benchmark, vk_settings, vk_ceilings, pe_point):
+    case, mode, impl = pe_point
+    settings = vk_settings
+    common = dict(family=FAMILY, case=case.name, impl=impl, role=IMPLS[impl], dtype=settings.dtype,
+                  mode=mode.name, shape=case.shape())
+    benchmark.group = f"{FAMILY} {case.name} {mode.name}"
+
+    reason = _skip_reason(impl, settings)
+    if reason:
+        harness.record_skip(**common, reason=reason)
+        pytest.skip(reason)
+
+    state = _state(case, mode, settings.device, settings.dtype)
+    fns = {
+        "naive": _naive,
+        "conv2d_nchw": _conv2d,
+        "conv2d_channels_last": _conv2d,
+        "unfold_linear": _unfold_linear,
+        "vitkern_triton": _vitkern_triton,
+    }
+    fn = _compiled_reference(settings.compile, state) if impl == "compile_reference" else fns[impl]
+    arg_sets = state.channels_last_sets() if impl == "conv2d_channels_last" else state.sets
+    step = _make_step(fn, state.wrt)
+
+    # 1. Equality (the first call also compiles / autotunes, outside the timing).
+    try:
+        out, grads = step(arg_sets[0])
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        if impl == "compile_reference":
+            reason = f"torch.compile failed: {type(exc).__name__}: {first_line}"
+            harness.record_skip(**common, reason=reason)
+            pytest.skip(reason)
+        harness.record_failure(**common, reason=f"{type(exc).__name__}: {first_line}")
+        raise
+    try:
+        errors = _check_equal(impl, out, grads, state)
+    except AssertionError as exc:
+        harness.record_failure(**common, reason=f"equality: {exc}")
+        raise
+    del out, grads
+
+    # 2. Timing and peak memory.
+    timing = harness.time_call(benchmark, step, arg_sets, settings.timing, settings.device)
+    peak = harness.peak_memory_bytes(step, arg_sets[0], settings.device)
+    elem = torch.empty((), dtype=settings.dtype).element_size()
+    harness.record(
+        benchmark, **common, timing=timing, flops=flops(case, mode), min_bytes=min_bytes(case, mode, elem),
+        peak_mem_bytes=peak, ceilings=vk_ceilings, errors=errors,
+        extra={"wrt": list(state.wrt), "compile": settings.compile if impl == "compile_reference" else None},
+    )
+
+
+# --------------------------------------------------------------------------- #
+# CPU: vitkern's Triton kernels under the interpreter, equality only
+# --------------------------------------------------------------------------- #
+TINY = [
+    PECase("tiny_vit_p16_32_bs1", 1, 3, 32, 32, 16, 64, True),
+    PECase("tiny_stem_p4_16_bs1", 1, 3, 16, 16, 4, 16, False),
+]
+
+
+@pytest.mark.parametrize("case", TINY, ids=[c.name for c in TINY])
+def test_vitkern_triton_interpreter_equality(case):
+    """Forward and every gradient (dx included) of backend="triton" vs the float64 reference."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU every timed vitkern_triton case checks its own equality")
+    if not _triton.INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1 was not set before vitkern was imported")
+    mode = MODES[-1]  # fwd+bwd+dx: every gradient
+    state = CaseState(case, mode, torch.device("cpu"), torch.float32)
+    out, grads = _make_step(_vitkern_triton, state.wrt)(state.sets[0])
+    _check_equal("vitkern_triton (interpreter)", out, grads, state)
