@@ -60,6 +60,32 @@ def _keep_scale(seed, bh, q_idx, k_idx, NQ, NK, dropout_p, inv_keep):
 
 
 @triton.jit
+def _load_rows(base, rows, dims, s_n, s_d, n_rows, HEAD_DIM: tl.constexpr):
+    """A (rows, head_dim) tile of one (batch, head), zeros outside the tensor."""
+    mask = (rows < n_rows)[:, None] & (dims < HEAD_DIM)[None, :]
+    return tl.load(base + rows[:, None].to(tl.int64) * s_n + dims[None, :] * s_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(base, tile, rows, dims, s_n, s_d, n_rows, HEAD_DIM: tl.constexpr):
+    mask = (rows < n_rows)[:, None] & (dims < HEAD_DIM)[None, :]
+    tl.store(base + rows[:, None].to(tl.int64) * s_n + dims[None, :] * s_d,
+             tile.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scores_log2(q, k, bias_base, rows, cols, NQ, NK, sbias_m, sbias_n, qk_scale, HAS_BIAS: tl.constexpr):
+    """(q kᵀ · scale + bias) · log2(e): scores in base 2, so softmax uses exp2."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    if HAS_BIAS:
+        ok = (rows < NQ)[:, None] & (cols < NK)[None, :]
+        bias = tl.load(bias_base + rows[:, None].to(tl.int64) * sbias_m + cols[None, :].to(tl.int64) * sbias_n,
+                       mask=ok, other=0.0)
+        s += bias.to(tl.float32) * 1.4426950408889634
+    return s
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr,
     NQ, NK, HEADS, qk_scale, seed, dropout_p, inv_keep,
@@ -76,45 +102,31 @@ def _attn_fwd_kernel(
     h = bh % HEADS
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < NQ
-    dim_ok = dims < HEAD_DIM
-
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None].to(tl.int64) * sq_n + dims[None, :] * sq_d,
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     k_base = k_ptr + b * sk_b + h * sk_h
     v_base = v_ptr + b * sv_b + h * sv_h
-    bias_base = bias_ptr + b * sbias_b + h * sbias_h + rows[:, None].to(tl.int64) * sbias_m
+    bias_base = bias_ptr + b * sbias_b + h * sbias_h
+    q = _load_rows(q_ptr + b * sq_b + h * sq_h, rows, dims, sq_n, sq_d, NQ, HEAD_DIM)
 
-    # Scores are kept in base 2 (scaled by log2 e) so the exponentials are exp2.
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running row max (base 2)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running row sum of exp2(s - m_i)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for start in range(0, NK, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < NK
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * sk_n + dims[None, :] * sk_d,
-                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        if HAS_BIAS:
-            bias = tl.load(bias_base + cols[None, :].to(tl.int64) * sbias_n,
-                           mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
-        s = tl.where(col_ok[None, :], s, float("-inf"))  # padded keys out before the row max
+        k = _load_rows(k_base, cols, dims, sk_n, sk_d, NK, HEAD_DIM)
+        s = _scores_log2(q, k, bias_base, rows, cols, NQ, NK, sbias_m, sbias_n, qk_scale, HAS_BIAS)
+        s = tl.where((cols < NK)[None, :], s, float("-inf"))  # padded keys out before the row max
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_DROPOUT:
+        if HAS_DROPOUT:  # the normaliser l_i keeps the undropped probabilities
             p = p * _keep_scale(seed, bh, rows, cols, NQ, NK, dropout_p, inv_keep)
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * sv_n + dims[None, :] * sv_d,
-                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        v = _load_rows(v_base, cols, dims, sv_n, sv_d, NK, HEAD_DIM)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    acc = acc / l_i[:, None]
-    out_off = b * so_b + h * so_h + rows[:, None].to(tl.int64) * so_n + dims[None, :] * so_d
-    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
-    tl.store(lse_ptr + bh * NQ + rows, m_i + tl.math.log2(l_i), mask=row_ok)  # base-2 logsumexp
+    _store_rows(out_ptr + b * so_b + h * so_h, acc / l_i[:, None], rows, dims, so_n, so_d, NQ, HEAD_DIM)
+    tl.store(lse_ptr + bh * NQ + rows, m_i + tl.math.log2(l_i), mask=rows < NQ)  # base-2 logsumexp
 
 
 @triton.jit
@@ -130,10 +142,8 @@ def _attn_bwd_delta_kernel(
     h = bh % HEADS
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    ok = (rows < NQ)[:, None] & (dims < HEAD_DIM)[None, :]
-    r64 = rows[:, None].to(tl.int64)
-    o = tl.load(out_ptr + b * so_b + h * so_h + r64 * so_n + dims[None, :] * so_d, mask=ok, other=0.0)
-    do = tl.load(dout_ptr + b * sdo_b + h * sdo_h + r64 * sdo_n + dims[None, :] * sdo_d, mask=ok, other=0.0)
+    o = _load_rows(out_ptr + b * so_b + h * so_h, rows, dims, so_n, so_d, NQ, HEAD_DIM)
+    do = _load_rows(dout_ptr + b * sdo_b + h * sdo_h, rows, dims, sdo_n, sdo_d, NQ, HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(delta_ptr + bh * NQ + rows, delta, mask=rows < NQ)
 
@@ -152,36 +162,29 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """dK, dV of one key block, summed over all query blocks in order."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // HEADS
     h = bh % HEADS
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    col_ok = cols < NK
-    dim_ok = dims < HEAD_DIM
-    kv_mask = col_ok[:, None] & dim_ok[None, :]
-    c64 = cols[:, None].to(tl.int64)
-    k = tl.load(k_ptr + b * sk_b + h * sk_h + c64 * sk_n + dims[None, :] * sk_d, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * sv_b + h * sv_h + c64 * sv_n + dims[None, :] * sv_d, mask=kv_mask, other=0.0)
+    q_base = q_ptr + b * sq_b + h * sq_h
+    do_base = dout_ptr + b * sdo_b + h * sdo_h
+    bias_base = bias_ptr + b * sbias_b + h * sbias_h
+    k = _load_rows(k_ptr + b * sk_b + h * sk_h, cols, dims, sk_n, sk_d, NK, HEAD_DIM)
+    v = _load_rows(v_ptr + b * sv_b + h * sv_h, cols, dims, sv_n, sv_d, NK, HEAD_DIM)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for start in range(0, NQ, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < NQ
-        q_mask = row_ok[:, None] & dim_ok[None, :]
-        r64 = rows[:, None].to(tl.int64)
-        q = tl.load(q_ptr + b * sq_b + h * sq_h + r64 * sq_n + dims[None, :] * sq_d, mask=q_mask, other=0.0)
-        do = tl.load(dout_ptr + b * sdo_b + h * sdo_h + r64 * sdo_n + dims[None, :] * sdo_d,
-                     mask=q_mask, other=0.0)
+        q = _load_rows(q_base, rows, dims, sq_n, sq_d, NQ, HEAD_DIM)
+        do = _load_rows(do_base, rows, dims, sdo_n, sdo_d, NQ, HEAD_DIM)
         lse = tl.load(lse_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + b * sbias_b + h * sbias_h + r64 * sbias_m + cols[None, :].to(tl.int64) * sbias_n,
-                           mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
-        valid = row_ok[:, None] & col_ok[None, :]
+        s = _scores_log2(q, k, bias_base, rows, cols, NQ, NK, sbias_m, sbias_n, qk_scale, HAS_BIAS)
+        valid = row_ok[:, None] & (cols < NK)[None, :]
         p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)  # softmax probabilities
         dp = tl.dot(do, tl.trans(v))
         if HAS_DROPOUT:
@@ -193,11 +196,8 @@ def _attn_bwd_dkdv_kernel(
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
 
-    dk = dk * sm_scale
-    tl.store(dk_ptr + b * sdk_b + h * sdk_h + c64 * sdk_n + dims[None, :] * sdk_d,
-             dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + b * sdv_b + h * sdv_h + c64 * sdv_n + dims[None, :] * sdv_d,
-             dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    _store_rows(dk_ptr + b * sdk_b + h * sdk_h, dk * sm_scale, cols, dims, sdk_n, sdk_d, NK, HEAD_DIM)
+    _store_rows(dv_ptr + b * sdv_b + h * sdv_h, dv, cols, dims, sdv_n, sdv_d, NK, HEAD_DIM)
 
 
 @triton.jit
@@ -213,46 +213,38 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """dQ of one query block (and its rows of dS when the bias needs a gradient)."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // HEADS
     h = bh % HEADS
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < NQ
-    dim_ok = dims < HEAD_DIM
-    q_mask = row_ok[:, None] & dim_ok[None, :]
-    r64 = rows[:, None].to(tl.int64)
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + r64 * sq_n + dims[None, :] * sq_d, mask=q_mask, other=0.0)
-    do = tl.load(dout_ptr + b * sdo_b + h * sdo_h + r64 * sdo_n + dims[None, :] * sdo_d, mask=q_mask, other=0.0)
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+    bias_base = bias_ptr + b * sbias_b + h * sbias_h
+    q = _load_rows(q_ptr + b * sq_b + h * sq_h, rows, dims, sq_n, sq_d, NQ, HEAD_DIM)
+    do = _load_rows(dout_ptr + b * sdo_b + h * sdo_h, rows, dims, sdo_n, sdo_d, NQ, HEAD_DIM)
     lse = tl.load(lse_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for start in range(0, NK, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < NK
-        kv_mask = col_ok[:, None] & dim_ok[None, :]
-        c64 = cols[:, None].to(tl.int64)
-        k = tl.load(k_ptr + b * sk_b + h * sk_h + c64 * sk_n + dims[None, :] * sk_d, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + b * sv_b + h * sv_h + c64 * sv_n + dims[None, :] * sv_d, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        valid = row_ok[:, None] & col_ok[None, :]
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + b * sbias_b + h * sbias_h + r64 * sbias_m + cols[None, :].to(tl.int64) * sbias_n,
-                           mask=valid, other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
+        k = _load_rows(k_base, cols, dims, sk_n, sk_d, NK, HEAD_DIM)
+        v = _load_rows(v_base, cols, dims, sv_n, sv_d, NK, HEAD_DIM)
+        s = _scores_log2(q, k, bias_base, rows, cols, NQ, NK, sbias_m, sbias_n, qk_scale, HAS_BIAS)
+        valid = row_ok[:, None] & (cols < NK)[None, :]
         p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
         if HAS_DROPOUT:
             dp = dp * _keep_scale(seed, bh, rows, cols, NQ, NK, dropout_p, inv_keep)
         ds = p * (dp - delta[:, None])
         if BIAS_GRAD:  # dS of this (batch, head) in a dense fp32 (B, h, Nq, Nk) buffer
-            tl.store(dbias_ptr + (bh * NQ + r64) * NK + cols[None, :], ds, mask=valid)
+            tl.store(dbias_ptr + (bh * NQ + rows[:, None].to(tl.int64)) * NK + cols[None, :], ds, mask=valid)
         dq += tl.dot(ds.to(k.dtype), k)
 
-    dq = dq * sm_scale
-    tl.store(dq_ptr + b * sdq_b + h * sdq_h + r64 * sdq_n + dims[None, :] * sdq_d,
-             dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
+    _store_rows(dq_ptr + b * sdq_b + h * sdq_h, dq * sm_scale, rows, dims, sdq_n, sdq_d, NQ, HEAD_DIM)
 
 
 @triton.jit
