@@ -117,6 +117,32 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """'TypeName: first line of the message', cut to ``limit`` characters (for skip/failure reasons)."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text}"[:limit]
+
+
+def raise_recompile_limit(limit: int = 64) -> None:
+    """Let one ``torch.compile``'d peer be reused across a family's shapes and modes.
+
+    Dynamo's default recompile limit (8 per code object) is below what a grid needs, and
+    past it dynamo silently runs eager, which would time the wrong thing: raise the limit
+    and make hitting it an error (the peer is then recorded as skipped with the reason).
+    """
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        try:
+            if getattr(cfg, name) < limit:
+                setattr(cfg, name, limit)
+        except Exception:  # noqa: BLE001 - name absent in this torch
+            pass
+    try:
+        cfg.fail_on_recompile_limit_hit = True
+    except Exception:  # noqa: BLE001
+        pass
+
+
 # --------------------------------------------------------------------------- #
 # Numerics helpers
 # --------------------------------------------------------------------------- #
@@ -542,6 +568,7 @@ def environment(device: Optional[torch.device] = None) -> Dict[str, Any]:
         "pytest_benchmark": _dist_version("pytest-benchmark"),
         "timm": _dist_version("timm"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+        "run_id": os.environ.get("VK_BENCH_RUN_ID") or None,
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         **git_commit(),
     }
@@ -704,6 +731,19 @@ def _env_lines(env: Dict[str, Any]) -> List[str]:
     ]
 
 
+def same_run(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    """Whether two family JSONs' environments come from one run.
+
+    One pytest session writes one environment for all its families. Separate pytest
+    invocations (scripts/gpu_check.sh runs one per family, each under its own time cap)
+    count as one run when they share ``$VK_BENCH_RUN_ID``, the commit and the device.
+    """
+    keys = ("commit", "device")
+    if a.get("run_id") and a.get("run_id") == b.get("run_id"):
+        return all(a.get(k) == b.get(k) for k in keys)
+    return all(a.get(k) == b.get(k) for k in keys + ("date_utc",))
+
+
 def render_summary(docs: List[Dict[str, Any]], env: Dict[str, Any]) -> str:
     lines = ["# vitkern benchmark summary", ""]
     lines += _env_lines(env)
@@ -729,8 +769,7 @@ def render_summary(docs: List[Dict[str, Any]], env: Dict[str, Any]) -> str:
         family = doc.get("family")
         fam_env = doc.get("environment", {})
         lines += [f"## {family}", ""]
-        if (fam_env.get("commit"), fam_env.get("date_utc"), fam_env.get("device")) != \
-                (env.get("commit"), env.get("date_utc"), env.get("device")):
+        if not same_run(fam_env, env):
             lines += ["Measured in an earlier run:"] + _env_lines(fam_env) + [""]
         groups = analyse(doc.get("rows", []))
         # Overview: one line per (case, mode).

@@ -7,29 +7,44 @@
 # timm + pytest-benchmark preinstalled; no network). What lands in OUTDIR (at most 8 files,
 # 2 folder levels; the device tool returns nothing deeper or more):
 #   OUTDIR/tests.log               environment, install, `pytest tests` output
-#   OUTDIR/bench.log               `pytest --benchmark` output (pytest-benchmark's tables)
-#   OUTDIR/pytest_benchmark.json   pytest-benchmark's own JSON (every round's stats + extra_info)
+#   OUTDIR/bench.log               `pytest --benchmark` output (pytest-benchmark's tables), every family
+#   OUTDIR/pytest_benchmark.json   pytest-benchmark's own JSON (every round's stats + extra_info), the
+#                                  families' runs merged into one file
 #   OUTDIR/results/<family>.json   vitkern's rows per kernel family (one file per family)
 #   OUTDIR/results/summary.md      readable tables: time, speedups, roofline fraction, peak memory
 # With four kernel families that is 8 files: add no more without dropping one.
 #
+# Each benchmark family runs as its own pytest invocation under its own time cap, so a slow
+# family cannot eat another's time; all write into OUTDIR/results (summary.md is rebuilt from
+# every family JSON there) and share VK_BENCH_RUN_ID, so the summary treats them as one run.
+#
 # Every step runs even when an earlier one failed; the exit status is non-zero if any failed.
-# Time budget (estimate for an H100, cold Triton / inductor caches), under 9 minutes in all:
+# Time budget (estimate for an H100, cold Triton / inductor caches); the caps keep the worst
+# case under 9.5 minutes:
 #   install (pure Python, editable)            ~15 s
 #   environment print (nvidia-smi, imports)    ~10 s
-#   test suite                                 ~1-2 min, capped at VK_TESTS_TIMEOUT=180 s
-#   benchmarks (patch_embed: 14 shapes x 3 modes x 6 implementations = 252 timed cases):
-#     ceilings ~2 s; per case ~0.15 s timed (20..200 rounds) + ~0.1 s warm-up/equality/peak memory
-#     = ~65 s; Triton JIT of vitkern's kernels per shape ~40-80 s; cuDNN autotuning ~20 s;
-#     torch.compile (one dynamic-shape compile per patch size x mode, ~9 graphs) ~40 s
-#     = ~3-3.5 min, capped at VK_BENCH_TIMEOUT=300 s
-#   worst case with both caps hit: 15 + 10 + 180 + 300 + 2 x 15 s kill grace = ~9 min; typical ~5-6 min.
+#   test suite                                 ~1-2 min, capped at VK_TESTS_TIMEOUT=150 s
+#   benchmarks, one capped pytest per family (VK_BENCH_TIMEOUT_<FAMILY>; VK_BENCH_TIMEOUT, if set,
+#   is every family's default):
+#     patch_embed (14 shapes x 3 modes x 6 implementations = 252 timed cases): ceilings ~2 s;
+#       per case ~0.15 s timed (20..200 rounds) + ~0.1 s warm-up/equality/peak memory = ~65 s;
+#       Triton JIT of vitkern's kernels per shape ~40-80 s; cuDNN autotuning ~20 s; torch.compile
+#       (one dynamic-shape compile per patch size x mode, ~9 graphs) ~40 s
+#       = ~2.5-3.5 min, capped at VK_BENCH_TIMEOUT_PATCH_EMBED=170 s
+#     attention (module level 6 shapes x 4 implementations, kernel level 8 shapes x 2 modes x
+#       9 implementations = 168 timed cases): ~35 s timing; FlexAttention and timm-module
+#       torch.compile ~50-80 s; Triton JIT ~15-25 s; start-up ~10 s
+#       = ~2-2.5 min, capped at VK_BENCH_TIMEOUT_ATTENTION=170 s
+#   worst case with every cap hit: 15 + 10 + 150 + 170 + 170 + 3 x 10 s kill grace = 545 s
+#   (~9.1 min); typical ~6-7 min. A new family needs its own cap: take the time from these.
 # A step that reaches its cap gets SIGINT: pytest stops after the current test and still writes
-# what it measured (results/*.json, summary.md, pytest_benchmark.json).
+# what it measured (results/*.json, summary.md, its pytest-benchmark JSON).
 #
-# Environment knobs: PYTHON (default python3), VK_TESTS_TIMEOUT, VK_BENCH_TIMEOUT,
-# VK_BENCH_ARGS (extra pytest arguments, e.g. "-k bs64" or "--vk-rounds 50"),
-# VITKERN_COMMIT (the commit to record when the copy has no .git).
+# Environment knobs: PYTHON (default python3), VK_TESTS_TIMEOUT, VK_BENCH_TIMEOUT_PATCH_EMBED,
+# VK_BENCH_TIMEOUT_ATTENTION, VK_BENCH_TIMEOUT (default cap of every family),
+# VK_BENCH_FAMILIES (default "patch_embed attention"), VK_BENCH_ARGS (extra pytest arguments
+# for every family, e.g. "-k bs64" or "--vk-rounds 50"; a family with nothing selected is not
+# a failure), VITKERN_COMMIT (the commit to record when the copy has no .git).
 set -u
 
 if [ $# -ne 1 ]; then
@@ -42,9 +57,24 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO" || exit 2
 
 PY=${PYTHON:-python3}
-TESTS_TIMEOUT=${VK_TESTS_TIMEOUT:-180}
-BENCH_TIMEOUT=${VK_BENCH_TIMEOUT:-300}
+TESTS_TIMEOUT=${VK_TESTS_TIMEOUT:-150}
+BENCH_FAMILIES=${VK_BENCH_FAMILIES:-patch_embed attention}
+bench_cap() {  # family -> seconds
+    local var
+    var="VK_BENCH_TIMEOUT_$(echo "$1" | tr '[:lower:]' '[:upper:]')"
+    if [ -n "${!var:-}" ]; then
+        echo "${!var}"
+        return
+    fi
+    case "$1" in
+        patch_embed) echo "${VK_BENCH_TIMEOUT:-170}" ;;
+        attention) echo "${VK_BENCH_TIMEOUT:-170}" ;;
+        *) echo "${VK_BENCH_TIMEOUT:-120}" ;;
+    esac
+}
 export PYTHONUNBUFFERED=1
+# One id for this script's benchmark runs: summary.md then presents the families as one run.
+export VK_BENCH_RUN_ID=${VK_BENCH_RUN_ID:-gpu_check-$(date -u +%Y%m%dT%H%M%SZ)-$$}
 # Imports keep working from the checkout even if the editable install fails.
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -58,7 +88,7 @@ run_capped() {  # seconds command...  (SIGINT at the cap so pytest writes its re
     local secs=$1
     shift
     if command -v timeout >/dev/null 2>&1; then
-        timeout -s INT -k 15 "$secs" "$@"
+        timeout -s INT -k 10 "$secs" "$@"
     else
         "$@"
     fi
@@ -115,16 +145,57 @@ run_capped "$TESTS_TIMEOUT" "$PY" -m pytest tests -q -rs 2>&1 | tee -a "$OUT/tes
 rc=${PIPESTATUS[0]}
 [ $rc -eq 0 ] || note_failure tests $rc
 
-# 4. Benchmarks.
-echo "=== benchmarks: $PY -m pytest --benchmark (cap ${BENCH_TIMEOUT}s)" | tee "$OUT/bench.log"
-# shellcheck disable=SC2086  # VK_BENCH_ARGS is split on purpose
-run_capped "$BENCH_TIMEOUT" "$PY" -m pytest --benchmark -q -rfEs \
-    --vk-results-dir "$OUT/results" \
-    --benchmark-json "$OUT/pytest_benchmark.json" \
-    --benchmark-columns=min,median,iqr,rounds \
-    ${VK_BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log" | grep -E "passed|failed|error|skipped|wrote|FAILED|ERROR" | tail -n 30
-rc=${PIPESTATUS[0]}
-[ $rc -eq 0 ] || note_failure benchmarks $rc
+# 4. Benchmarks: one capped pytest per family, all into OUTDIR/results.
+pb_dir=$(mktemp -d)
+echo "=== benchmarks: families ${BENCH_FAMILIES} (run id ${VK_BENCH_RUN_ID})" | tee "$OUT/bench.log"
+for fam in $BENCH_FAMILIES; do
+    file="benchmarks/bench_${fam}.py"
+    cap=$(bench_cap "$fam")
+    if [ ! -f "$file" ]; then
+        echo "=== benchmarks $fam: $file missing" | tee -a "$OUT/bench.log"
+        failed+=("benchmarks $fam ($file missing)")
+        continue
+    fi
+    echo "=== benchmarks $fam: $PY -m pytest --benchmark $file (cap ${cap}s)" | tee -a "$OUT/bench.log"
+    fam_start=$(date +%s)
+    # shellcheck disable=SC2086  # VK_BENCH_ARGS is split on purpose
+    run_capped "$cap" "$PY" -m pytest --benchmark "$file" -q -rfEs \
+        --vk-results-dir "$OUT/results" \
+        --benchmark-json "$pb_dir/$fam.json" \
+        --benchmark-columns=min,median,iqr,rounds \
+        ${VK_BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log" | grep -E "passed|failed|error|skipped|wrote|FAILED|ERROR" | tail -n 30
+    rc=${PIPESTATUS[0]}
+    echo "=== benchmarks $fam: exit $rc after $(( $(date +%s) - fam_start )) s" | tee -a "$OUT/bench.log"
+    case $rc in
+        0 | 5) ;;  # 5: nothing selected (a -k filter in VK_BENCH_ARGS that matches another family only)
+        124 | 130 | 137) note_failure "benchmarks $fam (cap ${cap}s reached; partial results kept)" "$rc" ;;
+        *) note_failure "benchmarks $fam" "$rc" ;;
+    esac
+done
+# pytest-benchmark's JSON: the families' files merged into one (keeps OUTDIR at <= 8 files).
+"$PY" - "$pb_dir" "$OUT/pytest_benchmark.json" <<'EOF' 2>&1 | tee -a "$OUT/bench.log"
+import json, pathlib, sys
+parts = sorted(pathlib.Path(sys.argv[1]).glob("*.json"))
+merged = None
+for path in parts:
+    try:
+        doc = json.loads(path.read_text())
+    except Exception as exc:  # a run killed while writing
+        print(f"pytest-benchmark JSON {path.name} unreadable: {type(exc).__name__}: {exc}")
+        continue
+    if merged is None:
+        merged = doc
+        merged.setdefault("benchmarks", [])
+    else:
+        merged["benchmarks"].extend(doc.get("benchmarks", []))
+if merged is None:
+    print("no pytest-benchmark JSON to merge")
+else:
+    pathlib.Path(sys.argv[2]).write_text(json.dumps(merged, indent=1))
+    print(f"merged {len(parts)} pytest-benchmark JSON files ({len(merged['benchmarks'])} benchmarks) "
+          f"into {sys.argv[2]}")
+EOF
+rm -rf "$pb_dir"
 
 # 5. Summary: the header and each family's overview table (the per-case tables stay in the file).
 echo "=== $OUT/results/summary.md (overview; per-case tables in the file)"

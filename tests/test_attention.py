@@ -126,6 +126,21 @@ def test_single_key_returns_v_and_zero_score_gradients():
     assert dq.abs().max() <= 1e-6 * scale and dk.abs().max() <= 1e-6 * scale
 
 
+def test_rows_whose_first_key_blocks_are_all_masked():
+    """-inf bias over the first 70 keys of some rows: the online softmax must not produce NaN."""
+    B, H, N, D = 1, 2, 100, 32
+    bias = torch.zeros(N, N, device=DEVICE)
+    bias[::2, :70] = float("-inf")
+    q, k, v = (_rand((B, H, N, D), torch.float32).requires_grad_(True) for _ in range(3))
+    g = _rand((B, H, N, D), torch.float32)
+    out = attention(q, k, v, attn_bias=bias, backend="triton")
+    grads = _grads(out, [q, k, v], g)
+    hi = [t.detach().to(HIGH).requires_grad_(True) for t in (q, k, v)]
+    ref = attention_reference(*hi, attn_bias=bias.to(HIGH))
+    for name, a, r in zip(["out", "dq", "dk", "dv"], [out, *grads], [ref, *_grads(ref, hi, g.to(HIGH))]):
+        assert_close(name, a, r, grad=name != "out")
+
+
 def test_custom_scale_and_long_sequence():
     B, H, N, D = 1, 1, 577, 16
     q, k, v = (_rand((B, H, N, D), torch.float32).requires_grad_(True) for _ in range(3))

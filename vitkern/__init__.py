@@ -5,6 +5,7 @@ machines with neither a GPU nor Triton:
 
 * :mod:`vitkern.ops`       functional ops (each with ``backend=...``)
 * :mod:`vitkern.nn`        drop-in replacements for timm modules
+* :mod:`vitkern.models`    the seed's d2l ViT built from vitkern's ops
 * :mod:`vitkern.reference` the naive PyTorch implementations the kernels must equal
 * :mod:`vitkern.backends`  backend predicates and selection
 """
@@ -14,7 +15,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("backends", "nn", "ops", "reference", "testing")
+_SUBMODULES = ("backends", "models", "nn", "ops", "reference", "testing")
 
 
 def __getattr__(name):

@@ -33,6 +33,13 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run this call; the message says why."""
 
 
+def check_name(backend, owner: str) -> str:
+    """``backend`` if it is a known backend name, else a ValueError naming ``owner``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{owner}: backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
 def _devices(tensors: Iterable[Optional[torch.Tensor]]):
     return {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
 
@@ -88,8 +95,7 @@ class OpBackends:
         return {name: pred(*args, **kwargs) for name, pred in self.predicates.items()}
 
     def select(self, requested: str, tensors: Sequence[Optional[torch.Tensor]], *args, **kwargs) -> str:
-        if requested not in BACKENDS:
-            raise ValueError(f"{self.op_name}: backend must be one of {BACKENDS}, got {requested!r}")
+        check_name(requested, self.op_name)
         if requested != "auto":
             reason = self.predicates[requested](*args, **kwargs)
             if reason is not None:

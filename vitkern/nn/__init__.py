@@ -1,7 +1,9 @@
 """Drop-in ``torch.nn`` modules with timm's signatures, defaults, attribute names and state_dict keys.
 
 * :class:`PatchEmbed` - ``timm.layers.PatchEmbed`` on the fused patchify-projection op.
+* :class:`Attention`  - ``timm.layers.Attention`` on the fused attention op.
 """
+from vitkern.nn.attention import Attention
 from vitkern.nn.patch_embed import PatchEmbed
 
-__all__ = ["PatchEmbed"]
+__all__ = ["Attention", "PatchEmbed"]

@@ -55,11 +55,6 @@ def _to_2tuple(x) -> tuple:
     return (x, x)
 
 
-def _check_backend(backend: str) -> str:
-    if backend not in _backends.BACKENDS:
-        raise ValueError(f"PatchEmbed: backend must be one of {_backends.BACKENDS}, got {backend!r}")
-    return backend
-
 
 class PatchEmbed(nn.Module):
     """2D image to patch embedding (timm.layers.PatchEmbed) on vitkern's fused patchify op.
@@ -91,7 +86,7 @@ class PatchEmbed(nn.Module):
     ):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
-        self.backend = _check_backend(backend)
+        self.backend = _backends.check_name(backend, "PatchEmbed")
         self.patch_size = _to_2tuple(patch_size)
         self.img_size, self.grid_size, self.num_patches = self._init_img_size(img_size)
 

@@ -116,8 +116,11 @@ def _attn_fwd_kernel(
         s = _scores_log2(q, k, bias_base, rows, cols, NQ, NK, sbias_m, sbias_n, qk_scale, HAS_BIAS)
         s = tl.where((cols < NK)[None, :], s, float("-inf"))  # padded keys out before the row max
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        # A row whose keys so far are all -inf (masked by the bias) keeps m = -inf; subtract 0
+        # instead so exp2 gives 0 rather than exp2(-inf - -inf) = NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:  # the normaliser l_i keeps the undropped probabilities
             p = p * _keep_scale(seed, bh, rows, cols, NQ, NK, dropout_p, inv_keep)
