@@ -12,9 +12,12 @@ Backward (deterministic: every output element is reduced by one program in a
 fixed order, no atomics):
   1. delta = rowsum(dO ∘ O)                        (one small kernel)
   2. dK, dV: one program per key block, looping over query blocks
-  3. dQ (and dS for a bias that needs a gradient): one program per query block,
-     looping over key blocks
-Steps 2 and 3 both recompute q kᵀ; that costs FLOPs but keeps dQ free of atomics.
+  3. dQ: one program per query block, looping over key blocks
+  4. only when the bias needs a gradient: d(bias) per (query block, key block) tile,
+     dS recomputed and summed over the batches and heads the bias is broadcast over
+     (no (B, h, Nq, Nk) buffer; a bias broadcast along queries or keys is summed
+     along them afterwards from the (b', h', Nq, Nk) gradient)
+Steps 2-4 each recompute q kᵀ; that costs FLOPs but needs no atomics.
 
 Layouts: every kernel takes (batch, head, token, dim) strides, so views of a
 packed qkv Linear output (B, N, 3·h·d) are read in place and the output is written
@@ -205,7 +208,7 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, bias_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, dbias_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
     NQ, NK, HEADS, qk_scale, sm_scale, seed, dropout_p, inv_keep,
     sq_b, sq_h, sq_n, sq_d,
     sk_b, sk_h, sk_n, sk_d,
@@ -213,10 +216,10 @@ def _attn_bwd_dq_kernel(
     sbias_b, sbias_h, sbias_m, sbias_n,
     sdo_b, sdo_h, sdo_n, sdo_d,
     sdq_b, sdq_h, sdq_n, sdq_d,
-    HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dQ of one query block (and its rows of dS when the bias needs a gradient)."""
+    """dQ of one query block, summed over all key blocks in order."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // HEADS
     h = bh % HEADS
@@ -243,11 +246,61 @@ def _attn_bwd_dq_kernel(
         if HAS_DROPOUT:
             dp = dp * _keep_scale(seed, bh, rows, cols, NQ, NK, dropout_p, inv_keep)
         ds = p * (dp - delta[:, None])
-        if BIAS_GRAD:  # dS of this (batch, head) in a dense fp32 (B, h, Nq, Nk) buffer
-            tl.store(dbias_ptr + (bh * NQ + rows[:, None].to(tl.int64)) * NK + cols[None, :], ds, mask=valid)
         dq += tl.dot(ds.to(k.dtype), k)
 
     _store_rows(dq_ptr + b * sdq_b + h * sdq_h, dq * sm_scale, rows, dims, sdq_n, sdq_d, NQ, HEAD_DIM)
+
+
+@triton.jit
+def _attn_bwd_dbias_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, dout_ptr, lse_ptr, delta_ptr, dbias_ptr,
+    NQ, NK, HEADS, BATCH, BIAS_HEADS, qk_scale, seed, dropout_p, inv_keep,
+    sq_b, sq_h, sq_n, sq_d,
+    sk_b, sk_h, sk_n, sk_d,
+    sv_b, sv_h, sv_n, sv_d,
+    sbias_b, sbias_h, sbias_m, sbias_n,
+    sdo_b, sdo_h, sdo_n, sdo_d,
+    HEAD_DIM: tl.constexpr, HAS_DROPOUT: tl.constexpr, SUM_BATCH: tl.constexpr, SUM_HEADS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """d(bias) tile = dS summed over the batches and heads the bias is broadcast over.
+
+    One program per (bias batch, bias head, query block, key block) recomputes dS for
+    each (batch, head) it covers, in order: deterministic, and no (B, h, Nq, Nk) buffer.
+    """
+    pid = tl.program_id(0)
+    bias_b = pid // BIAS_HEADS
+    bias_h = pid % BIAS_HEADS
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < NQ
+    valid = row_ok[:, None] & (cols < NK)[None, :]
+    b_lo = 0 if SUM_BATCH else bias_b
+    b_hi = BATCH if SUM_BATCH else bias_b + 1
+    h_lo = 0 if SUM_HEADS else bias_h
+    h_hi = HEADS if SUM_HEADS else bias_h + 1
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for b in range(b_lo, b_hi):
+        for h in range(h_lo, h_hi):
+            b64 = tl.cast(b, tl.int64)
+            h64 = tl.cast(h, tl.int64)
+            bh = b64 * HEADS + h64
+            q = _load_rows(q_ptr + b64 * sq_b + h64 * sq_h, rows, dims, sq_n, sq_d, NQ, HEAD_DIM)
+            do = _load_rows(dout_ptr + b64 * sdo_b + h64 * sdo_h, rows, dims, sdo_n, sdo_d, NQ, HEAD_DIM)
+            k = _load_rows(k_ptr + b64 * sk_b + h64 * sk_h, cols, dims, sk_n, sk_d, NK, HEAD_DIM)
+            v = _load_rows(v_ptr + b64 * sv_b + h64 * sv_h, cols, dims, sv_n, sv_d, NK, HEAD_DIM)
+            lse = tl.load(lse_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
+            delta = tl.load(delta_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
+            s = _scores_log2(q, k, bias_ptr + b64 * sbias_b + h64 * sbias_h, rows, cols, NQ, NK,
+                             sbias_m, sbias_n, qk_scale, True)
+            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v))
+            if HAS_DROPOUT:
+                dp = dp * _keep_scale(seed, bh, rows, cols, NQ, NK, dropout_p, inv_keep)
+            acc += p * (dp - delta[:, None])
+    out = dbias_ptr + (tl.cast(pid, tl.int64) * NQ + rows[:, None].to(tl.int64)) * NK + cols[None, :]
+    tl.store(out, acc, mask=valid)
 
 
 @triton.jit
@@ -312,7 +365,8 @@ def _launch_fwd(q, k, v, bias, scale, dropout_p, seed, out) -> Tensor:
 
 
 def _launch_bwd(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, dq, dk, dv, bias_grad: bool):
-    """Fills dq, dk, dv (views); returns dS as a dense fp32 (B, h, Nq, Nk) tensor if bias_grad."""
+    """Fills dq, dk, dv (views). With bias_grad, returns d(bias) in fp32, shaped (b', h', Nq, Nk)
+    where b' and h' are 1 where the bias is broadcast over batch or heads (reduced in-kernel)."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     cfg = _bwd_config(D)
@@ -323,26 +377,42 @@ def _launch_bwd(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, dq, dk, d
         HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=block_d,
     )
     seed_value = _seed_value(seed)
-    common = (NQ, NK, H, scale * _LOG2E, scale, seed_value, dropout_p, 1.0 / (1.0 - dropout_p),
-              *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias, (B, H, NQ, NK)), *dout.stride())
+    bias_strides = _bias_strides(bias, (B, H, NQ, NK))
+    scalars = (qk_scale := scale * _LOG2E, scale, seed_value, dropout_p, 1.0 / (1.0 - dropout_p))
+    strides = (*q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride())
     flags = dict(HEAD_DIM=D, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, BLOCK_D=block_d, **cfg)
     bias_arg = bias if bias is not None else q
     _attn_bwd_dkdv_kernel[(B * H, cdiv(NK, cfg["BLOCK_N"]))](
-        q, k, v, bias_arg, dout, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(), **flags,
+        q, k, v, bias_arg, dout, lse, delta, dk, dv, NQ, NK, H, *scalars, *strides, *dk.stride(), *dv.stride(),
+        **flags,
     )
-    dscores = new_output((B, H, NQ, NK), dtype=torch.float32, device=q.device) if bias_grad else None
     _attn_bwd_dq_kernel[(B * H, cdiv(NQ, cfg["BLOCK_M"]))](
-        q, k, v, bias_arg, dout, lse, delta, dq, dscores if bias_grad else q, *common, *dq.stride(),
-        BIAS_GRAD=bias_grad, **flags,
+        q, k, v, bias_arg, dout, lse, delta, dq, NQ, NK, H, *scalars, *strides, *dq.stride(), **flags,
     )
-    return dscores
+    if not bias_grad:
+        return None
+    bias_batch, bias_heads, _, _ = shape = _dbias_shape(bias, B, H, NQ, NK)
+    dbias = new_output(shape, dtype=torch.float32, device=q.device)
+    _attn_bwd_dbias_kernel[(bias_batch * bias_heads, cdiv(NQ, cfg["BLOCK_M"]), cdiv(NK, cfg["BLOCK_N"]))](
+        q, k, v, bias, dout, lse, delta, dbias, NQ, NK, H, B, bias_heads, qk_scale, seed_value, dropout_p,
+        1.0 / (1.0 - dropout_p), *strides,
+        HEAD_DIM=D, HAS_DROPOUT=dropout_p > 0, SUM_BATCH=bias_batch == 1, SUM_HEADS=bias_heads == 1,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, num_warps=cfg["num_warps"],
+    )
+    return dbias
 
 
-def _reduce_bias_grad(dscores: Tensor, bias: Tensor) -> Tensor:
-    """Sum dS over the dimensions along which the bias was broadcast (fixed order: deterministic)."""
+def _dbias_shape(bias: Tensor, B: int, H: int, NQ: int, NK: int) -> Tuple[int, int, int, int]:
+    """(b', h', Nq, Nk): the kernel reduces over batch / heads where the bias is broadcast."""
     shape4 = (1,) * (4 - bias.dim()) + tuple(bias.shape)
-    dims = [i for i, (s, full) in enumerate(zip(shape4, dscores.shape)) if s == 1 and full != 1]
-    grad = dscores.sum(dim=dims, keepdim=True) if dims else dscores
+    return (B if shape4[0] != 1 else 1, H if shape4[1] != 1 else 1, NQ, NK)
+
+
+def _reduce_bias_grad(dbias: Tensor, bias: Tensor) -> Tensor:
+    """Sum the (b', h', Nq, Nk) gradient over query rows / keys the bias is broadcast along."""
+    shape4 = (1,) * (4 - bias.dim()) + tuple(bias.shape)
+    dims = [i for i in (2, 3) if shape4[i] == 1 and dbias.shape[i] != 1]
+    grad = dbias.sum(dim=dims, keepdim=True) if dims else dbias
     return grad.reshape(bias.shape).to(bias.dtype)
 
 
@@ -392,20 +462,20 @@ def _attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, attn_bias: Optional[Tensor],
     scale: float, dropout_p: float, seed: Optional[Tensor], bias_grad: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dv, dS); dS is (B, h, Nq, Nk) fp32 when bias_grad, else empty."""
+    """Returns (dq, dk, dv, dbias); dbias is fp32 (b', h', Nq, Nk) when bias_grad, else empty."""
     dq = new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = new_output(k.shape, dtype=k.dtype, device=k.device)
     dv = new_output(v.shape, dtype=v.dtype, device=v.device)
-    dscores = _launch_bwd(dout, q, k, v, out, lse, attn_bias, scale, dropout_p, seed, dq, dk, dv, bias_grad)
-    return dq, dk, dv, dscores if dscores is not None else q.new_empty(0, dtype=torch.float32)
+    dbias = _launch_bwd(dout, q, k, v, out, lse, attn_bias, scale, dropout_p, seed, dq, dk, dv, bias_grad)
+    return dq, dk, dv, dbias if dbias is not None else q.new_empty(0, dtype=torch.float32)
 
 
 @_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, attn_bias, scale, dropout_p, seed, bias_grad):
     B, H, NQ, _ = q.shape
-    dscores_shape = (B, H, NQ, k.shape[2]) if bias_grad else (0,)
+    dbias_shape = _dbias_shape(attn_bias, B, H, NQ, k.shape[2]) if bias_grad else (0,)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            q.new_empty(dscores_shape, dtype=torch.float32))
+            q.new_empty(dbias_shape, dtype=torch.float32))
 
 
 def _fwd_setup(ctx, inputs, output):
@@ -419,10 +489,10 @@ def _fwd_setup(ctx, inputs, output):
 def _fwd_backward(ctx, dout, _dlse):
     q, k, v, out, lse, attn_bias, seed = ctx.saved_tensors
     bias_grad = attn_bias is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dscores = torch.ops.vitkern.attention_bwd(
+    dq, dk, dv, dbias = torch.ops.vitkern.attention_bwd(
         dout.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, attn_bias, ctx.scale, ctx.dropout_p, seed,
         bias_grad)
-    dbias = _reduce_bias_grad(dscores, attn_bias) if bias_grad else None
+    dbias = _reduce_bias_grad(dbias, attn_bias) if bias_grad else None
     return dq, dk, dv, dbias, None, None, None
 
 
@@ -453,22 +523,22 @@ def _attention_packed_bwd(
     dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, attn_bias: Optional[Tensor],
     scale: float, dropout_p: float, seed: Optional[Tensor], bias_grad: bool,
 ) -> Tuple[Tensor, Tensor]:
-    """Returns (dqkv (B, N, 3·h·d) written in place by the kernels, dS or empty)."""
+    """Returns (dqkv (B, N, 3·h·d) written in place by the kernels, dbias as in attention_bwd)."""
     q, k, v = _split_heads(qkv, num_heads)
     B, H, N, D = q.shape
     dqkv = new_output(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     dq, dk, dv = _split_heads(dqkv, num_heads)
     as_heads = lambda t: t.view(B, N, H, D).transpose(1, 2)  # noqa: E731
-    dscores = _launch_bwd(as_heads(dout), q, k, v, as_heads(out), lse, attn_bias, scale, dropout_p, seed,
-                          dq, dk, dv, bias_grad)
-    return dqkv, dscores if dscores is not None else qkv.new_empty(0, dtype=torch.float32)
+    dbias = _launch_bwd(as_heads(dout), q, k, v, as_heads(out), lse, attn_bias, scale, dropout_p, seed,
+                        dq, dk, dv, bias_grad)
+    return dqkv, dbias if dbias is not None else qkv.new_empty(0, dtype=torch.float32)
 
 
 @_attention_packed_bwd.register_fake
 def _(dout, qkv, out, lse, num_heads, attn_bias, scale, dropout_p, seed, bias_grad):
     B, N, _ = qkv.shape
-    dscores_shape = (B, num_heads, N, N) if bias_grad else (0,)
-    return qkv.new_empty(qkv.shape), qkv.new_empty(dscores_shape, dtype=torch.float32)
+    dbias_shape = _dbias_shape(attn_bias, B, num_heads, N, N) if bias_grad else (0,)
+    return qkv.new_empty(qkv.shape), qkv.new_empty(dbias_shape, dtype=torch.float32)
 
 
 def _packed_setup(ctx, inputs, output):
@@ -482,10 +552,10 @@ def _packed_setup(ctx, inputs, output):
 def _packed_backward(ctx, dout, _dlse):
     qkv, out, lse, attn_bias, seed = ctx.saved_tensors
     bias_grad = attn_bias is not None and ctx.needs_input_grad[2]
-    dqkv, dscores = torch.ops.vitkern.attention_packed_bwd(
+    dqkv, dbias = torch.ops.vitkern.attention_packed_bwd(
         dout.contiguous() if dout.stride(-1) != 1 else dout, qkv, out, lse, ctx.num_heads, attn_bias,
         ctx.scale, ctx.dropout_p, seed, bias_grad)
-    dbias = _reduce_bias_grad(dscores, attn_bias) if bias_grad else None
+    dbias = _reduce_bias_grad(dbias, attn_bias) if bias_grad else None
     return dqkv, None, dbias, None, None, None
 
 
