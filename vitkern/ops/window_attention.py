@@ -1,0 +1,684 @@
+"""Fused Swin (shifted-)window attention, forward and backward, in one pass over the grid.
+
+Equals timm's ``SwinTransformerBlock._attn`` before ``proj`` (see
+:func:`vitkern.reference.window_attention_reference`): roll by -shift, pad to a
+multiple of the window, partition, per-window softmax(q·scale kᵀ + relative-position
+bias + shift mask) v, reverse, crop, roll back.
+
+None of those steps touches memory here. A program owns one (image, window, head)
+and a block of its query tokens; token t of window (wy, wx) sits at
+(wy·Mh + t // Mw, wx·Mw + t % Mw) of the shifted, padded grid, which is pixel
+((row + shift_h) mod H, (col + shift_w) mod W) of the input when inside the grid and
+a padding token otherwise. Padding tokens are zeros before the qkv Linear in timm,
+so their q, k, v are the Linear's bias (``qkv_bias``); they stay unmasked keys, as in
+timm, and their key/value gradients are returned as a gradient of ``qkv_bias``.
+The relative-position bias is gathered from the ((2Mh-1)(2Mw-1), heads) table by
+index arithmetic and the shift mask is computed from region arithmetic (timm's three
+regions per axis on the padded grid, -100 between different regions). The output of
+each token is written straight back to its input position. Saved for backward: the
+row logsumexp only (O(tokens · heads)).
+
+Backward (deterministic, no atomics): delta = rowsum(dO∘O); dK, dV (+ padding
+tokens' sums for d qkv_bias) per key block; dQ per query block; the table gradient
+by first summing dS over images and windows per (head, query, key) in split partial
+sums, then folding those (n × n) sums into the table by relative offset.
+
+Tiles: the window's n = Mh·Mw tokens are covered by power-of-two blocks chosen to waste
+the least (49 tokens: 64; 144 tokens: blocks of 16, no padding).
+At head dim 32 a 7×7 window's attention does ~24 FLOP per byte it must move, far under the
+tensor cores' ridge point, so the padded columns of 49 → 64 do not cost time; memory does.
+
+Layout of this file: Triton kernels -> launchers -> torch.library custom ops with
+fake and autograd registrations -> validation and backend predicates -> the public op.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from vitkern import _triton, backends
+from vitkern._memory import new_output
+from vitkern._triton import cdiv, next_power_of_2, tl, triton
+from vitkern.reference import window_attention_reference
+
+__all__ = ["window_attention", "window_attention_flops"]
+
+_SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)  # float64: torch only
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 128
+MAX_WINDOW_TOKENS = 1024
+_LOG2E = 1.4426950408889634
+
+IntOrPair = Union[int, Sequence[int]]
+
+
+# --------------------------------------------------------------------------- #
+# Triton kernels
+# --------------------------------------------------------------------------- #
+@triton.jit
+def _window_tokens(t, win, H, W, SH, SW, N_WIN_W, MH: tl.constexpr, MW: tl.constexpr):
+    """Token t of window ``win``: (input row, input col, inside the grid, padded row, padded col)."""
+    wy = win // N_WIN_W
+    wx = win % N_WIN_W
+    ys = wy * MH + t // MW  # position in the rolled, padded grid
+    xs = wx * MW + t % MW
+    inside = (t < MH * MW) & (ys < H) & (xs < W)
+    y = (ys + SH) % H  # rolling by -shift moved input pixel (y, x) to ((y - shift) mod H, ...)
+    x = (xs + SW) % W
+    return y, x, inside, ys, xs
+
+
+@triton.jit
+def _region(p, length, window, shift):
+    """timm's shift-mask region along one axis of the padded grid (slices [:-M], [-M:-s], [-s:])."""
+    label = tl.where(p < length - window, 0, tl.where(p < length - shift, 1, 2))
+    return tl.where(shift == 0, 2, label)  # shift 0: the last slice [-0:] covers the whole axis
+
+
+@triton.jit
+def _load_tokens(qkv_ptr, bias_ptr, row_off, inside, in_window, chan, dims,
+                 s_c, HEAD_DIM: tl.constexpr, HAS_QKV_BIAS: tl.constexpr):
+    """(tokens, head_dim) of q, k or v (channel offset ``chan``); padding tokens get the qkv bias."""
+    dim_ok = dims < HEAD_DIM
+    tile = tl.load(qkv_ptr + row_off[:, None] + (chan + dims[None, :]).to(tl.int64) * s_c,
+                   mask=inside[:, None] & dim_ok[None, :], other=0.0)
+    if HAS_QKV_BIAS:
+        pad = tl.load(bias_ptr + chan + dims, mask=dim_ok, other=0.0)
+        is_pad = in_window & (inside == 0)
+        tile = tl.where(is_pad[:, None], pad[None, :].to(tile.dtype), tile)
+    return tile
+
+
+@triton.jit
+def _window_scores(q, k, table_ptr, head, rows, cols, ys_q, xs_q, ys_k, xs_k, HP, WP, SH, SW,
+                   st_t, st_h, qk_scale, mask_value, N_TOK,
+                   MH: tl.constexpr, MW: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """(q kᵀ·scale + relative-position bias + shift mask) · log2(e), keys past the window at -inf."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    dy = rows[:, None] // MW - cols[None, :] // MW + (MH - 1)
+    dx = rows[:, None] % MW - cols[None, :] % MW + (MW - 1)
+    pair_ok = (rows < N_TOK)[:, None] & (cols < N_TOK)[None, :]
+    rel = tl.load(table_ptr + (dy * (2 * MW - 1) + dx).to(tl.int64) * st_t + head * st_h, mask=pair_ok, other=0.0)
+    extra = rel.to(tl.float32)
+    if HAS_SHIFT:
+        region_q = _region(ys_q, HP, MH, SH) * 3 + _region(xs_q, WP, MW, SW)
+        region_k = _region(ys_k, HP, MH, SH) * 3 + _region(xs_k, WP, MW, SW)
+        extra += tl.where(region_q[:, None] != region_k[None, :], mask_value, 0.0)
+    s += extra * 1.4426950408889634
+    return tl.where((cols < N_TOK)[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _win_fwd_kernel(
+    qkv_ptr, qkv_bias_ptr, table_ptr, out_ptr, lse_ptr,
+    H, W, HP, WP, SH, SW, N_WIN, N_WIN_W, HEADS, C, qk_scale, mask_value,
+    s_b, s_y, s_x, s_c, so_b, so_y, so_x, so_c, st_t, st_h,
+    MH: tl.constexpr, MW: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_QKV_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)  # (image · window) · heads + head
+    head = pid % HEADS
+    zw = pid // HEADS
+    b = zw // N_WIN
+    win = zw % N_WIN
+    N_TOK = MH * MW
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    y, x, inside_q, ys_q, xs_q = _window_tokens(rows, win, H, W, SH, SW, N_WIN_W, MH, MW)
+    q_off = b * s_b + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
+    q = _load_tokens(qkv_ptr, qkv_bias_ptr, q_off, inside_q, rows < N_TOK, head * HEAD_DIM, dims, s_c,
+                     HEAD_DIM, HAS_QKV_BIAS)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start in range(0, N_TOK, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        yk, xk, inside_k, ys_k, xs_k = _window_tokens(cols, win, H, W, SH, SW, N_WIN_W, MH, MW)
+        k_off = b * s_b + yk.to(tl.int64) * s_y + xk.to(tl.int64) * s_x
+        k = _load_tokens(qkv_ptr, qkv_bias_ptr, k_off, inside_k, cols < N_TOK, C + head * HEAD_DIM, dims, s_c,
+                         HEAD_DIM, HAS_QKV_BIAS)
+        s = _window_scores(q, k, table_ptr, head, rows, cols, ys_q, xs_q, ys_k, xs_k, HP, WP, SH, SW,
+                           st_t, st_h, qk_scale, mask_value, N_TOK, MH, MW, HAS_SHIFT)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tokens(qkv_ptr, qkv_bias_ptr, k_off, inside_k, cols < N_TOK, 2 * C + head * HEAD_DIM, dims,
+                         s_c, HEAD_DIM, HAS_QKV_BIAS)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    out_off = b * so_b + y.to(tl.int64) * so_y + x.to(tl.int64) * so_x
+    tl.store(out_ptr + out_off[:, None] + (head * HEAD_DIM + dims[None, :]).to(tl.int64) * so_c,
+             acc.to(out_ptr.dtype.element_ty), mask=inside_q[:, None] & (dims < HEAD_DIM)[None, :])
+    tl.store(lse_ptr + pid * N_TOK + rows, m_i + tl.math.log2(l_i), mask=rows < N_TOK)
+
+
+@triton.jit
+def _win_bwd_delta_kernel(
+    out_ptr, dout_ptr, delta_ptr,
+    H, W, SH, SW, N_WIN, N_WIN_W, HEADS,
+    so_b, so_y, so_x, so_c, sdo_b, sdo_y, sdo_x, sdo_c,
+    MH: tl.constexpr, MW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta = rowsum(dO ∘ O) per (window, head, token); 0 for padding tokens (cropped away)."""
+    pid = tl.program_id(0).to(tl.int64)
+    head = pid % HEADS
+    zw = pid // HEADS
+    b = zw // N_WIN
+    win = zw % N_WIN
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    y, x, inside, _, _ = _window_tokens(rows, win, H, W, SH, SW, N_WIN_W, MH, MW)
+    ok = inside[:, None] & (dims < HEAD_DIM)[None, :]
+    chan = (head * HEAD_DIM + dims[None, :]).to(tl.int64)
+    o = tl.load(out_ptr + (b * so_b + y.to(tl.int64) * so_y + x.to(tl.int64) * so_x)[:, None] + chan * so_c,
+                mask=ok, other=0.0)
+    do = tl.load(dout_ptr + (b * sdo_b + y.to(tl.int64) * sdo_y + x.to(tl.int64) * sdo_x)[:, None] + chan * sdo_c,
+                 mask=ok, other=0.0)
+    tl.store(delta_ptr + pid * (MH * MW) + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1),
+             mask=rows < MH * MW)
+
+
+@triton.jit
+def _load_dout(dout_ptr, b, y, x, inside, head, dims, sdo_b, sdo_y, sdo_x, sdo_c, HEAD_DIM: tl.constexpr):
+    """dO rows of window tokens; padding tokens were cropped, so their dO is 0."""
+    off = b * sdo_b + y.to(tl.int64) * sdo_y + x.to(tl.int64) * sdo_x
+    return tl.load(dout_ptr + off[:, None] + (head * HEAD_DIM + dims[None, :]).to(tl.int64) * sdo_c,
+                   mask=inside[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+
+
+@triton.jit
+def _win_bwd_dkdv_kernel(
+    qkv_ptr, qkv_bias_ptr, table_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, pad_grad_ptr,
+    H, W, HP, WP, SH, SW, N_WIN, N_WIN_W, HEADS, C, qk_scale, sm_scale, mask_value,
+    s_b, s_y, s_x, s_c, sdo_b, sdo_y, sdo_x, sdo_c, sd_b, sd_y, sd_x, sd_c, st_t, st_h,
+    MH: tl.constexpr, MW: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_QKV_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK, dV of one key block of one (image, window, head); padding keys' sums go to pad_grad."""
+    pid = tl.program_id(0).to(tl.int64)
+    head = pid % HEADS
+    zw = pid // HEADS
+    b = zw // N_WIN
+    win = zw % N_WIN
+    N_TOK = MH * MW
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    yk, xk, inside_k, ys_k, xs_k = _window_tokens(cols, win, H, W, SH, SW, N_WIN_W, MH, MW)
+    k_off = b * s_b + yk.to(tl.int64) * s_y + xk.to(tl.int64) * s_x
+    k = _load_tokens(qkv_ptr, qkv_bias_ptr, k_off, inside_k, cols < N_TOK, C + head * HEAD_DIM, dims, s_c,
+                     HEAD_DIM, HAS_QKV_BIAS)
+    v = _load_tokens(qkv_ptr, qkv_bias_ptr, k_off, inside_k, cols < N_TOK, 2 * C + head * HEAD_DIM, dims, s_c,
+                     HEAD_DIM, HAS_QKV_BIAS)
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for start in range(0, N_TOK, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        y, x, inside_q, ys_q, xs_q = _window_tokens(rows, win, H, W, SH, SW, N_WIN_W, MH, MW)
+        q_off = b * s_b + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
+        q = _load_tokens(qkv_ptr, qkv_bias_ptr, q_off, inside_q, rows < N_TOK, head * HEAD_DIM, dims, s_c,
+                         HEAD_DIM, HAS_QKV_BIAS)
+        do = _load_dout(dout_ptr, b, y, x, inside_q, head, dims, sdo_b, sdo_y, sdo_x, sdo_c, HEAD_DIM)
+        lse = tl.load(lse_ptr + pid * N_TOK + rows, mask=rows < N_TOK, other=0.0)
+        delta = tl.load(delta_ptr + pid * N_TOK + rows, mask=rows < N_TOK, other=0.0)
+        s = _window_scores(q, k, table_ptr, head, rows, cols, ys_q, xs_q, ys_k, xs_k, HP, WP, SH, SW,
+                           st_t, st_h, qk_scale, mask_value, N_TOK, MH, MW, HAS_SHIFT)
+        valid = (rows < N_TOK)[:, None] & (cols < N_TOK)[None, :]
+        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+
+    dk = dk * sm_scale
+    dim_ok = (dims < HEAD_DIM)[None, :]
+    d_off = b * sd_b + yk.to(tl.int64) * sd_y + xk.to(tl.int64) * sd_x
+    k_chan = (C + head * HEAD_DIM + dims[None, :]).to(tl.int64) * sd_c
+    tl.store(dqkv_ptr + d_off[:, None] + k_chan, dk.to(dqkv_ptr.dtype.element_ty), mask=inside_k[:, None] & dim_ok)
+    tl.store(dqkv_ptr + d_off[:, None] + k_chan + C * sd_c, dv.to(dqkv_ptr.dtype.element_ty),
+             mask=inside_k[:, None] & dim_ok)
+    if HAS_QKV_BIAS:  # padding keys are the qkv bias: their gradients belong to it
+        is_pad = ((cols < N_TOK) & (inside_k == 0))[:, None]
+        slot = pad_grad_ptr + (pid * tl.num_programs(1) + tl.program_id(1)) * (2 * BLOCK_D) + dims
+        tl.store(slot, tl.sum(tl.where(is_pad, dk, 0.0), 0))
+        tl.store(slot + BLOCK_D, tl.sum(tl.where(is_pad, dv, 0.0), 0))
+
+
+@triton.jit
+def _win_bwd_dq_kernel(
+    qkv_ptr, qkv_bias_ptr, table_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr,
+    H, W, HP, WP, SH, SW, N_WIN, N_WIN_W, HEADS, C, qk_scale, sm_scale, mask_value,
+    s_b, s_y, s_x, s_c, sdo_b, sdo_y, sdo_x, sdo_c, sd_b, sd_y, sd_x, sd_c, st_t, st_h,
+    MH: tl.constexpr, MW: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_QKV_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dQ of one query block of one (image, window, head), written to the token's position."""
+    pid = tl.program_id(0).to(tl.int64)
+    head = pid % HEADS
+    zw = pid // HEADS
+    b = zw // N_WIN
+    win = zw % N_WIN
+    N_TOK = MH * MW
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    y, x, inside_q, ys_q, xs_q = _window_tokens(rows, win, H, W, SH, SW, N_WIN_W, MH, MW)
+    q_off = b * s_b + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
+    q = _load_tokens(qkv_ptr, qkv_bias_ptr, q_off, inside_q, rows < N_TOK, head * HEAD_DIM, dims, s_c,
+                     HEAD_DIM, HAS_QKV_BIAS)
+    do = _load_dout(dout_ptr, b, y, x, inside_q, head, dims, sdo_b, sdo_y, sdo_x, sdo_c, HEAD_DIM)
+    lse = tl.load(lse_ptr + pid * N_TOK + rows, mask=rows < N_TOK, other=0.0)
+    delta = tl.load(delta_ptr + pid * N_TOK + rows, mask=rows < N_TOK, other=0.0)
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start in range(0, N_TOK, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        yk, xk, inside_k, ys_k, xs_k = _window_tokens(cols, win, H, W, SH, SW, N_WIN_W, MH, MW)
+        k_off = b * s_b + yk.to(tl.int64) * s_y + xk.to(tl.int64) * s_x
+        k = _load_tokens(qkv_ptr, qkv_bias_ptr, k_off, inside_k, cols < N_TOK, C + head * HEAD_DIM, dims, s_c,
+                         HEAD_DIM, HAS_QKV_BIAS)
+        v = _load_tokens(qkv_ptr, qkv_bias_ptr, k_off, inside_k, cols < N_TOK, 2 * C + head * HEAD_DIM, dims,
+                         s_c, HEAD_DIM, HAS_QKV_BIAS)
+        s = _window_scores(q, k, table_ptr, head, rows, cols, ys_q, xs_q, ys_k, xs_k, HP, WP, SH, SW,
+                           st_t, st_h, qk_scale, mask_value, N_TOK, MH, MW, HAS_SHIFT)
+        valid = (rows < N_TOK)[:, None] & (cols < N_TOK)[None, :]
+        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+
+    dq = dq * sm_scale
+    d_off = b * sd_b + y.to(tl.int64) * sd_y + x.to(tl.int64) * sd_x
+    tl.store(dqkv_ptr + d_off[:, None] + (head * HEAD_DIM + dims[None, :]).to(tl.int64) * sd_c,
+             dq.to(dqkv_ptr.dtype.element_ty), mask=inside_q[:, None] & (dims < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _win_bwd_dscore_sum_kernel(
+    qkv_ptr, qkv_bias_ptr, table_ptr, dout_ptr, lse_ptr, delta_ptr, partial_ptr,
+    H, W, HP, WP, SH, SW, N_WIN, N_WIN_W, HEADS, C, qk_scale, mask_value, Z_TOTAL, Z_PER_SPLIT,
+    s_b, s_y, s_x, s_c, sdo_b, sdo_y, sdo_x, sdo_c, st_t, st_h,
+    MH: tl.constexpr, MW: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_QKV_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """partial[split, head, i, j] = Σ dS[z, head, i, j] over the split's (image · window) range z."""
+    head = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    split = tl.program_id(2).to(tl.int64)
+    N_TOK = MH * MW
+    n_col_blocks = (N_TOK + BLOCK_N - 1) // BLOCK_N
+    rows = (tile // n_col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (tile % n_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    valid = (rows < N_TOK)[:, None] & (cols < N_TOK)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    z_lo = split * Z_PER_SPLIT
+    z_hi = tl.minimum(z_lo + Z_PER_SPLIT, Z_TOTAL)
+    for zw in range(z_lo, z_hi):
+        b = zw // N_WIN
+        win = zw % N_WIN
+        pid = zw * HEADS + head
+        y, x, inside_q, ys_q, xs_q = _window_tokens(rows, win, H, W, SH, SW, N_WIN_W, MH, MW)
+        yk, xk, inside_k, ys_k, xs_k = _window_tokens(cols, win, H, W, SH, SW, N_WIN_W, MH, MW)
+        q_off = b * s_b + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
+        k_off = b * s_b + yk.to(tl.int64) * s_y + xk.to(tl.int64) * s_x
+        q = _load_tokens(qkv_ptr, qkv_bias_ptr, q_off, inside_q, rows < N_TOK, head * HEAD_DIM, dims, s_c,
+                         HEAD_DIM, HAS_QKV_BIAS)
+        k = _load_tokens(qkv_ptr, qkv_bias_ptr, k_off, inside_k, cols < N_TOK, C + head * HEAD_DIM, dims, s_c,
+                         HEAD_DIM, HAS_QKV_BIAS)
+        v = _load_tokens(qkv_ptr, qkv_bias_ptr, k_off, inside_k, cols < N_TOK, 2 * C + head * HEAD_DIM, dims,
+                         s_c, HEAD_DIM, HAS_QKV_BIAS)
+        do = _load_dout(dout_ptr, b, y, x, inside_q, head, dims, sdo_b, sdo_y, sdo_x, sdo_c, HEAD_DIM)
+        lse = tl.load(lse_ptr + pid * N_TOK + rows, mask=rows < N_TOK, other=0.0)
+        delta = tl.load(delta_ptr + pid * N_TOK + rows, mask=rows < N_TOK, other=0.0)
+        s = _window_scores(q, k, table_ptr, head, rows, cols, ys_q, xs_q, ys_k, xs_k, HP, WP, SH, SW,
+                           st_t, st_h, qk_scale, mask_value, N_TOK, MH, MW, HAS_SHIFT)
+        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+        acc += p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    out = partial_ptr + ((split * HEADS + head) * N_TOK + rows[:, None].to(tl.int64)) * N_TOK + cols[None, :]
+    tl.store(out, acc, mask=valid)
+
+
+@triton.jit
+def _table_grad_kernel(
+    dscore_ptr, dtable_ptr, HEADS, TABLE_ROWS,
+    MH: tl.constexpr, MW: tl.constexpr, N_PAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """dtable[idx, head] = Σ dS_sum[head, i, j] over token pairs (i, j) at relative offset idx."""
+    head = tl.program_id(0).to(tl.int64)
+    idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    dy = idx // (2 * MW - 1) - (MH - 1)  # row offset of query minus key
+    dx = idx % (2 * MW - 1) - (MW - 1)
+    N_TOK = MH * MW
+    t = tl.arange(0, N_PAD)  # the query token; its key at the offset is (r - dy, c - dx)
+    rk = (t // MW)[None, :] - dy[:, None]
+    ck = (t % MW)[None, :] - dx[:, None]
+    ok = (idx < TABLE_ROWS)[:, None] & (t < N_TOK)[None, :] & (rk >= 0) & (rk < MH) & (ck >= 0) & (ck < MW)
+    vals = tl.load(dscore_ptr + (head * N_TOK + t[None, :]) * N_TOK + rk * MW + ck, mask=ok, other=0.0)
+    tl.store(dtable_ptr + idx * HEADS + head, tl.sum(vals, 1), mask=idx < TABLE_ROWS)
+
+
+# --------------------------------------------------------------------------- #
+# Launchers
+# --------------------------------------------------------------------------- #
+def _tile(n: int) -> int:
+    """The power-of-two block (16, 32 or 64) that covers n tokens with the least padding (larger on ties)."""
+    best = None
+    for block in (64, 32, 16):
+        padded = cdiv(n, block) * block
+        if best is None or padded < best[0]:
+            best = (padded, block)
+    return best[1]
+
+
+def _gpu_tiles(n_tok: int) -> Tuple[int, int]:
+    return _tile(n_tok), _tile(n_tok)
+
+
+def _tiles(n_tok: int) -> Tuple[int, int]:
+    """(query block, key block). The interpreter's cost is per tile operation: one tile per window."""
+    if _triton.INTERPRET:
+        whole = max(16, next_power_of_2(n_tok))
+        return whole, whole
+    return _gpu_tiles(n_tok)
+
+
+class _Geometry:
+    """Grid, window and shift arithmetic shared by the launchers."""
+
+    def __init__(self, qkv: Tensor, num_heads: int, window, shift):
+        self.B, self.H, self.W, c3 = qkv.shape
+        self.C = c3 // 3
+        self.heads = num_heads
+        self.head_dim = self.C // num_heads
+        self.MH, self.MW = window
+        self.SH, self.SW = shift
+        self.HP = cdiv(self.H, self.MH) * self.MH
+        self.WP = cdiv(self.W, self.MW) * self.MW
+        self.n_win_w = self.WP // self.MW
+        self.n_win = (self.HP // self.MH) * self.n_win_w
+        self.n_tok = self.MH * self.MW
+        self.programs = self.B * self.n_win * num_heads
+        self.block_m, self.block_n = _tiles(self.n_tok)
+        self.block_d = max(16, next_power_of_2(self.head_dim))
+        self.warps = 4
+
+    def grid_args(self):
+        return (self.H, self.W, self.HP, self.WP, self.SH, self.SW, self.n_win, self.n_win_w, self.heads, self.C)
+
+    def consts(self, qkv_bias):
+        return dict(MH=self.MH, MW=self.MW, HEAD_DIM=self.head_dim, HAS_QKV_BIAS=qkv_bias is not None,
+                    HAS_SHIFT=bool(self.SH or self.SW), BLOCK_D=self.block_d)
+
+
+def _launch_fwd(qkv, table, qkv_bias, g: _Geometry, scale, mask_value):
+    out = new_output((g.B, g.H, g.W, g.C), dtype=qkv.dtype, device=qkv.device)
+    lse = new_output((g.programs, g.n_tok), dtype=torch.float32, device=qkv.device)
+    _win_fwd_kernel[(g.programs, cdiv(g.n_tok, g.block_m))](
+        qkv, qkv_bias if qkv_bias is not None else qkv, table, out, lse,
+        *g.grid_args(), scale * _LOG2E, float(mask_value),
+        *qkv.stride(), *out.stride(), *table.stride(),
+        BLOCK_M=g.block_m, BLOCK_N=g.block_n, num_warps=g.warps, **g.consts(qkv_bias),
+    )
+    return out, lse
+
+
+def _dscore_splits(g: _Geometry, tiles: int, device) -> int:
+    """Split the sum over images · windows until the grid covers the GPU about twice."""
+    total = g.B * g.n_win
+    if device.type != "cuda":
+        return 1
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(total, cdiv(target, g.heads * tiles)))
+
+
+def _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g: _Geometry, scale, mask_value, need_table: bool):
+    dev = qkv.device
+    consts = g.consts(qkv_bias)
+    bias_arg = qkv_bias if qkv_bias is not None else qkv
+    delta = new_output((g.programs, g.n_tok), dtype=torch.float32, device=dev)
+    _win_bwd_delta_kernel[(g.programs, cdiv(g.n_tok, g.block_m))](
+        out, dout, delta, g.H, g.W, g.SH, g.SW, g.n_win, g.n_win_w, g.heads, *out.stride(), *dout.stride(),
+        MH=g.MH, MW=g.MW, HEAD_DIM=g.head_dim, BLOCK_M=g.block_m, BLOCK_D=g.block_d,
+    )
+    # Every token of the grid is in exactly one window, so the kernels write every element of dqkv.
+    dqkv = new_output(qkv.shape, dtype=qkv.dtype, device=dev)
+    key_blocks = cdiv(g.n_tok, g.block_n)
+    pad_grad = torch.zeros((g.programs * key_blocks, 2, g.block_d), dtype=torch.float32, device=dev) \
+        if qkv_bias is not None else qkv
+    common = (*g.grid_args(), scale * _LOG2E, scale, float(mask_value),
+              *qkv.stride(), *dout.stride(), *dqkv.stride(), *table.stride())
+    blocks = dict(BLOCK_M=g.block_m, BLOCK_N=g.block_n, num_warps=g.warps, **consts)
+    _win_bwd_dkdv_kernel[(g.programs, key_blocks)](
+        qkv, bias_arg, table, dout, lse, delta, dqkv, pad_grad, *common, **blocks)
+    _win_bwd_dq_kernel[(g.programs, cdiv(g.n_tok, g.block_m))](
+        qkv, bias_arg, table, dout, lse, delta, dqkv, *common, **blocks)
+
+    dqkv_bias = qkv.new_empty(0, dtype=torch.float32)
+    if qkv_bias is not None:  # q of padding tokens gets no gradient: their outputs are cropped
+        sums = pad_grad.view(g.B * g.n_win, g.heads, key_blocks, 2, g.block_d).sum(dim=(0, 2))
+        kv = sums[..., : g.head_dim].permute(1, 0, 2).reshape(2, g.C)  # (k | v) x (head, d)
+        dqkv_bias = torch.cat([torch.zeros(g.C, dtype=torch.float32, device=dev), kv.reshape(-1)])
+
+    dtable = qkv.new_empty(0, dtype=torch.float32)
+    if need_table:
+        tiles = cdiv(g.n_tok, g.block_m) * key_blocks
+        splits = _dscore_splits(g, tiles, dev)
+        per_split = cdiv(g.B * g.n_win, splits)
+        splits = cdiv(g.B * g.n_win, per_split)
+        partial = new_output((splits, g.heads, g.n_tok, g.n_tok), dtype=torch.float32, device=dev)
+        _win_bwd_dscore_sum_kernel[(g.heads, tiles, splits)](
+            qkv, bias_arg, table, dout, lse, delta, partial,
+            *g.grid_args(), scale * _LOG2E, float(mask_value), g.B * g.n_win, per_split,
+            *qkv.stride(), *dout.stride(), *table.stride(), **blocks,
+        )
+        dscore_sum = partial.sum(0) if splits > 1 else partial[0]  # fixed order: deterministic
+        rows = table.shape[0]
+        dtable = new_output((rows, g.heads), dtype=torch.float32, device=dev)
+        _table_grad_kernel[(g.heads, cdiv(rows, 32))](
+            dscore_sum, dtable, g.heads, rows, MH=g.MH, MW=g.MW, N_PAD=next_power_of_2(g.n_tok), BLOCK=32)
+    return dqkv, dqkv_bias, dtable
+
+
+# --------------------------------------------------------------------------- #
+# torch.library custom ops
+# --------------------------------------------------------------------------- #
+@torch.library.custom_op("vitkern::window_attention_fwd", mutates_args=())
+def _window_attention_fwd(
+    qkv: Tensor, table: Tensor, qkv_bias: Optional[Tensor], num_heads: int, window: Sequence[int],
+    shift: Sequence[int], scale: float, mask_value: float,
+) -> Tuple[Tensor, Tensor]:
+    g = _Geometry(qkv, num_heads, tuple(window), tuple(shift))
+    return _launch_fwd(qkv, table, qkv_bias, g, scale, mask_value)
+
+
+@_window_attention_fwd.register_fake
+def _(qkv, table, qkv_bias, num_heads, window, shift, scale, mask_value):
+    g = _Geometry(qkv, num_heads, tuple(window), tuple(shift))
+    return qkv.new_empty((g.B, g.H, g.W, g.C)), qkv.new_empty((g.programs, g.n_tok), dtype=torch.float32)
+
+
+@torch.library.custom_op("vitkern::window_attention_bwd", mutates_args=())
+def _window_attention_bwd(
+    dout: Tensor, qkv: Tensor, table: Tensor, qkv_bias: Optional[Tensor], out: Tensor, lse: Tensor,
+    num_heads: int, window: Sequence[int], shift: Sequence[int], scale: float, mask_value: float,
+    need_table: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (dqkv, d qkv_bias in fp32 or empty, d table in fp32 or empty)."""
+    g = _Geometry(qkv, num_heads, tuple(window), tuple(shift))
+    return _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g, scale, mask_value, need_table)
+
+
+@_window_attention_bwd.register_fake
+def _(dout, qkv, table, qkv_bias, out, lse, num_heads, window, shift, scale, mask_value, need_table):
+    f32 = dict(dtype=torch.float32)
+    return (qkv.new_empty(qkv.shape), qkv.new_empty(qkv_bias.shape if qkv_bias is not None else 0, **f32),
+            qkv.new_empty(table.shape if need_table else 0, **f32))
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, table, qkv_bias, num_heads, window, shift, scale, mask_value = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, table, qkv_bias, out, lse)
+    ctx.args = (num_heads, tuple(window), tuple(shift), scale, mask_value)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    qkv, table, qkv_bias, out, lse = ctx.saved_tensors
+    need_qkv, need_table, need_bias = ctx.needs_input_grad[:3]
+    dqkv, dqkv_bias, dtable = torch.ops.vitkern.window_attention_bwd(
+        dout, qkv, table, qkv_bias, out, lse, *ctx.args, need_table)
+    return (dqkv if need_qkv else None, dtable.to(table.dtype) if need_table else None,
+            dqkv_bias.to(qkv_bias.dtype) if need_bias else None, None, None, None, None, None)
+
+
+_window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def window_attention_flops(batch: int, grid: Tuple[int, int], dim: int, num_heads: int, window, backward=False) -> int:
+    """Matmul FLOPs over all windows of the padded grid: 4·windows·n²·C forward, 10·... backward."""
+    mh, mw = window
+    n_win = cdiv(grid[0], mh) * cdiv(grid[1], mw)
+    per = batch * n_win * (mh * mw) ** 2 * dim
+    return 10 * per if backward else 4 * per
+
+
+try:
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.vitkern.window_attention_fwd)
+    def _fwd_flops(qkv_shape, table_shape, bias_shape, num_heads, window, *args, **kwargs):
+        B, H, W, C3 = qkv_shape
+        return window_attention_flops(B, (H, W), C3 // 3, num_heads, window)
+
+    @register_flop_formula(torch.ops.vitkern.window_attention_bwd)
+    def _bwd_flops(dout_shape, qkv_shape, table_shape, bias_shape, saved_out_shape, lse_shape, num_heads, window,
+                   *args, **kwargs):
+        B, H, W, C3 = qkv_shape
+        return window_attention_flops(B, (H, W), C3 // 3, num_heads, window, backward=True)
+except ImportError:  # pragma: no cover
+    pass
+
+
+# --------------------------------------------------------------------------- #
+# Validation, backend predicates, public op
+# --------------------------------------------------------------------------- #
+def _pair(value, name: str) -> Tuple[int, int]:
+    if isinstance(value, bool) or not (isinstance(value, int) or (
+            isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value))):
+        raise ValueError(f"window_attention: {name} must be an int or an (h, w) pair of ints, got {value!r}")
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _validate(qkv, table, qkv_bias, num_heads, window, shift) -> None:
+    if not isinstance(qkv, Tensor) or qkv.dim() != 4:
+        got = tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__
+        raise ValueError(f"window_attention: qkv must be a 4-D tensor (B, H, W, 3C), got {got}")
+    if qkv.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"window_attention: qkv.dtype must be one of float64/float32/float16/bfloat16, got {qkv.dtype}")
+    B, H, W, C3 = qkv.shape
+    if min(B, H, W) == 0:
+        raise ValueError(f"window_attention: qkv has an empty dimension: shape {tuple(qkv.shape)}")
+    if C3 % 3:
+        raise ValueError(f"window_attention: qkv's last dimension must be 3C, got {C3}")
+    C = C3 // 3
+    if not isinstance(num_heads, int) or num_heads <= 0 or C % num_heads:
+        raise ValueError(f"window_attention: num_heads must be a positive divisor of C={C}, got {num_heads!r}")
+    (mh, mw), (sh, sw) = window, shift
+    if mh <= 0 or mw <= 0:
+        raise ValueError(f"window_attention: window_size must be positive, got {window}")
+    if not (0 <= sh < mh and 0 <= sw < mw):
+        raise ValueError(f"window_attention: shift_size must satisfy 0 <= shift < window_size {window}, got {shift}")
+    rows = (2 * mh - 1) * (2 * mw - 1)
+    if not isinstance(table, Tensor) or tuple(table.shape) != (rows, num_heads):
+        got = tuple(table.shape) if isinstance(table, Tensor) else type(table).__name__
+        raise ValueError(f"window_attention: rel_pos_bias_table must have shape ((2*{mh}-1)*(2*{mw}-1), num_heads) = "
+                         f"{(rows, num_heads)}, got {got}")
+    for name, t in (("rel_pos_bias_table", table), ("qkv_bias", qkv_bias)):
+        if t is None:
+            continue
+        if t.device != qkv.device:
+            raise ValueError(f"window_attention: {name} is on {t.device} but qkv is on {qkv.device}")
+        if not t.is_floating_point():
+            raise TypeError(f"window_attention: {name} must be floating point, got {t.dtype}")
+    if qkv_bias is not None and tuple(qkv_bias.shape) != (C3,):
+        raise ValueError(f"window_attention: qkv_bias must have shape ({C3},), got {tuple(qkv_bias.shape)}")
+
+
+def _why_not_triton(qkv, table, qkv_bias, num_heads, window, shift) -> Optional[str]:
+    if qkv.dtype not in _KERNEL_DTYPES:
+        return f"the Triton kernels take float32, float16 or bfloat16, got {qkv.dtype} (use backend='torch')"
+    head_dim = qkv.shape[-1] // 3 // num_heads
+    if head_dim > MAX_HEAD_DIM:
+        return f"head_dim {head_dim} is larger than the Triton kernels support ({MAX_HEAD_DIM})"
+    if window[0] * window[1] > MAX_WINDOW_TOKENS:
+        return f"windows of {window[0] * window[1]} tokens exceed the Triton kernels' {MAX_WINDOW_TOKENS}"
+    return backends.triton_reason([qkv, table, qkv_bias], qkv.dtype)
+
+
+def _why_not_cuda(qkv, table, qkv_bias, num_heads, window, shift) -> Optional[str]:
+    return backends.cuda_extension_reason("window_attention", [qkv, table, qkv_bias])
+
+
+_BACKENDS = backends.register(
+    "window_attention",
+    {"cuda": _why_not_cuda, "triton": _why_not_triton, "torch": lambda *a, **kw: None},
+    gpu_auto_order=("triton", "torch"),
+)
+
+
+def window_attention(
+    qkv: Tensor,
+    rel_pos_bias_table: Tensor,
+    *,
+    num_heads: int,
+    window_size: IntOrPair,
+    shift_size: IntOrPair = 0,
+    scale: Optional[float] = None,
+    qkv_bias: Optional[Tensor] = None,
+    mask_value: float = -100.0,
+    backend: str = "auto",
+) -> Tensor:
+    """Swin (shifted-)window attention from the qkv Linear's output, before ``proj``.
+
+    Args:
+        qkv: (B, H, W, 3C), the qkv Linear applied to the (B, H, W, C) token grid, any strides.
+        rel_pos_bias_table: ((2Mh-1)(2Mw-1), num_heads), timm's ``relative_position_bias_table``.
+        num_heads: heads; C must be divisible by it.
+        window_size, shift_size: int or (h, w), the *effective* sizes for this grid (timm's
+            small-grid rule: :func:`vitkern.reference.swin_effective_window`); 0 <= shift < window.
+        scale: multiplies q before q·kᵀ; default head_dim ** -0.5.
+        qkv_bias: the qkv Linear's bias (3C,): what timm's zero-padded tokens become. Gets a gradient
+            from the padding tokens (on top of the Linear's own). None means zeros.
+        mask_value: the additive shift-mask value between regions (timm: -100).
+        backend: "auto" | "cuda" | "triton" | "torch".
+
+    Returns:
+        (B, H, W, C), each token's attention output at its own position.
+    """
+    window = _pair(window_size, "window_size")
+    shift = _pair(shift_size, "shift_size")
+    if isinstance(qkv, Tensor) and torch.is_autocast_enabled(qkv.device.type):
+        dtype = torch.get_autocast_dtype(qkv.device.type)  # as timm's Linear output would be
+        qkv = qkv.to(dtype)
+    _validate(qkv, rel_pos_bias_table, qkv_bias, num_heads, window, shift)
+    head_dim = qkv.shape[-1] // 3 // num_heads
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    chosen = _BACKENDS.select(backend, [qkv, rel_pos_bias_table, qkv_bias],
+                              qkv, rel_pos_bias_table, qkv_bias, num_heads, window, shift)
+    if chosen == "torch":
+        return window_attention_reference(qkv, rel_pos_bias_table, num_heads=num_heads, window_size=window,
+                                          shift_size=shift, scale=scale, qkv_bias=qkv_bias, mask_value=mask_value)
+    out, _ = torch.ops.vitkern.window_attention_fwd(qkv, rel_pos_bias_table, qkv_bias, num_heads, list(window),
+                                                    list(shift), scale, float(mask_value))
+    return out
