@@ -32,3 +32,11 @@ def new_output(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tens
     if poisoning() and dtype.is_floating_point:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def new_output_like(t: torch.Tensor) -> torch.Tensor:
+    """Like ``torch.empty_like`` (same strides for dense tensors), NaN-filled when poisoning."""
+    out = torch.empty_like(t)
+    if poisoning() and t.dtype.is_floating_point:
+        out.fill_(float("nan"))
+    return out

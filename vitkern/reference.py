@@ -14,6 +14,7 @@ import torch.nn.functional as F
 __all__ = [
     "patch_embed_reference",
     "attention_reference",
+    "check_sr_attention_args",
     "swin_effective_window",
     "relative_position_index",
     "window_attention_reference",
@@ -254,39 +255,9 @@ def window_attention_reference(
 # --------------------------------------------------------------------------- #
 # Spatial-reduction attention (PVT v2)
 # --------------------------------------------------------------------------- #
-def sr_attention_reference(
-    x: torch.Tensor,
-    feat_size: Sequence[int],
-    *,
-    num_heads: int,
-    q_weight: torch.Tensor,
-    q_bias: Optional[torch.Tensor],
-    kv_weight: torch.Tensor,
-    kv_bias: Optional[torch.Tensor],
-    proj_weight: torch.Tensor,
-    proj_bias: Optional[torch.Tensor],
-    sr_weight: Optional[torch.Tensor] = None,
-    sr_bias: Optional[torch.Tensor] = None,
-    norm_weight: Optional[torch.Tensor] = None,
-    norm_bias: Optional[torch.Tensor] = None,
-    sr_ratio: int = 1,
-    linear_attn: bool = False,
-    norm_eps: float = 1e-5,
-    scale: Optional[float] = None,
-) -> torch.Tensor:
-    """PVT v2 spatial-reduction attention, including the output projection.
-
-    Equals timm ``pvt_v2.Attention.forward(x, feat_size)`` with the same weights
-    (q: (C, C), kv: (2C, C), proj: (C, C), sr: Conv2d weight, norm: LayerNorm).
-
-    x (B, N, C) with N = H*W tokens of the (H, W) = feat_size grid, row-major.
-    Keys/values come from:
-      * sr_ratio == 1 (and not linear_attn): x itself;
-      * sr_ratio > 1: Conv2d(kernel = stride = sr_ratio, no padding; trailing rows and
-        columns that do not fill a kernel are dropped) -> LayerNorm(norm_eps);
-      * linear_attn: adaptive average pool to 7x7 -> 1x1 Conv2d -> LayerNorm -> GELU.
-    kv Linear gives [k | v]; softmax(q k^T * scale) v per head; proj. Returns (B, N, C).
-    """
+def check_sr_attention_args(x, feat_size, *, num_heads, q_weight, kv_weight, proj_weight, sr_weight, norm_weight,
+                            sr_ratio, linear_attn) -> Tuple[int, int, int, int, int]:
+    """Shape checks of :func:`sr_attention_reference` (shared with the fused op); returns (B, N, C, H, W)."""
     if x.dim() != 3:
         raise ValueError(f"x: expected rank 3 (B, N, C), got rank {x.dim()} with shape {tuple(x.shape)}")
     B, N, C = x.shape
@@ -314,6 +285,47 @@ def sr_attention_reference(
             raise ValueError(f"norm_weight: expected shape ({C},) when keys are reduced, got None")
         if not linear_attn and (H < sr_ratio or W < sr_ratio):
             raise ValueError(f"feat_size: expected H, W >= sr_ratio = {sr_ratio}, got {(H, W)}")
+    return B, N, C, H, W
+
+
+def sr_attention_reference(
+    x: torch.Tensor,
+    feat_size: Sequence[int],
+    *,
+    num_heads: int,
+    q_weight: torch.Tensor,
+    q_bias: Optional[torch.Tensor],
+    kv_weight: torch.Tensor,
+    kv_bias: Optional[torch.Tensor],
+    proj_weight: torch.Tensor,
+    proj_bias: Optional[torch.Tensor],
+    sr_weight: Optional[torch.Tensor] = None,
+    sr_bias: Optional[torch.Tensor] = None,
+    norm_weight: Optional[torch.Tensor] = None,
+    norm_bias: Optional[torch.Tensor] = None,
+    sr_ratio: int = 1,
+    linear_attn: bool = False,
+    norm_eps: float = 1e-5,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """PVT v2 spatial-reduction attention, including the output projection.
+
+    Equals timm ``pvt_v2.Attention.forward(x, feat_size)`` with the same weights
+    (q: (C, C), kv: (2C, C), proj: (C, C), sr: Conv2d weight, norm: LayerNorm).
+
+    x (B, N, C) with N = H*W tokens of the (H, W) = feat_size grid, row-major.
+    Keys/values come from:
+      * sr_ratio == 1 (and not linear_attn): x itself;
+      * sr_ratio > 1: Conv2d(kernel = stride = sr_ratio, no padding; trailing rows and
+        columns that do not fill a kernel are dropped) -> LayerNorm(norm_eps);
+      * linear_attn: adaptive average pool to 7x7 -> 1x1 Conv2d -> LayerNorm -> GELU.
+    kv Linear gives [k | v]; softmax(q k^T * scale) v per head; proj. Returns (B, N, C).
+    """
+    B, N, C, H, W = check_sr_attention_args(x, feat_size, num_heads=num_heads, q_weight=q_weight,
+                                            kv_weight=kv_weight, proj_weight=proj_weight, sr_weight=sr_weight,
+                                            norm_weight=norm_weight, sr_ratio=sr_ratio, linear_attn=linear_attn)
+    reduce = linear_attn or sr_ratio > 1
     head_dim = C // num_heads
 
     q = F.linear(x, q_weight, q_bias).reshape(B, N, num_heads, head_dim).transpose(1, 2)
@@ -331,6 +343,6 @@ def sr_attention_reference(
         src = x
     kv = F.linear(src, kv_weight, kv_bias)  # (B, Nk, 2C)
     kv = kv.reshape(B, -1, 2, num_heads, head_dim).permute(2, 0, 3, 1, 4)
-    out = attention_reference(q, kv[0], kv[1], scale=scale)  # (B, heads, N, d)
+    out = attention_reference(q, kv[0], kv[1], scale=scale, dropout_p=dropout_p)  # (B, heads, N, d)
     out = out.transpose(1, 2).reshape(B, N, C)
     return F.linear(out, proj_weight, proj_bias)

@@ -12,7 +12,8 @@ Backward (deterministic: every output element is reduced by one program in a
 fixed order, no atomics):
   1. delta = rowsum(dO ∘ O)                        (one small kernel)
   2. dK, dV: one program per key block, looping over query blocks
-  3. dQ: one program per query block, looping over key blocks
+  3. dQ: one program per query block, looping over key blocks (with a correction
+     that makes it exact softmax calculus: see _attn_bwd_dq_kernel)
   4. only when the bias needs a gradient: d(bias) per (query block, key block) tile,
      dS recomputed and summed over the batches and heads the bias is broadcast over
      (no (B, h, Nq, Nk) buffer; a bias broadcast along queries or keys is summed
@@ -234,7 +235,12 @@ def _attn_bwd_dq_kernel(
     lse = tl.load(lse_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
 
+    # delta = rowsum(dO∘O) carries O's rounding; exact softmax calculus has rowsum(dS) = 0, so the
+    # measured rowsum(dS) is that error, and dq -= rowsum(dS)·(P K) removes it. Without this,
+    # near-uniform attention (similar keys) amplifies it into dq by |mean key| / |dq|.
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    pk = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    ds_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for start in range(0, NK, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, cols, dims, sk_n, sk_d, NK, HEAD_DIM)
@@ -247,8 +253,11 @@ def _attn_bwd_dq_kernel(
             dp = dp * _keep_scale(seed, bh, rows, cols, NQ, NK, dropout_p, inv_keep)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
+        pk += tl.dot(p.to(k.dtype), k)
+        ds_sum += tl.sum(ds, 1)
 
-    _store_rows(dq_ptr + b * sdq_b + h * sdq_h, dq * sm_scale, rows, dims, sdq_n, sdq_d, NQ, HEAD_DIM)
+    dq = (dq - ds_sum[:, None] * pk) * sm_scale
+    _store_rows(dq_ptr + b * sdq_b + h * sdq_h, dq, rows, dims, sdq_n, sdq_d, NQ, HEAD_DIM)
 
 
 @triton.jit

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from vitkern import _triton, backends
-from vitkern._memory import new_output
+from vitkern._memory import new_output, new_output_like
 from vitkern._triton import cdiv, next_power_of_2, tl, triton
 from vitkern.reference import patch_embed_reference
 
@@ -45,12 +45,13 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @triton.jit
 def _patch_embed_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, cls_ptr, pos_ptr, out_ptr,
+    ln_w_ptr, ln_b_ptr, pre_ptr, mean_ptr, rstd_ptr, eps,
     M, D, K, TOKENS, PREFIX, GRID_W,
     sx_b, sx_c, sx_h, sx_w,
     sw_d, sw_c, sw_h, sw_w,
     spos_t, spos_d,
     PH: tl.constexpr, PW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr, HAS_POS: tl.constexpr, HAS_NORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -97,6 +98,16 @@ def _patch_embed_fwd_kernel(
                       mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         acc += pos.to(tl.float32)
     out_off = rows[:, None] * D + cols[None, :]
+    if HAS_NORM:  # LayerNorm over D: the launcher gives each program whole rows (BLOCK_N >= D)
+        tl.store(pre_ptr + out_off, acc, mask=row_ok[:, None] & col_ok[None, :])  # fp32, for the backward
+        mean = tl.sum(tl.where(col_ok[None, :], acc, 0.0), 1) / D
+        centred = tl.where(col_ok[None, :], acc - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / D + eps)
+        ln_w = tl.load(ln_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        ln_b = tl.load(ln_b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        acc = centred * rstd[:, None] * ln_w[None, :] + ln_b[None, :]
+        tl.store(mean_ptr + rows, mean, mask=row_ok)
+        tl.store(rstd_ptr + rows, rstd, mask=row_ok)
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -220,7 +231,8 @@ def _gemm_config(dtype: torch.dtype, m: int, n: int, k: int) -> dict:
                 num_warps=8, num_stages=3)
 
 
-def _launch_forward(x, weight, bias, cls_token, pos_embed) -> Tensor:
+def _launch_forward(x, weight, bias, cls_token, pos_embed, norm=None):
+    """Returns out; with ``norm = (ln_weight, ln_bias, eps)`` returns (out, pre-norm fp32, mean, rstd)."""
     B, C, H, W = x.shape
     D, _, PH, PW = weight.shape
     grid_h, grid_w = H // PH, W // PW
@@ -230,22 +242,33 @@ def _launch_forward(x, weight, bias, cls_token, pos_embed) -> Tensor:
     out = new_output((B, tokens, D), dtype=x.dtype, device=x.device)
     pos2d = pos_embed.reshape(tokens, D) if pos_embed is not None else None
     cfg = _gemm_config(x.dtype, M, D, K)
-    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(D, cfg["BLOCK_N"]))
     dummy = weight  # placeholder pointer for absent optional inputs (never read)
+    norm_args = (dummy, dummy, dummy, dummy, dummy, 0.0)
+    if norm is not None:
+        ln_weight, ln_bias, eps = norm
+        pre = new_output((B, tokens, D), dtype=torch.float32, device=x.device)
+        mean = new_output((B, tokens), dtype=torch.float32, device=x.device)
+        rstd = new_output((B, tokens), dtype=torch.float32, device=x.device)
+        norm_args = (ln_weight, ln_bias, pre, mean, rstd, float(eps))
+        # Whole rows per program for the row statistics; fewer rows when rows are long.
+        cfg["BLOCK_N"] = max(16, next_power_of_2(D))
+        cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 32 if cfg["BLOCK_N"] > 256 else 64)
+    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(D, cfg["BLOCK_N"]))
     _patch_embed_fwd_kernel[grid](
         x, weight,
         bias if bias is not None else dummy,
         cls_token.reshape(D) if cls_token is not None else dummy,
         pos2d if pos2d is not None else dummy,
-        out,
+        out, *norm_args,
         M, D, K, tokens, prefix, grid_w,
         *x.stride(), *weight.stride(),
         *(pos2d.stride() if pos2d is not None else (0, 0)),
         PH=PH, PW=PW,
         HAS_BIAS=bias is not None, HAS_CLS=cls_token is not None, HAS_POS=pos_embed is not None,
+        HAS_NORM=norm is not None,
         **cfg,
     )
-    return out
+    return out if norm is None else (out, pre, mean, rstd)
 
 
 def _dw_splits(d_tiles: int, k_tiles: int, row_tiles: int, device: torch.device) -> int:
@@ -268,9 +291,10 @@ def _launch_backward(grad_out, x, weight, has_cls, need_dx, need_dweight, need_t
     dx = x.new_empty(0)  # unrequested results are distinct empty tensors (outputs must not alias)
     if need_dx:
         # Pixels beyond the last full patch (possible only for a cropped view) get no gradient.
+        # dx in x's memory format (e.g. the channels-last strides of a token grid viewed as an image),
+        # so autograd maps it back through the view without a copy.
         covered = (grid_h * PH == H) and (grid_w * PW == W)
-        dx = new_output((B, C, H, W), dtype=x.dtype, device=x.device) if covered else \
-            torch.zeros((B, C, H, W), dtype=x.dtype, device=x.device)
+        dx = new_output_like(x) if covered else torch.zeros_like(x)
         cfg = _gemm_config(x.dtype, MP, K, D)
         grid = (cdiv(MP, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_N"]))
         _patch_embed_dx_kernel[grid](
@@ -339,7 +363,7 @@ def _patch_embed_bwd(
 def _(grad_out, x, weight, has_cls, need_dx, need_dweight, need_token_sums):
     tokens = grad_out.shape[1]
     return (
-        x.new_empty(x.shape if need_dx else 0),
+        torch.empty_like(x) if need_dx else x.new_empty(0),
         weight.new_empty(weight.shape if need_dweight else 0),
         x.new_empty((tokens, weight.shape[0]) if need_token_sums else 0, dtype=torch.float32),
     )

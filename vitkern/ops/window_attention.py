@@ -278,7 +278,10 @@ def _win_bwd_dq_kernel(
     lse = tl.load(lse_ptr + pid * N_TOK + rows, mask=rows < N_TOK, other=0.0)
     delta = tl.load(delta_ptr + pid * N_TOK + rows, mask=rows < N_TOK, other=0.0)
 
+    # As in attention's dQ kernel: subtract rowsum(dS)·(P K), the error delta's rounding puts into dq.
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    pk = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    ds_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for start in range(0, N_TOK, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         yk, xk, inside_k, ys_k, xs_k = _window_tokens(cols, win, H, W, SH, SW, N_WIN_W, MH, MW)
@@ -294,8 +297,10 @@ def _win_bwd_dq_kernel(
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
+        pk += tl.dot(p.to(k.dtype), k)
+        ds_sum += tl.sum(ds, 1)
 
-    dq = dq * sm_scale
+    dq = (dq - ds_sum[:, None] * pk) * sm_scale
     d_off = b * sd_b + y.to(tl.int64) * sd_y + x.to(tl.int64) * sd_x
     tl.store(dqkv_ptr + d_off[:, None] + (head * HEAD_DIM + dims[None, :]).to(tl.int64) * sd_c,
              dq.to(dqkv_ptr.dtype.element_ty), mask=inside_q[:, None] & (dims < HEAD_DIM)[None, :])
