@@ -123,6 +123,22 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     return f"{type(exc).__name__}: {text}"[:limit]
 
 
+def time_left_s() -> Optional[float]:
+    """Seconds left before ``$VK_BENCH_DEADLINE`` (a Unix time), or None when it is not set.
+
+    ``scripts/gpu_check.sh`` sets it for each family's capped pytest run (the moment its
+    SIGINT will come), so a bench file can record expensive rows it cannot finish (e.g.
+    compiles) as skipped with that reason instead of being cut off silently.
+    """
+    raw = os.environ.get("VK_BENCH_DEADLINE")
+    if not raw:
+        return None
+    try:
+        return float(raw) - time.time()
+    except ValueError:
+        return None
+
+
 def raise_recompile_limit(limit: int = 64) -> None:
     """Let one ``torch.compile``'d peer be reused across a family's shapes and modes.
 
@@ -459,6 +475,10 @@ def roofline_fraction(flops: float, min_bytes: float, seconds: float,
 # Results collector
 # --------------------------------------------------------------------------- #
 ROLES = ("naive", "peer", "vitkern")
+#: Families whose summary also compares peak memory with the naive row's ("peak vs naive" = this
+#: row's peak / the naive row's peak of the same case and mode; < 1 = less memory). The Swin
+#: issue's target is vitkern's peak memory against timm's naive path.
+PEAK_RATIO_FAMILIES = ("swin",)
 
 
 def _base_row(family, case, impl, role, dtype, mode, shape) -> Dict[str, Any]:
@@ -708,6 +728,14 @@ def analyse(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return out
 
 
+def _peak_ratio(row: Optional[Dict[str, Any]], group) -> Optional[float]:
+    """This row's peak memory / the naive row's (same case and mode); None if either is unknown."""
+    naive = group["naive"]
+    if not row or not naive or not row.get("peak_mem_bytes") or not naive.get("peak_mem_bytes"):
+        return None
+    return row["peak_mem_bytes"] / naive["peak_mem_bytes"]
+
+
 def _speedups(row, group):
     naive, peer = group["naive"], group["best_peer"]
     t = row.get("median_ms")
@@ -772,10 +800,15 @@ def render_summary(docs: List[Dict[str, Any]], env: Dict[str, Any]) -> str:
         if not same_run(fam_env, env):
             lines += ["Measured in an earlier run:"] + _env_lines(fam_env) + [""]
         groups = analyse(doc.get("rows", []))
+        peak_ratio = family in PEAK_RATIO_FAMILIES
+        if peak_ratio:
+            lines += ["*peak vs naive* = peak memory of that row ÷ the naive row's (same case and mode; "
+                      "< 1 = less memory).", ""]
         # Overview: one line per (case, mode).
         lines += [
-            "| case | mode | naive ms | best peer | peer ms | vitkern | vitkern ms | vs naive | vs best peer | roofline |",
-            "|---|---|---:|---|---:|---|---:|---:|---:|---:|",
+            "| case | mode | naive ms | best peer | peer ms | vitkern | vitkern ms | vs naive | vs best peer | roofline |"
+            + (" naive peak MiB | vitkern peak MiB | peak vs naive |" if peak_ratio else ""),
+            "|---|---|---:|---|---:|---|---:|---:|---:|---:|" + ("---:|---:|---:|" if peak_ratio else ""),
         ]
         for g in groups:
             ours, peer, naive = g["best_ours"], g["best_peer"], g["naive"]
@@ -789,7 +822,10 @@ def render_summary(docs: List[Dict[str, Any]], env: Dict[str, Any]) -> str:
                 f"| {g['case']} | {g['mode']} | {_fmt_ms(naive['median_ms']) if naive else '–'} | "
                 f"{peer['impl'] if peer else '–'} | {_fmt_ms(peer['median_ms']) if peer else '–'} | "
                 f"{ours_name} | {_fmt_ms(ours['median_ms']) if ours else '–'} | {_fmt_x(vs_naive)} | "
-                f"{_fmt_x(vs_peer)} | {_fmt_pct(ours.get('roofline_fraction')) if ours else '–'} |")
+                f"{_fmt_x(vs_peer)} | {_fmt_pct(ours.get('roofline_fraction')) if ours else '–'} |"
+                + (f" {_fmt_mib(naive.get('peak_mem_bytes')) if naive else '–'} | "
+                   f"{_fmt_mib(ours.get('peak_mem_bytes')) if ours else '–'} | {_fmt_x(_peak_ratio(ours, g))} |"
+                   if peak_ratio else ""))
         lines.append("")
         not_timed: Dict[str, List[str]] = {}
         for row in doc.get("rows", []):
@@ -809,12 +845,14 @@ def render_summary(docs: List[Dict[str, Any]], env: Dict[str, Any]) -> str:
             first = case_groups[0]
             lines += [f"### {family} · {case}", "",
                       f"{_shape_str(first['shape'])} · {first['dtype']}", "",
-                      "| mode | impl | ms | vs naive | vs best peer | roofline | TFLOP/s | GB/s (min bytes) | peak MiB | max rel err |",
-                      "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+                      "| mode | impl | ms | vs naive | vs best peer | roofline | TFLOP/s | GB/s (min bytes) | peak MiB | "
+                      + ("peak vs naive | " if peak_ratio else "") + "max rel err |",
+                      "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if peak_ratio else "") + "---|"]
             for g in case_groups:
                 for row in g["rows"]:
                     if row.get("status") != "ok":
-                        lines.append(f"| {g['mode']} | {row['impl']} | {row.get('status')} | | | | | | | |")
+                        lines.append(f"| {g['mode']} | {row['impl']} | {row.get('status')} | | | | | | | |"
+                                     + (" |" if peak_ratio else ""))
                         continue
                     vs_naive, vs_peer = _speedups(row, g)
                     errs = row.get("errors") or {}
@@ -825,6 +863,8 @@ def render_summary(docs: List[Dict[str, Any]], env: Dict[str, Any]) -> str:
                         f"| {g['mode']} | {row['impl']} | {_fmt_ms(row['median_ms'])} | {_fmt_x(vs_naive)} | "
                         f"{_fmt_x(vs_peer)} | {_fmt_pct(row.get('roofline_fraction'))} | "
                         f"{'–' if tf is None else f'{tf:.1f}'} | {'–' if gb is None else f'{gb:.0f}'} | "
-                        f"{_fmt_mib(row.get('peak_mem_bytes'))} | {'–' if err is None else f'{err:.2e}'} |")
+                        f"{_fmt_mib(row.get('peak_mem_bytes'))} | "
+                        + (f"{_fmt_x(_peak_ratio(row, g))} | " if peak_ratio else "")
+                        + f"{'–' if err is None else f'{err:.2e}'} |")
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
