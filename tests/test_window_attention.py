@@ -34,6 +34,8 @@ CASES = [
     pytest.param(2, 5, 13, 32, 2, (5, 7), (0, 3), True, id="small-grid-5x13"),
     pytest.param(1, 10, 13, 32, 2, 7, 3, False, id="no-qkv-bias"),
     pytest.param(1, 9, 9, 16, 1, (3, 4), (1, 2), True, id="rect-window"),
+    pytest.param(1, 16, 20, 32, 1, 8, 4, True, id="16x20-w8-s4"),
+    pytest.param(1, 16, 20, 32, 1, 16, 8, True, id="16x20-w16-s8"),
 ]
 
 
@@ -83,8 +85,10 @@ def _check(B, H, W, C, heads, window, shift, with_bias, dtype):
     assert out.shape == (B, H, W, C) and out.dtype == dtype
     assert_close("out", out, ref_out, same_out)
     for name in grads:
-        if name == "qkv_bias" and ref_grads[name].abs().max() == 0:
-            assert grads[name].abs().max() == 0, "qkv_bias got a gradient on an unpadded grid"
+        if name == "qkv_bias" and ref_grads[name].abs().max() < 1e-20:
+            # No padding, or padding tokens only behind the -100 shift mask (weights ~exp(-100)):
+            # the true gradient is (numerically) zero, below fp32's normal range.
+            assert grads[name].float().abs().max() < 1e-20, "qkv_bias got a gradient it should not have"
             continue
         assert_close(f"d{name}", grads[name], ref_grads[name], same_grads.get(name), grad=True)
 
