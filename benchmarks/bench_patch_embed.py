@@ -210,25 +210,9 @@ def _vitkern_triton(x, weight, bias, cls_token, pos_embed):
 _DYNAMIC_COMPILED: Optional[Callable] = None
 
 
-def _raise_recompile_limit(limit: int = 64) -> None:
-    """One dynamic compile per (patch size, CLS, mode) is ~10 graphs: above dynamo's default limit
-    of 8, past which it silently runs eager. Raise the limit, and make a hit an error."""
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        try:
-            if getattr(cfg, name) < limit:
-                setattr(cfg, name, limit)
-        except Exception:  # noqa: BLE001 - name absent in this torch
-            pass
-    try:
-        cfg.fail_on_recompile_limit_hit = True
-    except Exception:  # noqa: BLE001
-        pass
-
-
 def _compiled_reference(compile_mode: str, state: "CaseState") -> Callable:
     global _DYNAMIC_COMPILED
-    _raise_recompile_limit()
+    harness.raise_recompile_limit()
     if compile_mode == "static":
         if state.compiled is None:
             torch._dynamo.reset()  # one specialised graph per (case, mode); never near the limit
