@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 FP32_RTOL = 1e-5
@@ -50,3 +52,19 @@ def nan_padded(t: torch.Tensor, pad: int = 2) -> torch.Tensor:
     view = big[tuple(slice(pad, pad + s) for s in t.shape)]
     view.copy_(t)
     return view
+
+
+def assert_drop_in_signature(ours, theirs, methods=("forward",)):
+    """``ours.__init__`` takes ``theirs.__init__``'s arguments in order with the same defaults, plus a
+    keyword-only ``backend="auto"``; each of ``methods`` has the same parameter names."""
+    params = inspect.signature(ours.__init__).parameters
+    ref = inspect.signature(theirs.__init__).parameters
+    expected = [n for n in ref if n != "self"]
+    assert [n for n in params if n != "self"][: len(expected)] == expected
+    for name in expected:
+        assert params[name].default == ref[name].default, name
+        assert params[name].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD, name
+    assert params["backend"].kind is inspect.Parameter.KEYWORD_ONLY and params["backend"].default == "auto"
+    for method in methods:
+        assert list(inspect.signature(getattr(ours, method)).parameters) == \
+            list(inspect.signature(getattr(theirs, method)).parameters), method

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import assert_close
+from helpers import assert_close, assert_drop_in_signature
 from vitkern import ops
 from vitkern.nn import Attention
 from vitkern.testing import poison_outputs
@@ -190,14 +190,7 @@ def test_same_attributes_and_state_dict_as_timm(kwargs):
 
 
 def test_defaults_and_signature():
-    params = inspect.signature(Attention.__init__).parameters
-    ref = inspect.signature(timm_layers.Attention.__init__).parameters
-    expected = [n for n in ref if n != "self"]
-    assert [n for n in params if n != "self"][: len(expected)] == expected
-    for name in expected:
-        assert params[name].default == ref[name].default, name
-        assert params[name].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-    assert params["backend"].kind is inspect.Parameter.KEYWORD_ONLY and params["backend"].default == "auto"
+    assert_drop_in_signature(Attention, timm_layers.Attention, methods=())
     fwd = inspect.signature(Attention.forward).parameters
     assert list(fwd) == list(inspect.signature(timm_layers.Attention.forward).parameters)
     assert fwd["attn_mask"].default is None and fwd["is_causal"].default is False

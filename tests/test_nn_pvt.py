@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import assert_close, nan_padded
+from helpers import assert_close, nan_padded, assert_drop_in_signature
 from vitkern import ops
 from vitkern.nn import SRAttention
 from vitkern.testing import poison_outputs
@@ -199,14 +199,7 @@ def test_same_attributes_and_state_dict_as_timm(kwargs):
 
 
 def test_defaults_and_signature():
-    params = inspect.signature(SRAttention.__init__).parameters
-    ref = inspect.signature(pvt_v2.Attention.__init__).parameters
-    expected = [n for n in ref if n != "self"]
-    assert [n for n in params if n != "self"][: len(expected)] == expected
-    for name in expected:
-        assert params[name].default == ref[name].default, name
-        assert params[name].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-    assert params["backend"].kind is inspect.Parameter.KEYWORD_ONLY and params["backend"].default == "auto"
+    assert_drop_in_signature(SRAttention, pvt_v2.Attention, methods=())
     assert list(inspect.signature(SRAttention.forward).parameters) == \
         list(inspect.signature(pvt_v2.Attention.forward).parameters)
     m = SRAttention(512, device="meta")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import assert_close
+from helpers import assert_close, assert_drop_in_signature
 from vitkern import ops
 from vitkern.nn import SwinTransformerBlock
 from vitkern.nn.swin import DropPath, WindowAttention
@@ -212,14 +212,7 @@ def test_get_attn_mask_equals_timm(kwargs, x_grid):
 
 
 def test_defaults_and_signature():
-    params = inspect.signature(SwinTransformerBlock.__init__).parameters
-    ref = inspect.signature(timm_swin.SwinTransformerBlock.__init__).parameters
-    expected = [n for n in ref if n != "self"]
-    assert [n for n in params if n != "self"][: len(expected)] == expected
-    for name in expected:
-        assert params[name].default == ref[name].default, name
-        assert params[name].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-    assert params["backend"].kind is inspect.Parameter.KEYWORD_ONLY and params["backend"].default == "auto"
+    assert_drop_in_signature(SwinTransformerBlock, timm_swin.SwinTransformerBlock, methods=())
     for method in ("forward", "set_input_size", "get_attn_mask"):
         assert (list(inspect.signature(getattr(SwinTransformerBlock, method)).parameters)
                 == list(inspect.signature(getattr(timm_swin.SwinTransformerBlock, method)).parameters)), method

@@ -29,7 +29,6 @@ fake and autograd registrations -> backend predicates -> the public ops.
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Tuple
 
 import torch
