@@ -477,8 +477,9 @@ def roofline_fraction(flops: float, min_bytes: float, seconds: float,
 ROLES = ("naive", "peer", "vitkern")
 #: Families whose summary also compares peak memory with the naive row's ("peak vs naive" = this
 #: row's peak / the naive row's peak of the same case and mode; < 1 = less memory). The Swin
-#: issue's target is vitkern's peak memory against timm's naive path.
-PEAK_RATIO_FAMILIES = ("swin",)
+#: issue's target is vitkern's peak memory against timm's naive path; PVT's issue asks for peak
+#: memory too (its naive path materialises the N x Nk score matrix).
+PEAK_RATIO_FAMILIES = ("swin", "pvt")
 
 
 def _base_row(family, case, impl, role, dtype, mode, shape) -> Dict[str, Any]:

@@ -12,7 +12,8 @@
 #                                  families' runs merged into one file
 #   OUTDIR/results/<family>.json   vitkern's rows per kernel family (one file per family)
 #   OUTDIR/results/summary.md      readable tables: time, speedups, roofline fraction, peak memory
-# With four kernel families that is 8 files: add no more without dropping one.
+# With the four kernel families (patch_embed, attention, swin, pvt) that is exactly 8 files
+# (3 + 4 family JSONs + summary.md): add no more without dropping one.
 #
 # Each benchmark family runs as its own pytest invocation under its own time cap, so a slow
 # family cannot eat another's time; all write into OUTDIR/results (summary.md is rebuilt from
@@ -49,10 +50,17 @@
 #       JIT ~20-40 s, start-up ~10 s = ~1.7-2 min before FlexAttention, whose 48 static compiles
 #       (~5-15 s each) run last and stop ~30 s before the cap (the rest recorded as skipped)
 #       = ~1.7 min + FlexAttention as time allows, nominal VK_BENCH_TIMEOUT_SWIN=130 s
-#   nominal sum 120 + 120 + 130 + 130 = 500 s; install + environment (~25 s), 4 x 10 s kill grace
-#   and 10 s for the final merge leave ~485 s, so each step gets ~97 % of its nominal cap plus what
-#   the steps before it left unused: typical ~8.5-9 min (most families use their whole share);
-#   worst case 560 s + however much install, environment and the final merge overrun their share.
+#     pvt (7 PVTv2-b2 shapes x 2 modes x 3 implementations = 42 timed rows, then 14 compile_timm
+#       rows): ~15 s timing, ~10 s inputs and fp32 references, Triton JIT ~20-40 s (less when the
+#       test suite warmed the cache), start-up ~10 s = ~1-1.3 min before torch.compile of timm's
+#       module (10 dynamic compiles, ~8-30 s each, stage 1 first), which runs last and stops
+#       ~30 s before the cap (the rest recorded as skipped)
+#       = ~1-1.3 min + compiles as time allows, nominal VK_BENCH_TIMEOUT_PVT=100 s
+#   nominal sum 120 + 120 + 130 + 130 + 100 = 600 s; install + environment (~25 s), 5 x 10 s kill
+#   grace and 10 s for the final merge leave ~475 s, so each step gets ~79 % of its nominal cap
+#   plus what the steps before it left unused: typical ~8.5-9 min (most families use their whole
+#   share); worst case 560 s + however much install, environment and the final merge overrun
+#   their share.
 #   A new family: give it a nominal cap in bench_cap (or just list it: 120 s); the budget
 #   rescales every step's share, so the total stays within VK_TOTAL_TIMEOUT.
 # A step that reaches its cap gets SIGINT: pytest stops after the current test and still writes
@@ -60,8 +68,8 @@
 #
 # Environment knobs: PYTHON (default python3), VK_TOTAL_TIMEOUT, VK_TESTS_TIMEOUT,
 # VK_BENCH_TIMEOUT_PATCH_EMBED, VK_BENCH_TIMEOUT_ATTENTION, VK_BENCH_TIMEOUT_SWIN,
-# VK_BENCH_TIMEOUT (default nominal cap of every family), VK_BENCH_FAMILIES (default
-# "patch_embed attention swin"), VK_BENCH_ARGS (extra pytest arguments
+# VK_BENCH_TIMEOUT_PVT, VK_BENCH_TIMEOUT (default nominal cap of every family), VK_BENCH_FAMILIES
+# (default "patch_embed attention swin pvt"), VK_BENCH_ARGS (extra pytest arguments
 # for every family, e.g. "-k bs64" or "--vk-rounds 50"; a family with nothing selected is not
 # a failure), VITKERN_COMMIT (the commit to record when the copy has no .git).
 set -u
@@ -78,7 +86,7 @@ cd "$REPO" || exit 2
 PY=${PYTHON:-python3}
 TOTAL_TIMEOUT=${VK_TOTAL_TIMEOUT:-560}
 TESTS_TIMEOUT=${VK_TESTS_TIMEOUT:-120}
-BENCH_FAMILIES=${VK_BENCH_FAMILIES:-patch_embed attention swin}
+BENCH_FAMILIES=${VK_BENCH_FAMILIES:-patch_embed attention swin pvt}
 KILL_GRACE=10  # timeout's -k: SIGKILL this long after the SIGINT
 FINAL_TAIL=10  # the pytest-benchmark JSON merge and the summary at the end
 bench_cap() {  # family -> seconds
@@ -92,6 +100,7 @@ bench_cap() {  # family -> seconds
         patch_embed) echo "${VK_BENCH_TIMEOUT:-120}" ;;
         attention) echo "${VK_BENCH_TIMEOUT:-130}" ;;
         swin) echo "${VK_BENCH_TIMEOUT:-130}" ;;
+        pvt) echo "${VK_BENCH_TIMEOUT:-100}" ;;
         *) echo "${VK_BENCH_TIMEOUT:-120}" ;;
     esac
 }
