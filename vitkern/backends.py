@@ -5,7 +5,8 @@ Every functional op takes ``backend="auto" | "cuda" | "triton" | "torch"``:
 * ``torch``  - the naive reference in :mod:`vitkern.reference`; runs anywhere.
 * ``triton`` - vitkern's Triton kernels: CUDA tensors, or CPU tensors when
   ``TRITON_INTERPRET=1`` was set before vitkern was imported (Triton's interpreter).
-* ``cuda``   - the compiled ``vitkern._C`` kernels (GPU only).
+* ``cuda``   - the compiled ``vitkern._C`` kernels (GPU only). Never chosen by ``auto``
+  until a kernel has been measured faster than Triton on a GPU.
 * ``auto``   - CPU tensors: ``torch``. CUDA tensors: the op's measured preference
   order, skipping backends that cannot run the call.
 
@@ -64,16 +65,19 @@ def triton_reason(tensors: Sequence[Optional[torch.Tensor]], dtype: torch.dtype)
     return f"Triton kernels need CUDA tensors (got {sorted(devices)})"
 
 
-def cuda_extension_reason(op_name: str, tensors: Sequence[Optional[torch.Tensor]]) -> Optional[str]:
-    """The compiled backend has no kernel for ``op_name`` in this build."""
+def cuda_extension_reason(op_name: str, tensors: Sequence[Optional[torch.Tensor]],
+                          function: Optional[str] = None) -> Optional[str]:
+    """Why the compiled backend cannot run ``op_name`` (its entry point ``function``), or None."""
     try:
-        from vitkern import _C  # noqa: F401
+        from vitkern import _C
     except ImportError:
-        return "vitkern._C (the compiled CUDA backend) is not built in this installation"
-    if not hasattr(_C, op_name):  # pragma: no cover - no extension ships yet
-        return f"vitkern._C has no kernel for {op_name}"
-    if _devices(tensors) != {"cuda"}:
-        return "the CUDA backend needs CUDA tensors"
+        return ("vitkern._C (the compiled CUDA backend) is not built in this installation "
+                "(setup.py builds it when nvcc is found; VITKERN_BUILD_CUDA=1 forces it)")
+    if function is None or not hasattr(_C, function):
+        return f"vitkern._C has no kernel for {op_name} yet"
+    devices = _devices(tensors)
+    if devices != {"cuda"}:
+        return f"vitkern._C kernels need CUDA tensors (got {sorted(devices)})"
     return None
 
 

@@ -476,7 +476,40 @@ def _why_not_triton(x, weight, bias=None, cls_token=None, pos_embed=None) -> Opt
 
 
 def _why_not_cuda(x, weight, bias=None, cls_token=None, pos_embed=None) -> Optional[str]:
-    return backends.cuda_extension_reason("patch_embed", [x, weight, bias, cls_token, pos_embed])
+    tensors = [x, weight, bias, cls_token, pos_embed]
+    reason = backends.cuda_extension_reason("patch_embed", tensors, function="patch_embed_forward")
+    if reason is not None:
+        return reason
+    if x.dtype not in _KERNEL_DTYPES:
+        return f"the CUDA kernel takes float32, float16 or bfloat16, got {x.dtype}"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return ("the CUDA patch_embed kernel is forward-only so far (no backward yet); "
+                "use backend='triton' when gradients are needed")
+    return None
+
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _cuda_forward(x, weight, bias, cls_token, pos_embed) -> Tensor:
+    """The compiled kernel (csrc/patch_embed.cu): pointers, sizes, strides and the current stream."""
+    from vitkern import _C
+
+    B, C, H, W = x.shape
+    D, _, PH, PW = weight.shape
+    tokens = (1 if cls_token is not None else 0) + (H // PH) * (W // PW)
+    out = new_output((B, tokens, D), dtype=x.dtype, device=x.device)
+    bias = bias.contiguous() if bias is not None else None  # read as bias[d]
+    cls = cls_token.reshape(D).contiguous() if cls_token is not None else None
+    pos2d = pos_embed.reshape(tokens, D) if pos_embed is not None else None
+    ptr = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
+    with torch.cuda.device(x.device):
+        _C.patch_embed_forward(
+            ptr(x), ptr(weight), ptr(bias), ptr(cls), ptr(pos2d), ptr(out), _DTYPE_CODES[x.dtype],
+            list(x.shape), list(x.stride()), list(weight.shape), list(weight.stride()),
+            list(pos2d.stride()) if pos2d is not None else [0, 0],
+            bias is not None, cls is not None, pos2d is not None, torch.cuda.current_stream(x.device).cuda_stream)
+    return out
 
 
 _BACKENDS = backends.register(
@@ -525,4 +558,6 @@ def patch_embed(
                               x, weight, bias, cls_token, pos_embed)
     if chosen == "torch":
         return patch_embed_reference(x, weight, bias, cls_token=cls_token, pos_embed=pos_embed)
+    if chosen == "cuda":  # forward only: the predicate refuses calls that need gradients
+        return _cuda_forward(x, weight, bias, cls_token, pos_embed)
     return torch.ops.vitkern.patch_embed_fwd(x, weight, bias, cls_token, pos_embed)
