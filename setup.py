@@ -67,8 +67,8 @@ class BuildCudaExtension(build_ext):
 
         nvcc = _find_nvcc()
         cuda = _cuda_home(nvcc)
-        out = self.get_ext_fullpath(ext.name)
-        tmp = os.path.join(self.build_temp, "vitkern_C")
+        out = os.path.abspath(self.get_ext_fullpath(ext.name))
+        tmp = os.path.abspath(os.path.join(self.build_temp, "vitkern_C"))
         os.makedirs(tmp, exist_ok=True)
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         includes = [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
@@ -113,7 +113,7 @@ class BuildCudaExtension(build_ext):
         path = os.path.join(tmp, "build.ninja")
         with open(path, "w", encoding="utf-8") as f:
             f.write("\n".join(lines))
-        subprocess.check_call([ninja, "-f", path])
+        subprocess.check_call([ninja, "-f", path], cwd=tmp)  # ninja's own log stays in the build folder
 
 
 def _extensions():
