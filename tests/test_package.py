@@ -54,3 +54,17 @@ def test_unknown_attribute_is_an_attribute_error():
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         vitkern.nope
+
+
+def test_ops_accept_meta_tensors_for_free_flop_counting():
+    """Autocast knows no 'meta' device: the ops' autocast casting must not trip over it."""
+    import torch
+
+    from vitkern.ops import attention, patch_embed, window_attention
+
+    x, w = torch.randn(2, 3, 32, 32, device="meta"), torch.randn(8, 3, 16, 16, device="meta")
+    assert patch_embed(x, w).shape == (2, 4, 8)
+    q = torch.randn(1, 2, 5, 16, device="meta")
+    assert attention(q, q, q).shape == (1, 2, 5, 16)
+    qkv, table = torch.randn(1, 7, 7, 96, device="meta"), torch.randn(169, 2, device="meta")
+    assert window_attention(qkv, table, num_heads=2, window_size=7).shape == (1, 7, 7, 32)

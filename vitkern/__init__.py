@@ -9,6 +9,7 @@ machines with neither a GPU nor Triton:
 * :mod:`vitkern.reference` the naive PyTorch implementations the kernels must equal
 * :mod:`vitkern.backends`  backend predicates and selection
 * :mod:`vitkern.convert`   :func:`vitkern.optimize` - swap vitkern's modules into a timm model in place
+* :mod:`vitkern.profiler`  the attention-cost profiler behind ``vitkern profile``
 
 ``vitkern.optimize(model, backend=None, verbose=False)`` is a function (loaded from
 :mod:`vitkern.convert` on first use; it never imports timm itself).
@@ -19,7 +20,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("backends", "convert", "models", "nn", "ops", "reference", "testing")
+_SUBMODULES = ("backends", "cli", "convert", "models", "nn", "ops", "profile", "profiler", "reference", "testing")
 _FUNCTIONS = {"optimize": "vitkern.convert"}
 
 

@@ -34,6 +34,23 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run this call; the message says why."""
 
 
+def autocast_dtype(tensor) -> Optional[torch.dtype]:
+    """The dtype autocast would cast to for ``tensor``'s device, or None when autocast is off.
+
+    Our custom ops have no autocast rule, so each public op casts its inputs itself, as the module
+    it replaces would. Devices autocast does not know (meta, for FLOP counting) are never autocast.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        return None
+    device_type = tensor.device.type
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+    except RuntimeError:  # e.g. "meta": no autocast for this device type
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def check_name(backend, owner: str) -> str:
     """``backend`` if it is a known backend name, else a ValueError naming ``owner``."""
     if backend not in BACKENDS:

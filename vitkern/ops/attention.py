@@ -670,10 +670,9 @@ _BACKENDS = backends.register(
 
 def _autocast(tensors: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
     """Cast q, k, v like SDPA does under autocast (our custom ops have no autocast rule)."""
-    first = tensors[0]
-    if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
+    dtype = backends.autocast_dtype(tensors[0])
+    if dtype is None:
         return tensors
-    dtype = torch.get_autocast_dtype(first.device.type)
     return [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and i < 3 else t
             for i, t in enumerate(tensors)]
 

@@ -521,12 +521,9 @@ _BACKENDS = backends.register(
 
 def _autocast(tensors):
     """Cast like Conv2d does under autocast: our custom op has no autocast rule."""
-    if not isinstance(tensors[0], Tensor):
-        return tensors  # _validate names the bad argument
-    device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
+    dtype = backends.autocast_dtype(tensors[0])
+    if dtype is None:
         return tensors
-    dtype = torch.get_autocast_dtype(device_type)
     return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
 
 

@@ -91,6 +91,18 @@ def _backward(ctx, dout, _dpre, _dmean, _drstd):
 _patch_embed_layernorm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+try:  # FlopCounterMode: the GEMM (the LayerNorm is O(tokens·D), not counted, as for nn.LayerNorm)
+    from torch.utils.flop_counter import register_flop_formula
+
+    from vitkern.ops.patch_embed import patch_embed_flops
+
+    @register_flop_formula(torch.ops.vitkern.patch_embed_layernorm_fwd)
+    def _fwd_flops(x_shape, weight_shape, *args, **kwargs):
+        return patch_embed_flops(x_shape, weight_shape)
+except ImportError:  # pragma: no cover
+    pass
+
+
 def patch_embed_layernorm(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor, eps: float = 1e-5,
 ) -> Tensor:
@@ -175,9 +187,9 @@ _BACKENDS = backends.register(
 
 def _autocast(x, params):
     """Cast like timm's Linear and Conv2d layers do under autocast (our custom ops have no autocast rule)."""
-    if not isinstance(x, Tensor) or not torch.is_autocast_enabled(x.device.type):
+    dtype = backends.autocast_dtype(x)
+    if dtype is None:
         return x, params
-    dtype = torch.get_autocast_dtype(x.device.type)
     cast = {n: (t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t) for n, t in params.items()}
     return x.to(dtype), cast
 

@@ -673,8 +673,8 @@ def window_attention(
     """
     window = _pair(window_size, "window_size")
     shift = _pair(shift_size, "shift_size")
-    if isinstance(qkv, Tensor) and torch.is_autocast_enabled(qkv.device.type):
-        dtype = torch.get_autocast_dtype(qkv.device.type)  # as timm's Linear output would be
+    dtype = backends.autocast_dtype(qkv)
+    if dtype is not None:  # as timm's Linear output would be under autocast
         qkv = qkv.to(dtype)
     _validate(qkv, rel_pos_bias_table, qkv_bias, num_heads, window, shift)
     head_dim = qkv.shape[-1] // 3 // num_heads
