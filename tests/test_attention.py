@@ -17,7 +17,7 @@ from vitkern.ops.attention import dropout_keep_mask
 from vitkern.reference import attention_reference
 from vitkern.testing import poison_outputs
 
-from helpers import assert_close, nan_padded
+from helpers import FP32_RTOL, TF32_RTOL, assert_close, nan_padded, rel_err
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -160,6 +160,27 @@ def test_near_uniform_attention_keeps_dq_accurate(dtype):
     same_grads = _grads(same, lo, g) if same is not None else [None] * 3
     for name, a, r, sg in zip(["dq", "dk", "dv"], grads, ref_grads, same_grads):
         assert_close(name, a, r, sg, grad=True)
+
+
+def test_near_constant_values_keep_dk_and_dbias_as_accurate_as_pytorch():
+    """Nearly identical values make dP ≈ delta: the dK/dV and d(bias) kernels must use the delta the dQ
+    kernel corrected, or their fp32 error exceeds PyTorch's own fp32 backward."""
+    B, H, NQ, NK, D = 2, 2, 60, 49, 32
+    v_mean = torch.randn(1, 1, 1, D, device=DEVICE) * 3
+    base = [_rand((B, H, NQ, D), torch.float32), _rand((B, H, NK, D), torch.float32),
+            v_mean + 0.02 * torch.randn(B, H, NK, D, device=DEVICE), _rand((1, H, NQ, NK), torch.float32)]
+    g = _rand((B, H, NQ, D), torch.float32)
+
+    def grads(fn, dtype):
+        ins = [t.to(dtype).requires_grad_(True) for t in base]
+        return _grads(fn(*ins[:3], attn_bias=ins[3]), ins, g.to(dtype))
+
+    ours = grads(lambda *a, **kw: attention(*a, backend="triton", **kw), torch.float32)
+    exact = grads(attention_reference, HIGH)
+    pytorch = grads(attention_reference, torch.float32)
+    for name, a, r, t in zip(["dq", "dk", "dv", "dbias"], ours, exact, pytorch):
+        budget = max(rel_err(t, r), FP32_RTOL) if not ON_GPU else TF32_RTOL
+        assert rel_err(a, r) <= budget, f"{name}: {rel_err(a, r):.2e} > {budget:.2e}"
 
 
 def test_custom_scale_and_long_sequence():

@@ -11,9 +11,9 @@ draw keyed by (seed, element index), recomputed identically in the backward.
 Backward (deterministic: every output element is reduced by one program in a
 fixed order, no atomics):
   1. delta = rowsum(dO ∘ O)                        (one small kernel)
-  2. dK, dV: one program per key block, looping over query blocks
-  3. dQ: one program per query block, looping over key blocks (with a correction
-     that makes it exact softmax calculus: see _attn_bwd_dq_kernel)
+  2. dQ: one program per query block, looping over key blocks; on the way it sums the
+     delta that makes rowsum(dS) = 0 exactly (see _attn_bwd_dq_kernel), corrects dq and stores it
+  3. dK, dV: one program per key block, looping over query blocks
   4. only when the bias needs a gradient: d(bias) per (query block, key block) tile,
      dS recomputed and summed over the batches and heads the bias is broadcast over
      (no (B, h, Nq, Nk) buffer; a bias broadcast along queries or keys is summed
@@ -234,12 +234,14 @@ def _attn_bwd_dq_kernel(
     lse = tl.load(lse_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
 
-    # delta = rowsum(dO∘O) carries O's rounding; exact softmax calculus has rowsum(dS) = 0, so the
-    # measured rowsum(dS) is that error, and dq -= rowsum(dS)·(P K) removes it. Without this,
-    # near-uniform attention (similar keys) amplifies it into dq by |mean key| / |dq|.
+    # delta = rowsum(dO∘O) carries O's rounding, which near-uniform attention (similar keys) amplifies
+    # into the gradients (exact softmax calculus has rowsum(dS) = 0). This program sees every key of
+    # its rows, so it measures rowsum(dS), corrects its own dq by that error times (P K), and stores
+    # the corrected delta for the dK/dV and d(bias) kernels, which run after it.
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     pk = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     ds_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    p_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for start in range(0, NK, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, cols, dims, sk_n, sk_d, NK, HEAD_DIM)
@@ -254,9 +256,13 @@ def _attn_bwd_dq_kernel(
         dq += tl.dot(ds.to(k.dtype), k)
         pk += tl.dot(p.to(k.dtype), k)
         ds_sum += tl.sum(ds, 1)
+        p_sum += tl.sum(p, 1)
 
-    dq = (dq - ds_sum[:, None] * pk) * sm_scale
+    # The delta that makes rowsum(dS) = 0 for these very probabilities: delta + rowsum(dS) / rowsum(P).
+    correction = tl.where(p_sum > 0, ds_sum / tl.where(p_sum > 0, p_sum, 1.0), 0.0)  # no 0/0 on empty rows
+    dq = (dq - correction[:, None] * pk) * sm_scale
     _store_rows(dq_ptr + b * sdq_b + h * sdq_h, dq, rows, dims, sdq_n, sdq_d, NQ, HEAD_DIM)
+    tl.store(delta_ptr + bh * NQ + rows, delta + correction, mask=row_ok)
 
 
 @triton.jit
@@ -390,12 +396,13 @@ def _launch_bwd(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, dq, dk, d
     strides = (*q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride())
     flags = dict(HEAD_DIM=D, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, BLOCK_D=block_d, **cfg)
     bias_arg = bias if bias is not None else q
+    # dQ first: it replaces delta by the corrected one that the dK/dV and d(bias) kernels then use.
+    _attn_bwd_dq_kernel[(B * H, cdiv(NQ, cfg["BLOCK_M"]))](
+        q, k, v, bias_arg, dout, lse, delta, dq, NQ, NK, H, *scalars, *strides, *dq.stride(), **flags,
+    )
     _attn_bwd_dkdv_kernel[(B * H, cdiv(NK, cfg["BLOCK_N"]))](
         q, k, v, bias_arg, dout, lse, delta, dk, dv, NQ, NK, H, *scalars, *strides, *dk.stride(), *dv.stride(),
         **flags,
-    )
-    _attn_bwd_dq_kernel[(B * H, cdiv(NQ, cfg["BLOCK_M"]))](
-        q, k, v, bias_arg, dout, lse, delta, dq, NQ, NK, H, *scalars, *strides, *dq.stride(), **flags,
     )
     if not bias_grad:
         return None

@@ -18,8 +18,9 @@ regions per axis on the padded grid, -100 between different regions). The output
 each token is written straight back to its input position. Saved for backward: the
 row logsumexp only (O(tokens · heads)).
 
-Backward (deterministic, no atomics): delta = rowsum(dO∘O); dK, dV (+ padding
-tokens' sums for d qkv_bias) per key block; dQ per query block; the table gradient
+Backward (deterministic, no atomics): delta = rowsum(dO∘O); dQ per query block (which
+also replaces delta by the one that makes rowsum(dS) = 0); dK, dV (+ padding tokens' sums for d qkv_bias)
+per key block; the table gradient
 by first summing dS over images and windows per (head, query, key) in split partial
 sums, then folding those (n × n) sums into the table by relative offset.
 
@@ -278,10 +279,12 @@ def _win_bwd_dq_kernel(
     lse = tl.load(lse_ptr + pid * N_TOK + rows, mask=rows < N_TOK, other=0.0)
     delta = tl.load(delta_ptr + pid * N_TOK + rows, mask=rows < N_TOK, other=0.0)
 
-    # As in attention's dQ kernel: subtract rowsum(dS)·(P K), the error delta's rounding puts into dq.
+    # As in attention's dQ kernel: measure rowsum(dS), correct dq with it and store the corrected
+    # delta for the dK/dV and table-gradient kernels, which run after this one.
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     pk = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     ds_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    p_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for start in range(0, N_TOK, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         yk, xk, inside_k, ys_k, xs_k = _window_tokens(cols, win, H, W, SH, SW, N_WIN_W, MH, MW)
@@ -299,8 +302,12 @@ def _win_bwd_dq_kernel(
         dq += tl.dot(ds.to(k.dtype), k)
         pk += tl.dot(p.to(k.dtype), k)
         ds_sum += tl.sum(ds, 1)
+        p_sum += tl.sum(p, 1)
 
-    dq = (dq - ds_sum[:, None] * pk) * sm_scale
+    # The delta that makes rowsum(dS) = 0 for these very probabilities: delta + rowsum(dS) / rowsum(P).
+    correction = tl.where(p_sum > 0, ds_sum / tl.where(p_sum > 0, p_sum, 1.0), 0.0)  # no 0/0 on empty rows
+    dq = (dq - correction[:, None] * pk) * sm_scale
+    tl.store(delta_ptr + pid * N_TOK + rows, delta + correction, mask=rows < N_TOK)
     d_off = b * sd_b + y.to(tl.int64) * sd_y + x.to(tl.int64) * sd_x
     tl.store(dqkv_ptr + d_off[:, None] + (head * HEAD_DIM + dims[None, :]).to(tl.int64) * sd_c,
              dq.to(dqkv_ptr.dtype.element_ty), mask=inside_q[:, None] & (dims < HEAD_DIM)[None, :])
@@ -463,10 +470,11 @@ def _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g: _Geometry, scale, mask_
     common = (*g.grid_args(), scale * _LOG2E, scale, float(mask_value),
               *qkv.stride(), *dout.stride(), *dqkv.stride(), *table.stride())
     blocks = dict(BLOCK_M=g.block_m, BLOCK_N=g.block_n, num_warps=g.warps, **consts)
-    _win_bwd_dkdv_kernel[(g.programs, key_blocks)](
-        qkv, bias_arg, table, dout, lse, delta, dqkv, pad_grad, *common, **blocks)
+    # dQ first: it replaces delta by the corrected one that the later kernels use.
     _win_bwd_dq_kernel[(g.programs, cdiv(g.n_tok, g.block_m))](
         qkv, bias_arg, table, dout, lse, delta, dqkv, *common, **blocks)
+    _win_bwd_dkdv_kernel[(g.programs, key_blocks)](
+        qkv, bias_arg, table, dout, lse, delta, dqkv, pad_grad, *common, **blocks)
 
     dqkv_bias = qkv.new_empty(0, dtype=torch.float32)
     if qkv_bias is not None:  # q of padding tokens gets no gradient: their outputs are cropped
