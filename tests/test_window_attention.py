@@ -156,7 +156,7 @@ def _ok():
     (lambda a: a.update(qkv_bias=torch.randn(95)), {}, r"qkv_bias must have shape \(96,\)"),
     (lambda a: a.update(table=torch.randn(169, 2, device="meta")), {}, r"rel_pos_bias_table is on meta"),
     (lambda a: a.update(qkv=torch.randint(0, 3, (1, 14, 14, 96))), {}, r"qkv.dtype must be one of"),
-    (lambda a: None, {"window_size": "7"}, r"window_size must be an int or an \(h, w\) pair"),
+    (lambda a: None, {"window_size": "7"}, r"window_attention: window_size: expected an int or an \(h, w\) pair of ints, got '7'"),
     (lambda a: a.update(qkv=torch.randn(0, 14, 14, 96)), {}, r"empty dimension"),
 ])
 def test_bad_input_raises_clear_error(change, kw, match, backend):

@@ -70,7 +70,6 @@ needs it.
 """
 from __future__ import annotations
 
-import collections.abc
 import math
 from typing import Optional, Tuple, Type, Union
 
@@ -80,18 +79,12 @@ from torch import Tensor, nn
 
 from vitkern import backends as _backends
 from vitkern import ops as _ops
+from vitkern.nn.patch_embed import _to_2tuple
 from vitkern.reference import _shift_mask, relative_position_index
 
 __all__ = ["SwinTransformerBlock", "WindowAttention", "Mlp", "DropPath"]
 
 _int_or_tuple_2_t = Union[int, Tuple[int, int]]
-
-
-def _to_2tuple(x) -> tuple:
-    """timm.layers.to_2tuple: iterables (not str) become tuples, scalars are repeated."""
-    if isinstance(x, collections.abc.Iterable) and not isinstance(x, str):
-        return tuple(x)
-    return (x, x)
 
 
 def _is_int(v) -> bool:

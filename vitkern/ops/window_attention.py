@@ -42,6 +42,7 @@ from torch import Tensor
 from vitkern import _triton, backends
 from vitkern._memory import new_output
 from vitkern._triton import cdiv, next_power_of_2, tl, triton
+from vitkern.reference import _pair as reference_pair
 from vitkern.reference import window_attention_reference
 
 __all__ = ["window_attention", "window_attention_flops"]
@@ -587,10 +588,11 @@ except ImportError:  # pragma: no cover
 # Validation, backend predicates, public op
 # --------------------------------------------------------------------------- #
 def _pair(value, name: str) -> Tuple[int, int]:
-    if isinstance(value, bool) or not (isinstance(value, int) or (
-            isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value))):
-        raise ValueError(f"window_attention: {name} must be an int or an (h, w) pair of ints, got {value!r}")
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+    """The reference's int-or-pair check, with the op's name in front of its message."""
+    try:
+        return reference_pair(value, name)
+    except ValueError as exc:
+        raise ValueError(f"window_attention: {exc}") from None
 
 
 def _validate(qkv, table, qkv_bias, num_heads, window, shift) -> None:
