@@ -319,7 +319,8 @@ def _launch_backward(grad_out, x, weight, has_cls, need_dx, need_dweight, need_t
             *grad_out.stride(), *x.stride(),
             PH=PH, PW=PW, **cfg,
         )
-        dweight = partial.sum(0).to(weight.dtype).reshape(weight.shape)
+        summed = partial.sum(0) if splits > 1 else partial[0]  # fixed order: deterministic
+        dweight = summed.to(weight.dtype).reshape(weight.shape)
 
     token_sums = x.new_empty(0, dtype=torch.float32)
     if need_token_sums:
