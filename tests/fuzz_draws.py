@@ -29,9 +29,9 @@ _EXAMPLES = os.environ.get("VITKERN_FUZZ_EXAMPLES")
 CASE_TIMEOUT_S = float(os.environ.get("VITKERN_FUZZ_TIMEOUT", "120"))
 
 
-def examples(ci_count: int) -> int:
-    """Draws per op and family: ``ci_count`` in CI, VITKERN_FUZZ_EXAMPLES=N for a longer run."""
-    return int(_EXAMPLES) if _EXAMPLES else ci_count
+def examples(ci_count: int, share: int = 1) -> int:
+    """Draws: ``ci_count`` in CI; with VITKERN_FUZZ_EXAMPLES=N, N // ``share`` (at least ``ci_count``)."""
+    return max(ci_count, int(_EXAMPLES) // share) if _EXAMPLES else ci_count
 
 
 def rng_for(op: str, index: int) -> random.Random:

@@ -10,8 +10,8 @@ ValueError / TypeError (BackendUnavailableError for what the forced backend cann
 message names that argument; never a wrong answer, a crash or a hang (each case runs under
 a time limit).
 
-Counts per op in CI: the ``examples(...)`` arguments below; VITKERN_FUZZ_EXAMPLES=N draws N per
-op and family, VITKERN_FUZZ_SEED=S another set of draws (see tests/fuzz_draws.py).
+Counts per op in CI: the ``examples(...)`` arguments below (README.md, Tests). VITKERN_FUZZ_EXAMPLES=N
+draws N per op (bad input: N // 20 per mutation), VITKERN_FUZZ_SEED=S another set of draws.
 """
 from __future__ import annotations
 
@@ -517,12 +517,13 @@ BAD_INPUT = {  # op -> (function, a valid call's arguments, mutations)
     "window_attention": (window_attention, _valid_window, WINDOW_BAD),
     "sr_attention": (sr_attention, _valid_sr, SR_BAD),
 }
-BAD_CASES = [(op, m, i) for op, (_, _, table) in BAD_INPUT.items() for i in range(examples(2)) for m in table]
+# Cheap cases: 2 valid calls per mutation in CI, N // 20 with VITKERN_FUZZ_EXAMPLES=N.
+BAD_CASES = [(op, m, i) for op, (_, _, table) in BAD_INPUT.items() for i in range(examples(2, share=20))
+             for m in table]
 
 
 @pytest.mark.parametrize("op,mutation,case", BAD_CASES, ids=[f"{op}-{m}-{i}" for op, m, i in BAD_CASES])
 def test_bad_input_raises_clear_error(op, mutation, case):
-    """Each mutation runs on ``examples(2)`` random valid calls (in CI: 2 per mutation)."""
     fn, valid, table = BAD_INPUT[op]
     d = Draw(f"{op}-bad-{mutation}", case)
     with reported(d):
