@@ -116,6 +116,20 @@ def lay_out(t: torch.Tensor, kind: str, rng: random.Random, expand_dims=None) ->
     raise ValueError(kind)
 
 
+HUGE_STRIDE = 2**30 + 1  # fits int32, but batch 2 starts at element 2^31 + 2: int32 addresses wrap
+
+
+def huge_batch_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (batch >= 3) with a batch stride of 2^30 + 1 elements. The buffer is never filled, so the
+    OS maps only the pages of the view (on a GPU it is real memory: 2^31 elements)."""
+    assert t.shape[0] >= 3
+    inner = t[0].contiguous()
+    big = torch.empty((t.shape[0] - 1) * HUGE_STRIDE + inner.numel(), dtype=t.dtype, device=t.device)
+    view = big.as_strided(t.shape, (HUGE_STRIDE, *inner.stride()))
+    view.copy_(t)
+    return view
+
+
 def draw_layout(d: Draw, name: str, t: torch.Tensor, kinds=LAYOUTS, p_contiguous=0.35,
                 expand_dims=None) -> torch.Tensor:
     kind = "contiguous" if d.rng.random() < p_contiguous else d.rng.choice(kinds)

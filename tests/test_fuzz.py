@@ -9,6 +9,8 @@ Family 2 (test_bad_input_raises_clear_error): a valid draw with one argument bro
 ValueError / TypeError (BackendUnavailableError for what the forced backend cannot run) whose
 message names that argument; never a wrong answer, a crash or a hang (each case runs under
 a time limit).
+test_offsets_past_int32_are_int64: per op, one input and the upstream gradient with a batch stride of
+2^30 + 1 elements, so every address past batch 1 needs int64; run in a child process (a crash fails it).
 
 Counts per op in CI: the ``examples(...)`` arguments below (README.md, Tests). VITKERN_FUZZ_EXAMPLES=N
 draws N per op (bad input: N // 20 per mutation), VITKERN_FUZZ_SEED=S another set of draws.
@@ -16,7 +18,10 @@ draws N per op (bad input: N // 20 per mutation), VITKERN_FUZZ_SEED=S another se
 from __future__ import annotations
 
 import inspect
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -27,8 +32,8 @@ from vitkern.ops.attention import dropout_keep_mask
 from vitkern.reference import (attention_reference, patch_embed_reference, sr_attention_reference,
                                swin_effective_window, window_attention_reference)
 
-from fuzz_draws import (DEVICE, Draw, check_against_reference, draw_layout, dropout_reference_patch, examples,
-                        log_uniform, reported, upstream_grad)
+from fuzz_draws import (CASE_TIMEOUT_S, DEVICE, Draw, check_against_reference, draw_layout, dropout_reference_patch, examples,
+                        huge_batch_stride, log_uniform, reported, upstream_grad)
 
 ATTN_EDGES = (1, 2, 15, 16, 17, 63, 64, 65, 127, 129)
 HEAD_DIMS = (1, 3, 8, 16, 20, 32, 33, 48, 64, 80, 96, 128)
@@ -552,3 +557,58 @@ def test_every_public_op_is_fuzzed():
     for fn, names in drawn.items():
         assert set(inspect.signature(fn).parameters) <= names, (fn.__name__, set(inspect.signature(fn).parameters)
                                                                  - names)
+
+
+# --------------------------------------------------------------------------- #
+# Offsets past 2^31 elements: one input and the upstream gradient with a huge batch stride
+# --------------------------------------------------------------------------- #
+def _huge_cases(d: Draw):
+    """op -> (op, reference, inputs, output shape): small fp16 shapes, batch 3."""
+    h = dict(dtype=torch.float16)
+    window_kw = dict(num_heads=2, window_size=3, shift_size=1)
+    sr_p = dict(q_weight=d.randn(16, 16, scale=0.25, **h), q_bias=d.randn(16, **h),
+                kv_weight=d.randn(32, 16, scale=0.25, **h), kv_bias=d.randn(32, **h),
+                proj_weight=d.randn(16, 16, scale=0.25, **h), proj_bias=d.randn(16, **h),
+                sr_weight=d.randn(16, 16, 2, 2, scale=0.125, **h), sr_bias=d.randn(16, **h),
+                norm_weight=d.randn(16, scale=0.2, offset=1.0, **h), norm_bias=d.randn(16, **h))
+    return {
+        "patch_embed": (lambda **kw: patch_embed(**kw, backend="triton"), patch_embed_reference,
+                        {"x": huge_batch_stride(d.randn(3, 2, 8, 8, **h)), "weight": d.randn(16, 2, 4, 4, **h),
+                         "bias": d.randn(16, **h), "cls_token": d.randn(1, 1, 16, **h),
+                         "pos_embed": d.randn(1, 5, 16, **h)}, (3, 5, 16)),
+        "attention": (lambda **kw: attention(**kw, backend="triton"), attention_reference,
+                      {"q": d.randn(3, 2, 20, 16, **h), "k": huge_batch_stride(d.randn(3, 2, 24, 16, **h)),
+                       "v": d.randn(3, 2, 24, 16, **h), "attn_bias": d.randn(3, 1, 20, 24, **h)}, (3, 2, 20, 16)),
+        "attention_packed": (
+            lambda qkv: attention_packed(qkv, 2, backend="triton"),
+            lambda qkv: attention_reference(*qkv.reshape(3, 20, 3, 2, 16).permute(2, 0, 3, 1, 4))
+            .transpose(1, 2).reshape(3, 20, 32),
+            {"qkv": huge_batch_stride(d.randn(3, 20, 96, **h))}, (3, 20, 32)),
+        "window_attention": (lambda **kw: window_attention(**kw, **window_kw, backend="triton"),
+                             lambda **kw: window_attention_reference(**kw, **window_kw),
+                             {"qkv": huge_batch_stride(d.randn(3, 5, 7, 48, **h)),
+                              "rel_pos_bias_table": d.randn(25, 2, **h), "qkv_bias": d.randn(48, **h)}, (3, 5, 7, 16)),
+        "sr_attention": (lambda x, **p: sr_attention(x, (6, 6), num_heads=2, sr_ratio=2, **p, backend="triton"),
+                         lambda x, **p: sr_attention_reference(x, (6, 6), num_heads=2, sr_ratio=2, **p),
+                         {"x": huge_batch_stride(d.randn(3, 36, 16, **h)), **sr_p}, (3, 36, 16)),
+    }
+
+
+@pytest.mark.parametrize("op", ["patch_embed", "attention", "attention_packed", "window_attention", "sr_attention"])
+def test_offsets_past_int32_are_int64(op, request):
+    """An int32 address wraps and reads (or writes) far outside the tensor, which can kill the process:
+    each case runs in a child pytest, so a crash is this test's failure, with the child's report."""
+    if os.environ.get("VITKERN_FUZZ_CHILD") != "1":
+        child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
+                               cwd=request.config.rootpath, env={**os.environ, "VITKERN_FUZZ_CHILD": "1"},
+                               capture_output=True, text=True, timeout=CASE_TIMEOUT_S + 60)
+        report = child.stdout + child.stderr
+        # A crash's faulthandler trace: keep the kernel and launcher frames, not pytest's.
+        lines = [ln for ln in report.splitlines() if "Fatal Python" in ln or "vitkern" in ln or ln.startswith("E ")]
+        assert child.returncode == 0, f"child exited with {child.returncode}:\n" + "\n".join(lines[-40:])
+        return
+    d = Draw(f"huge-{op}", 0)
+    with reported(d):
+        fn, reference, inputs, out_shape = _huge_cases(d)[op]
+        grad_out = huge_batch_stride(d.randn(*out_shape, dtype=torch.float16))
+        check_against_reference(d, fn, reference, inputs, {n: True for n in inputs}, grad_out, torch.float16)
