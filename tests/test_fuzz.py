@@ -36,6 +36,9 @@ from fuzz_draws import (CASE_TIMEOUT_S, DEVICE, Draw, check_against_reference, d
                         huge_batch_stride, log_uniform, reported, upstream_grad)
 
 ATTN_EDGES = (1, 2, 15, 16, 17, 63, 64, 65, 127, 129)
+# Optional arguments that arrive with the fixes of issue 11 are drawn once the ops take them.
+HAS_CAUSAL = "is_causal" in inspect.signature(attention).parameters
+HAS_WINDOW_DROPOUT = "dropout_p" in inspect.signature(window_attention).parameters
 HEAD_DIMS = (1, 3, 8, 16, 20, 32, 33, 48, 64, 80, 96, 128)
 
 
@@ -58,10 +61,15 @@ def _dropout(d: Draw, p_any=0.25):
     return p
 
 
-def _kernel_mask(d: Draw, p: float):
-    """The keep mask the op's kernels apply: the op draws its Philox seed from torch's generator."""
+def _op_seed(d: Draw) -> int:
+    """The Philox seed the op draws from torch's generator (seeded with the draw's torch_seed)."""
     torch.manual_seed(d.drawn["torch_seed"])
-    seed = int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).item())
+    return int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).item())
+
+
+def _kernel_mask(d: Draw, p: float):
+    """The keep mask the attention kernels apply, as a function of the probabilities' shape."""
+    seed = _op_seed(d)
 
     def mask(shape):
         if 0 in shape:
@@ -84,9 +92,10 @@ def _with_mask(reference, d: Draw, p: float):
 # --------------------------------------------------------------------------- #
 # attention
 # --------------------------------------------------------------------------- #
-def _draw_bias(d: Draw, full, dtype):
+def _draw_bias(d: Draw, full, dtype, causal=False):
     """None or a bias broadcastable to ``full`` = (B, h, Nq, Nk): any subset of broadcast dimensions,
-    leading ones dropped or kept, sometimes -inf entries (masking; never a whole row)."""
+    leading ones dropped or kept, sometimes -inf entries (masking; never a whole row, with the
+    causal mask too: key 0 stays finite then)."""
     if d.rng.random() < 0.45:
         return None
     shape = [n if d.rng.random() < 0.5 else 1 for n in full]
@@ -96,7 +105,7 @@ def _draw_bias(d: Draw, full, dtype):
     if shape[-1] == full[-1] and full[-1] > 1 and d.rng.random() < 0.25:
         bias = bias.masked_fill(torch.rand(bias.shape, generator=d.gen, dtype=torch.float64).to(DEVICE) < 0.3,
                                 float("-inf"))
-        bias[..., d.rng.randrange(full[-1])] = 0.0  # one finite key per row
+        bias[..., 0 if causal else d.rng.randrange(full[-1])] = 0.0  # one finite key per row
         d.record(bias_neg_inf=True)
     d.record(bias_shape=tuple(shape))
     return draw_layout(d, "bias", bias.to(dtype))
@@ -126,7 +135,13 @@ def _draw_qkv_sizes(d: Draw, packed=False):
     if D > 64 and max(NQ, NK) > 64:  # keep the interpreter's cost bounded
         NQ, NK = min(NQ, 64), NK if packed else min(NK, 64)
         NK = NQ if packed else NK
+    causal = HAS_CAUSAL and d.rng.random() < 0.25
+    if causal and NQ == 1:  # query 0 sees key 0 only: its score gradients are 0
+        NQ = 2
+        NK = NQ if packed else NK
     d.record(B=B, H=H, NQ=NQ, NK=NK, D=D)
+    if HAS_CAUSAL:
+        d.record(is_causal=causal)
     return B, H, NQ, NK, D
 
 
@@ -143,16 +158,18 @@ def test_attention_matches_reference(case):
         mag = d.record(magnitude=round(d.rng.uniform(0.5, 2.5), 2))
         inputs = {n: draw_layout(d, n, d.randn(B, H, length, D, dtype=dtype, scale=mag), expand_dims=(0, 1, 3))
                   for n, length in (("q", NQ), ("k", NK), ("v", NK))}
-        inputs["attn_bias"] = _draw_bias(d, (B, H, NQ, NK), dtype)
+        causal = d.drawn.get("is_causal", False)
+        inputs["attn_bias"] = _draw_bias(d, (B, H, NQ, NK), dtype, causal)
         scale, p = _scale(d), _dropout(d)
         needs = _needs(d, ["q", "k", "v", "attn_bias"])
         grad_out = upstream_grad(d, (B, H, NQ, D), dtype)
+        extra = {"is_causal": causal} if HAS_CAUSAL else {}
 
         def op(**kw):
-            return attention(**kw, scale=scale, dropout_p=p, backend="triton")
+            return attention(**kw, scale=scale, dropout_p=p, **extra, backend="triton")
 
         def ref(**kw):
-            return attention_reference(**kw, scale=scale, dropout_p=p)
+            return attention_reference(**kw, scale=scale, dropout_p=p, **extra)
 
         ref = _with_mask(ref, d, p)
         check_against_reference(
@@ -167,18 +184,20 @@ def test_attention_packed_matches_reference(case):
     with reported(d):
         B, H, N, _, D = _draw_qkv_sizes(d, packed=True)
         dtype = d.record(dtype=d.dtype())
+        causal = d.drawn.get("is_causal", False)
         inputs = {"qkv": draw_layout(d, "qkv", d.randn(B, N, 3 * H * D, dtype=dtype, scale=1.5), expand_dims=(0, 2)),
-                  "attn_bias": _draw_bias(d, (B, H, N, N), dtype)}
+                  "attn_bias": _draw_bias(d, (B, H, N, N), dtype, causal)}
         scale, p = _scale(d), _dropout(d)
         needs = _needs(d, ["qkv", "attn_bias"], p=0.85)
         grad_out = upstream_grad(d, (B, N, H * D), dtype)
+        extra = {"is_causal": causal} if HAS_CAUSAL else {}
 
         def op(qkv, attn_bias):
-            return attention_packed(qkv, H, scale=scale, attn_bias=attn_bias, dropout_p=p, backend="triton")
+            return attention_packed(qkv, H, scale=scale, attn_bias=attn_bias, dropout_p=p, **extra, backend="triton")
 
         def ref(qkv, attn_bias):
             q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
-            out = attention_reference(q, k, v, scale=scale, attn_bias=attn_bias, dropout_p=p)
+            out = attention_reference(q, k, v, scale=scale, attn_bias=attn_bias, dropout_p=p, **extra)
             return out.transpose(1, 2).reshape(B, N, H * D)
 
         ref = _with_mask(ref, d, p)
@@ -262,6 +281,17 @@ def _draw_window(d: Draw, dtype):
     }, heads, window, shift
 
 
+def _window_mask(d: Draw, p: float, qkv_shape, heads, window):
+    """The window kernels' keep mask (B, nW, heads, n, n) for the seed the op draws."""
+    from vitkern.ops.window_attention import window_dropout_keep_mask
+
+    B, H, W, _ = qkv_shape
+    if B == 0:
+        n_win = -(-H // window[0]) * -(-W // window[1])
+        return torch.ones(0, n_win, heads, window[0] * window[1], window[0] * window[1], device=DEVICE)
+    return window_dropout_keep_mask(_op_seed(d), B, (H, W), heads, window, p, device=DEVICE)
+
+
 @pytest.mark.parametrize("case", range(examples(24)), ids=_ids("window_attention", examples(24)))
 def test_window_attention_matches_reference(case):
     d = Draw("window_attention", case)
@@ -270,12 +300,15 @@ def test_window_attention_matches_reference(case):
         inputs, heads, window, shift = _draw_window(d, dtype)
         scale = _scale(d)
         mask_value = d.record(mask_value=d.rng.choice((-100.0, -100.0, -3.0)))
+        p = _dropout(d, p_any=0.2) if HAS_WINDOW_DROPOUT else 0.0
         needs = _needs(d, list(inputs))
         qkv = inputs["qkv"]
         grad_out = upstream_grad(d, (*qkv.shape[:3], qkv.shape[3] // 3), dtype)
         kw = dict(num_heads=heads, window_size=window, shift_size=shift, scale=scale, mask_value=mask_value)
-        check_against_reference(d, lambda **i: window_attention(**i, **kw, backend="triton"),
-                                lambda **i: window_attention_reference(**i, **kw),
+        op_kw = {**kw, "dropout_p": p} if HAS_WINDOW_DROPOUT else kw
+        ref_kw = {**kw, "dropout_mask": _window_mask(d, p, qkv.shape, heads, window)} if p else kw
+        check_against_reference(d, lambda **i: window_attention(**i, **op_kw, backend="triton"),
+                                lambda **i: window_attention_reference(**i, **ref_kw),
                                 inputs, needs, grad_out, dtype, rerun=d.rng.random() < 0.2)
 
 
@@ -545,11 +578,11 @@ def test_every_public_op_is_fuzzed():
               "patch_embed_layernorm"}  # the last is sr_attention's building block, drawn through it
     assert set(vitkern.ops.__all__) <= fuzzed, set(vitkern.ops.__all__) - fuzzed
     drawn = {
-        attention: {"q", "k", "v", "scale", "attn_bias", "dropout_p", "backend"},
-        attention_packed: {"qkv", "num_heads", "scale", "attn_bias", "dropout_p", "backend"},
+        attention: {"q", "k", "v", "scale", "attn_bias", "dropout_p", "is_causal", "backend"},
+        attention_packed: {"qkv", "num_heads", "scale", "attn_bias", "dropout_p", "is_causal", "backend"},
         patch_embed: {"x", "weight", "bias", "cls_token", "pos_embed", "backend"},
         window_attention: {"qkv", "rel_pos_bias_table", "num_heads", "window_size", "shift_size", "scale",
-                           "qkv_bias", "mask_value", "backend"},
+                           "qkv_bias", "mask_value", "dropout_p", "backend"},
         sr_attention: {"x", "feat_size", "num_heads", "q_weight", "q_bias", "kv_weight", "kv_bias", "proj_weight",
                        "proj_bias", "sr_weight", "sr_bias", "norm_weight", "norm_bias", "sr_ratio", "linear_attn",
                        "norm_eps", "scale", "dropout_p", "backend"},
