@@ -195,6 +195,8 @@ def leaves(inputs: Dict[str, Optional[torch.Tensor]], needs: Dict[str, bool], dt
 def _grads(out, ins, names, grad_out):
     if not names:
         return {}
+    if not out.requires_grad:  # e.g. only qkv_bias needs one and no window has padding: it is unused
+        return {n: torch.zeros_like(ins[n]) for n in names}
     grads = torch.autograd.grad(out, [ins[n] for n in names], grad_out, allow_unused=True)
     # Unused means a zero gradient (e.g. the reference uses qkv_bias only for padding tokens).
     return {n: torch.zeros_like(ins[n]) if g is None else g for n, g in zip(names, grads)}

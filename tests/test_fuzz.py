@@ -306,9 +306,13 @@ def test_window_attention_matches_reference(case):
         grad_out = upstream_grad(d, (*qkv.shape[:3], qkv.shape[3] // 3), dtype)
         kw = dict(num_heads=heads, window_size=window, shift_size=shift, scale=scale, mask_value=mask_value)
         op_kw = {**kw, "dropout_p": p} if HAS_WINDOW_DROPOUT else kw
-        ref_kw = {**kw, "dropout_mask": _window_mask(d, p, qkv.shape, heads, window)} if p else kw
-        check_against_reference(d, lambda **i: window_attention(**i, **op_kw, backend="triton"),
-                                lambda **i: window_attention_reference(**i, **ref_kw),
+        mask = _window_mask(d, p, qkv.shape, heads, window) if p else None
+
+        def ref(**i):
+            drop = {"dropout_mask": mask.to(i["qkv"].dtype)} if p else {}
+            return window_attention_reference(**i, **kw, **drop)
+
+        check_against_reference(d, lambda **i: window_attention(**i, **op_kw, backend="triton"), ref,
                                 inputs, needs, grad_out, dtype, rerun=d.rng.random() < 0.2)
 
 
