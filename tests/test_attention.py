@@ -506,12 +506,13 @@ def test_empty_inputs_give_what_sdpa_gives(B, H, NQ, NK, D, backend, bias, is_ca
         assert torch.equal(a.double(), e.double()), name  # empty, or exactly 0 (no keys)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("B,N,H,D", [(0, 7, 2, 16), (2, 0, 2, 16), (2, 7, 2, 0)], ids=["batch0", "n0", "d0"])
-def test_packed_empty_inputs(B, N, H, D, no_kernel_launch):
+def test_packed_empty_inputs(B, N, H, D, backend, no_kernel_launch):
     qkv = _rand((B, N, 3 * H * D), torch.float32).requires_grad_(True)
     bias = _rand((1, H, N, N), torch.float32).requires_grad_(True)
-    for is_causal in (False, True):
-        out = attention_packed(qkv, H, attn_bias=bias, is_causal=is_causal, backend="triton")
+    for causal in ({}, {"is_causal": True}):
+        out = attention_packed(qkv, H, attn_bias=bias, backend=backend, **causal)
         assert out.shape == (B, N, H * D)
         dqkv, dbias = torch.autograd.grad(out, [qkv, bias], torch.randn_like(out))
         assert dqkv.shape == qkv.shape and dbias.shape == bias.shape

@@ -852,7 +852,7 @@ def attention_packed(
     if chosen == "torch":
         out = attention_reference(q, k, v, scale=scale, attn_bias=attn_bias, dropout_p=dropout_p,
                                   is_causal=is_causal)
-        return out.transpose(1, 2).reshape(B, N, -1)
+        return out.transpose(1, 2).reshape(B, N, qkv.shape[-1] // 3)  # not -1: B or N may be 0
     out, _ = torch.ops.vitkern.attention_packed_fwd(qkv, num_heads, attn_bias, scale, float(dropout_p),
                                                     _new_seed(dropout_p), is_causal)
     return out
