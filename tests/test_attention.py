@@ -696,3 +696,33 @@ def test_causal_never_reads_key_blocks_past_the_diagonal(bias):
         assert torch.equal(a[..., NQ:, :] if name != "dbias" else a[..., NQ:], torch.zeros_like(
             a[..., NQ:, :] if name != "dbias" else a[..., NQ:])), f"{name}: unseen keys get a gradient"
         assert_close(name, a[..., :NQ, :] if name != "dbias" else a[..., :NQ], r, grad=True)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_rows_with_every_key_masked_give_zeros_like_sdpa(is_causal):
+    """Causal alone always leaves key 0 visible; a -inf bias can still hide a whole row. SDPA then
+    returns 0 for that row and gradients 0 from it; a NaN there would spread into every key's dK, dV."""
+    B, H, NQ, NK, D = 1, 2, 100, 90, 16
+    bias = _rand((H, NQ, NK), torch.float32)
+    bias[:, 3] = float("-inf")  # rows hidden by the bias alone
+    bias[1, 70] = float("-inf")
+    bias[:, 80, :2] = float("-inf")  # with is_causal, row 80 still sees keys 2..80
+    if is_causal:
+        bias[0, :5, 0] = float("-inf")  # rows 0 (sees only key 0) is hidden, rows 1..4 are not
+    base = [_rand((B, H, NQ, D), torch.float32), _rand((B, H, NK, D), torch.float32),
+            _rand((B, H, NK, D), torch.float32), bias]
+    g = _rand((B, H, NQ, D), torch.float32)
+    ins = [t.clone().requires_grad_(True) for t in base]
+    with poison_outputs():
+        out = attention(*ins[:3], attn_bias=ins[3], backend="triton", **({"is_causal": True} if is_causal else {}))
+        grads = _grads(out, ins, g)
+    hi = [t.to(HIGH).requires_grad_(True) for t in base]
+    mask = hi[3]
+    if is_causal:
+        mask = mask.masked_fill(torch.ones(NQ, NK, dtype=torch.bool, device=DEVICE).triu(1), float("-inf"))
+    ref = F.scaled_dot_product_attention(*hi[:3], attn_mask=mask)
+    ref_grads = _grads(ref, hi, g.to(HIGH))
+    assert not ref[0, 0, 3].any() and not ref_grads[0][0, 0, 3].any()  # SDPA: zeros, not NaN
+    assert_close("out", out, ref)
+    for name, a, r in zip(["dq", "dk", "dv", "dbias"], grads, ref_grads):
+        assert_close(name, a, r, grad=True)

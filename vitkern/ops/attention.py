@@ -157,8 +157,14 @@ def _attn_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    _store_rows(out_ptr + b * so_b + h * so_h, acc / l_i[:, None], rows, dims, so_n, so_d, NQ, HEAD_DIM)
-    tl.store(lse_ptr + bh * NQ + rows, m_i + tl.math.log2(l_i), mask=rows < NQ)  # base-2 logsumexp
+    # A row whose every key is masked (l = 0) gets output 0, as SDPA gives, not 0/0; its lse = +inf makes
+    # every recomputed probability exp2(s - lse) 0 in the backward, so its gradients are 0 too (not NaN
+    # spread into every key's dK, dV).
+    empty_row = l_i == 0.0
+    _store_rows(out_ptr + b * so_b + h * so_h, acc / tl.where(empty_row, 1.0, l_i)[:, None], rows, dims,
+                so_n, so_d, NQ, HEAD_DIM)
+    lse = tl.where(empty_row, float("inf"), m_i + tl.math.log2(l_i))  # base-2 logsumexp
+    tl.store(lse_ptr + bh * NQ + rows, lse, mask=rows < NQ)
 
 
 @triton.jit
