@@ -428,7 +428,14 @@ def test_head_dim_stride_whose_products_pass_int32(tmp_path):
     path = tmp_path / "sparse.bin"
     with open(path, "wb") as f:
         f.truncate(size * 4)
-    big = torch.from_file(str(path), shared=True, size=size, dtype=torch.float32)
+    try:
+        _check_in_sparse_mapping(torch.from_file(str(path), shared=True, size=size, dtype=torch.float32),
+                                 B, H, N, D, s_d, start)
+    finally:
+        path.unlink()  # sparse, but its apparent size is 25 GB
+
+
+def _check_in_sparse_mapping(big, B, H, N, D, s_d, start):
     base = [_rand((B, H, N, D), torch.float32) for _ in range(3)]
     views = []
     for i, t in enumerate(base):  # q, k, v interleaved along the token axis, d strided by 2^28
