@@ -61,17 +61,24 @@ def attention_reference(
     scale: Optional[float] = None,
     attn_bias: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
+    is_causal: bool = False,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale + attn_bias) v, non-causal.
+    """softmax(q k^T * scale + attn_bias [+ causal mask]) v.
 
     q (B, h, Nq, d), k and v (B, h, Nk, d); attn_bias broadcastable to
     (B, h, Nq, Nk); scale defaults to d ** -0.5, as in SDPA. dropout_p > 0 drops
     attention probabilities (and rescales the kept ones by 1/(1-p)), as SDPA does.
+    is_causal: query i sees keys j <= i (top-left aligned, SDPA's ``is_causal``); unlike
+    SDPA it may be combined with attn_bias.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = (q.shape[-1] ** -0.5 if q.shape[-1] else 1.0) if scale is None else scale
     scores = (q * scale) @ k.transpose(-2, -1)  # (B, h, Nq, Nk)
     if attn_bias is not None:
         scores = scores + attn_bias
+    if is_causal:
+        nq, nk = scores.shape[-2:]
+        hidden = torch.ones(nq, nk, dtype=torch.bool, device=scores.device).triu_(1)
+        scores = scores.masked_fill(hidden, float("-inf"))
     probs = scores.softmax(dim=-1)
     if dropout_p > 0:
         probs = F.dropout(probs, p=dropout_p)
