@@ -18,14 +18,22 @@ regions per axis on the padded grid, -100 between different regions). The output
 each token is written straight back to its input position. Saved for backward: the
 row logsumexp only (O(tokens · heads)).
 
+Attention dropout (``dropout_p`` > 0) is drawn in-kernel as in ``ops/attention.py``: a
+Philox number per (image·window·head, query, key) from one seed, so the forward and every
+backward kernel drop the same probabilities (:func:`window_dropout_keep_mask` reproduces
+them for tests). With ``HAS_DROPOUT`` off the kernels contain none of it.
+
 Backward (deterministic, no atomics): delta = rowsum(dO∘O); dQ per query block (which
-also replaces delta by the one that makes rowsum(dS) = 0); dK, dV (+ padding tokens' sums for d qkv_bias)
-per key block; the table gradient
-by first summing dS over images and windows per (head, query, key) in split partial
-sums, then folding those (n × n) sums into the table by relative offset.
+also replaces delta by the one that makes rowsum(dS) = 0); dK, dV per key block, plus the
+padding keys' sums for d qkv_bias in one slot per padded window (only the last window row /
+column holds padding, so no slot for the others); the table gradient by first summing dS over
+images and windows per (head, query, key) in split partial sums, then folding those (n × n)
+sums into the table by relative offset.
 
 Tiles: the window's n = Mh·Mw tokens are covered by power-of-two blocks chosen to waste
 the least (49 tokens: 64; 144 tokens: blocks of 16, no padding).
+All addresses are int64 (indices are cast before they meet a stride). An empty batch
+launches nothing.
 At head dim 32 a 7×7 window's attention does ~24 FLOP per byte it must move, far under the
 tensor cores' ridge point, so the padded columns of 49 → 64 do not cost time; memory does.
 
