@@ -490,9 +490,9 @@ def _launch_fwd(qkv, table, qkv_bias, g: _Geometry, scale, mask_value, dropout_p
     lse = new_output((g.programs, g.n_tok), dtype=torch.float32, device=qkv.device)
     if g.programs == 0:  # an empty batch: nothing to launch
         return out, lse
-    qkv_bias = qkv_bias.contiguous() if qkv_bias is not None else qkv  # (3C,): the kernels index it densely
+    bias_arg = qkv_bias.contiguous() if qkv_bias is not None else qkv  # (3C,): the kernels index it densely
     _win_fwd_kernel[(g.programs, cdiv(g.n_tok, g.block_m))](
-        qkv, qkv_bias, table, out, lse,
+        qkv, bias_arg, table, out, lse,
         *g.grid_args(), scale * _LOG2E, float(mask_value), *_dropout_args(dropout_p, seed),
         *qkv.stride(), *out.stride(), *table.stride(),
         BLOCK_M=g.block_m, BLOCK_N=g.block_n, num_warps=g.warps, **g.consts(qkv_bias, dropout_p),
