@@ -261,13 +261,14 @@ def _win_bwd_dkdv_kernel(
                            st_t, st_h, qk_scale, mask_value, N_TOK, MH, MW, HAS_SHIFT)
         valid = (rows < N_TOK)[:, None] & (cols < N_TOK)[None, :]
         p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
         p_kept = p  # what the forward multiplied v by
         if HAS_DROPOUT:
             z = _keep_scale(seed, pid, rows, cols, N_TOK, N_TOK, dropout_p, inv_keep)
             p_kept = p * z
-            dp = dp * z
         dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        if HAS_DROPOUT:
+            dp = dp * z
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
 
@@ -281,12 +282,12 @@ def _win_bwd_dkdv_kernel(
     if PAD_GRAD:  # padding keys are the qkv bias: their gradients belong to it
         # Only border windows hold padding, so only they own a slot (no slot per window of the grid).
         border, pad_win = _padded_window(win, N_WIN_W, FULL_H, FULL_W)
-        is_pad = ((cols < N_TOK) & (inside_k == 0))[:, None]
-        slot_id = ((b * N_PAD_WIN + pad_win) * HEADS + head) * tl.num_programs(1) + tl.program_id(1)
-        slot = pad_grad_ptr + slot_id * (2 * BLOCK_D) + dims
-        store_ok = (dims < BLOCK_D) & border
-        tl.store(slot, tl.sum(tl.where(is_pad, dk, 0.0), 0), mask=store_ok)
-        tl.store(slot + BLOCK_D, tl.sum(tl.where(is_pad, dv, 0.0), 0), mask=store_ok)
+        if border:
+            is_pad = ((cols < N_TOK) & (inside_k == 0))[:, None]
+            slot_id = ((b * N_PAD_WIN + pad_win) * HEADS + head) * tl.num_programs(1) + tl.program_id(1)
+            slot = pad_grad_ptr + slot_id * (2 * BLOCK_D) + dims
+            tl.store(slot, tl.sum(tl.where(is_pad, dk, 0.0), 0))
+            tl.store(slot + BLOCK_D, tl.sum(tl.where(is_pad, dv, 0.0), 0))
 
 
 @triton.jit
