@@ -17,7 +17,7 @@ import torch
 from vitkern._memory import poison_outputs
 
 __all__ = ["FP32_RTOL", "TF32_RTOL", "FORWARD_FACTOR", "GRAD_FACTOR", "rel_err", "assert_close", "nan_padded",
-           "assert_drop_in_signature", "poison_outputs"]
+           "assert_drop_in_signature", "randomise_parameters", "poison_outputs"]
 
 FP32_RTOL = 1e-5
 TF32_RTOL = 1e-3
@@ -79,3 +79,17 @@ def assert_drop_in_signature(ours, theirs, methods=("forward",)):
     for method in methods:
         assert list(inspect.signature(getattr(ours, method)).parameters) == \
             list(inspect.signature(getattr(theirs, method)).parameters), method
+
+
+def randomise_parameters(module: torch.nn.Module, norm_prefix: str = "norm.") -> None:
+    """Every parameter random: matrices and conv kernels at about their init scale (the softmax stays
+    unsaturated), biases and LayerNorm affines (``<norm_prefix>weight``: around 1) O(1); timm starts
+    them at 0 / 1, which would leave their gradients untested."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn_like(p) * (p.shape[1] * p[0, 0].numel()) ** -0.5)
+            elif name.startswith(norm_prefix) and name.endswith("weight"):
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+            else:
+                p.copy_(0.5 * torch.randn_like(p))
