@@ -549,7 +549,7 @@ def _note_module_floors(case: AttnCase, mode: Mode, ms: "ModuleSet") -> None:
     def naive():
         module = floors.meta_module(ms.naive)
         x = floors.meta((case.B, case.N, case.dim), True)
-        harness.grad_step(module, (x,), floors.meta(x.shape))()
+        harness.grad_step(module, (x,), floors.meta(x.shape), module.parameters())()
 
     harness.note_floors(FAMILY, case.name, mode, {**case.shape(), "level": "module"},
                         kernel=lambda elem: (module_flops(case, mode), module_min_bytes(case, mode, elem)),

@@ -493,7 +493,8 @@ def _prepare(common: dict, case: PvtCase, mode: Mode, impl: str, settings) -> Pv
     def naive():
         module = floors.meta_module(mods.naive)
         x = floors.meta((case.B, case.N, case.dim), mode.backward)
-        harness.grad_step(lambda t: module(t, case.feat_size), (x,), floors.meta(x.shape) if mode.backward else None)()
+        harness.grad_step(lambda t: module(t, case.feat_size), (x,), floors.meta(x.shape) if mode.backward else None,
+                          module.parameters())()
 
     harness.note_floors(FAMILY, case.name, mode, common["shape"], naive=naive,
                         kernel=lambda elem: (flops(case, mode), min_bytes(case, mode, elem)))

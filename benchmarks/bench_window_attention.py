@@ -593,7 +593,7 @@ def _note_floors(common: dict, case: SwinCase, mode: Mode, level: str, mods: Swi
         block = floors.meta_module(mods.naive)
         fn = _timm_fn(block, level)
         x = floors.meta((case.B, case.H, case.W, case.dim), mode.backward)
-        harness.grad_step(fn, (x,), floors.meta(x.shape) if mode.backward else None)()
+        harness.grad_step(fn, (x,), floors.meta(x.shape) if mode.backward else None, _params(block, _param_names(block, level)))()
 
     harness.note_floors(FAMILY, common["case"], mode, common["shape"],
                         kernel=lambda elem: (flops(case, mode, level), min_bytes(case, mode, level, elem)),

@@ -9,7 +9,7 @@ two resources needs at full speed. Two costs per (case, mode):
 * **naive**: what the naive reference's own op sequence must move, counted by running it on
   the meta device under :class:`TrafficCounter` (every op that is not a view reads its
   inputs once and writes its outputs once: the N×N scores and probabilities, the rolled and
-  padded copies, the mask and bias tensors, the backward's dS) and ``FlopCounterMode``.
+  padded copies, the mask and bias tensors, the backward's dS), with torch's per-op FLOP formulas.
 
 ``floor_naive / floor_vitkern`` is the best speedup over naive that physics allows on that
 card; the summary prints it beside the measured speedup. The naive count assumes no reuse
@@ -101,23 +101,36 @@ _FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided
          "sym_size", "sym_stride", "sym_numel", "is_same_size", "_local_scalar_dense"}
 
 
+#: In-place ops that overwrite their first argument without reading it.
+_WRITE_ONLY = {"copy_", "fill_", "zero_", "normal_", "uniform_"}
+
+
 class TrafficCounter(TorchDispatchMode):
     """Bytes an eager op sequence moves at least: every non-view op reads each tensor input once
-    (its distinct elements) and writes each output once. ``by_op`` keeps the breakdown."""
+    (its distinct elements) and writes each output once; and its FLOPs, by torch's own per-op
+    formulas (``torch.utils.flop_counter``, without ``FlopCounterMode``'s module hooks, which
+    ``torch.autograd.grad`` does not support). ``by_op`` keeps the bytes per op."""
 
     def __init__(self):
         super().__init__()
         self.bytes = 0
+        self.flops = 0
         self.by_op: Dict[str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils.flop_counter import flop_registry
+
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += int(formula(*args, **kwargs, out_val=out))
         name = func.__name__.split(".")[0]
         if _is_view(func) or name in _FREE:
             return out
+        read = args[1:] if name in _WRITE_ONLY else args
         # in-place ops count their target as read (an input) and written (the output)
-        moved = sum(distinct_bytes(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+        moved = sum(distinct_bytes(t) for t in tree_leaves((read, kwargs)) if isinstance(t, torch.Tensor))
         moved += sum(distinct_bytes(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
         self.bytes += moved
         self.by_op[name] = self.by_op.get(name, 0) + moved
@@ -125,15 +138,12 @@ class TrafficCounter(TorchDispatchMode):
 
 
 def count(fn: Callable[[], Any]) -> Tuple[Cost, Dict[str, int]]:
-    """FLOPs (``FlopCounterMode``) and bytes (:class:`TrafficCounter`) of ``fn()``, forward and any
-    backward it runs; call it on meta tensors so nothing is computed or allocated."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    flop_counter = FlopCounterMode(display=False)
+    """FLOPs and bytes (:class:`TrafficCounter`) of ``fn()``, forward and any backward it runs;
+    call it on meta tensors so nothing is computed or allocated."""
     traffic = TrafficCounter()
-    with flop_counter, traffic:
+    with traffic:
         fn()
-    return Cost(int(flop_counter.get_total_flops()), int(traffic.bytes)), dict(traffic.by_op)
+    return Cost(traffic.flops, traffic.bytes), dict(traffic.by_op)
 
 
 def meta(shape, requires_grad: bool = False, dtype: torch.dtype = FLOOR_DTYPE) -> torch.Tensor:

@@ -630,14 +630,14 @@ def note_floors(family: str, case: str, mode: Mode, shape: Dict[str, Any], *,
 
 
 def grad_step(fn: Callable[..., torch.Tensor], inputs: Sequence[Optional[torch.Tensor]],
-              grad: Optional[torch.Tensor]) -> Callable[[], Any]:
-    """``fn(*inputs)`` and, with ``grad``, its backward into every leaf that requires grad: the naive
-    call whose cost :func:`note_floors` counts (``backward``, not ``autograd.grad``, which
-    ``FlopCounterMode``'s module hooks do not support)."""
+              grad: Optional[torch.Tensor], params: Iterable[torch.Tensor] = ()) -> Callable[[], Any]:
+    """``fn(*inputs)`` and, with ``grad``, ``torch.autograd.grad`` for the inputs and ``params`` that
+    require grad (as the timed steps do): the naive call whose cost :func:`note_floors` counts."""
     def run():
         out = fn(*inputs)
         if grad is not None:
-            out.backward(grad)
+            wrt = [t for t in list(inputs) + list(params) if t is not None and t.requires_grad]
+            torch.autograd.grad(out, wrt, grad, allow_unused=True)
     return run
 
 
