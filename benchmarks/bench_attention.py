@@ -67,7 +67,8 @@ GPU time (estimate, H100, cold Triton / inductor caches, default settings):
   first shape and goes dynamic at the second: ~4-8 graphs) ~30-60 s;
   timm Attention dynamic compile (fwd+bwd) ~20-30 s; Triton JIT of vitkern's 4 kernels x
   2 head dims ~15-25 s; session start (CUDA, ceilings, timm import) ~10 s
-  = ~2-2.5 min; scripts/gpu_check.sh caps this family at VK_BENCH_TIMEOUT_ATTENTION=170 s.
+  = ~2-2.5 min; scripts/gpu_check.sh gives this family a nominal VK_BENCH_TIMEOUT_ATTENTION=130 s,
+  scaled to its share of what the tuner and the GPU tests left.
   The module level runs first, then the kernel grid in the order above (ViT-B/16 first),
   so a cap cuts the least-used shapes. ``--vk-compile static`` adds ~16 + 6 compiles
   (several minutes): run it without the cap.
