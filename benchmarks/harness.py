@@ -44,7 +44,6 @@ import floors as _floors
 from vitkern import _timing, _triton
 from vitkern.testing import assert_close, rel_err  # noqa: F401 - the policy, re-exported for bench files
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = "vitkern-bench/1"
 
 #: Every row recorded in this process (all families), in recording order.

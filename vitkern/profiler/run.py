@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 
