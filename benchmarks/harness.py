@@ -202,24 +202,11 @@ class RotatingTimer:
         self.cuda = device.type == "cuda"
         self.calls = 0
         self.samples_ms: List[float] = []
-        if self.cuda:
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._end = torch.cuda.Event(enable_timing=True)
 
     def __call__(self) -> None:
         args = self.arg_sets[self.calls % len(self.arg_sets)]
         self.calls += 1
-        if self.cuda:
-            self._start.record()
-            out = self.step(args)
-            self._end.record()
-            self._end.synchronize()
-            self.samples_ms.append(self._start.elapsed_time(self._end))
-        else:
-            t0 = time.perf_counter()
-            out = self.step(args)
-            self.samples_ms.append((time.perf_counter() - t0) * 1e3)
-        del out
+        self.samples_ms.append(_timing.time_one(lambda: self.step(args), self.device))
 
 
 @dataclasses.dataclass

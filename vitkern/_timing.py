@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["synchronize", "time_ms", "median_ms", "dist_version", "cpu_name", "device_name", "device_slug",
+__all__ = ["synchronize", "time_one", "time_ms", "median_ms", "dist_version", "cpu_name", "device_name", "device_slug",
            "git_commit", "commit_label", "environment", "DEFAULT_L2_BYTES", "l2_cache_bytes"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -31,29 +31,27 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, rounds: int) -> List[float]:
-    """Milliseconds of each of ``rounds`` calls of ``fn`` after ``warmup`` untimed calls.
+def time_one(fn: Callable[[], Any], device: torch.device) -> float:
+    """Milliseconds of one call of ``fn``: bracketed by CUDA events and waited for on a GPU (the
+    device's time), the host clock on CPU. The result is dropped before returning."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
-    On a GPU each call is bracketed by CUDA events and waited for, so the time is the
-    device's; on CPU it is the host clock.
-    """
+
+def time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, rounds: int) -> List[float]:
+    """Milliseconds of each of ``rounds`` calls of ``fn`` (:func:`time_one`) after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
     synchronize(device)
-    samples: List[float] = []
-    for _ in range(rounds):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return samples
+    return [time_one(fn, device) for _ in range(rounds)]
 
 
 def median_ms(fn: Callable[[], Any], device: torch.device, rounds: int, warmup: int) -> float:
