@@ -595,9 +595,7 @@ def test_attention_module(benchmark, vk_settings, vk_ceilings, attn_module_point
     keys = ["dx"] + [f"d{n}" for n in _param_keys(params_of)]
     params = [p for _, p in params_of.named_parameters()]
 
-    def step(a):
-        out = module(a["x"])
-        return out, torch.autograd.grad(out, [a["x"]] + params, a["grad"])
+    step = harness.x_step(module, params, True)
 
     def check(out, grads):
         missing = sorted(set(keys) ^ set(state.grad_keys))

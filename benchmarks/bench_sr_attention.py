@@ -345,17 +345,8 @@ def _params(module: torch.nn.Module, names: Sequence[str]) -> List[torch.Tensor]
 
 
 def _make_step(fn: Callable, feat_size, params: Sequence[torch.Tensor], backward: bool) -> Callable[[dict], tuple]:
-    """One timed call: forward under no_grad, or forward + gradients for x and ``params``."""
-    params = list(params)
-    if not backward:
-        def step(a):
-            with torch.no_grad():
-                return fn(a["x"], feat_size), ()
-    else:
-        def step(a):
-            out = fn(a["x"], feat_size)
-            return out, torch.autograd.grad(out, [a["x"]] + params, a["grad"])
-    return step
+    """One timed call of ``fn(x, feat_size)`` (see harness.x_step)."""
+    return harness.x_step(fn, params, backward, feat_size)
 
 
 class PvtState:

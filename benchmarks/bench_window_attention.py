@@ -435,18 +435,7 @@ def _state(level: str, case: SwinCase, mode: Mode, mods: SwinModules) -> SwinSta
     return _STATE.get((level, case, mode, str(mods.device), mods.dtype), lambda: SwinState(level, case, mode, mods))
 
 
-def _make_step(fn: Callable, params: Sequence[torch.Tensor], backward: bool) -> Callable[[dict], tuple]:
-    """One timed call: forward under no_grad, or forward + gradients for x and ``params``."""
-    params = list(params)
-    if not backward:
-        def step(a):
-            with torch.no_grad():
-                return fn(a["x"]), ()
-    else:
-        def step(a):
-            out = fn(a["x"])
-            return out, torch.autograd.grad(out, [a["x"]] + params, a["grad"])
-    return step
+_make_step = harness.x_step
 
 
 def _check_equal(impl: str, out, grads, state: SwinState) -> Dict[str, float]:

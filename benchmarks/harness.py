@@ -582,6 +582,23 @@ def equal_then_time(benchmark, settings, ceilings, common: Dict[str, Any], step:
                   extra={"first_call_s": round(first_call_s, 3), **(extra or {})})
 
 
+def x_step(fn: Callable[..., torch.Tensor], params: Sequence[torch.Tensor], backward: bool,
+           *args: Any) -> Callable[[Dict[str, torch.Tensor]], Tuple[torch.Tensor, Sequence[torch.Tensor]]]:
+    """The timed call of a module-level row, on an argument set ``{"x": ..., "grad": ...}``:
+    ``fn(x, *args)`` under ``torch.no_grad()`` (inference), or with ``backward`` forward +
+    ``torch.autograd.grad`` for x and ``params`` (no ``.grad`` accumulation is timed)."""
+    params = list(params)
+    if not backward:
+        def step(a):
+            with torch.no_grad():
+                return fn(a["x"], *args), ()
+    else:
+        def step(a):
+            out = fn(a["x"], *args)
+            return out, torch.autograd.grad(out, [a["x"]] + params, a["grad"])
+    return step
+
+
 def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
