@@ -90,12 +90,14 @@ def pytest_sessionfinish(session, exitstatus):
     harness.SESSION["written"] = [str(p) for p in written]
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's tables, so the floors are the last thing shown
 def pytest_terminal_summary(terminalreporter):
     if harness.FLOORS:
         terminalreporter.section("vitkern static floors (bf16; bound = floor naive / floor vitkern)")
         for family in dict.fromkeys(f["family"] for f in harness.FLOORS.values()):
             terminalreporter.write_line(f"{family}:")
-            for line in harness.floors_table([f for f in harness.FLOORS.values() if f["family"] == family]):
+            rows = [r for r in harness.RESULTS if r["family"] == family]
+            for line in harness.floors_table([f for f in harness.FLOORS.values() if f["family"] == family], rows):
                 terminalreporter.write_line(line)
     written = harness.SESSION.get("written")
     error = harness.SESSION.get("write_error")

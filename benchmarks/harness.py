@@ -839,17 +839,23 @@ def _floor_of(floors_by_key: Dict[Any, Dict[str, Any]], case: str, mode: str, de
     return rec["devices"].get(device)
 
 
-def floors_table(floors: List[Dict[str, Any]]) -> List[str]:
-    """One markdown row per (case, mode): FLOPs and bytes of vitkern and naive, floors on each device."""
+def floors_table(floors: List[Dict[str, Any]], rows: Optional[List[Dict[str, Any]]] = None) -> List[str]:
+    """One markdown row per (case, mode): FLOPs and bytes of vitkern and naive, floors on each device,
+    and with ``rows`` the measured speedup of the best vitkern row over naive beside the bounds."""
     names = [d.name for d in _floors.DEVICES]
+    measured: Dict[Tuple[str, str], Optional[float]] = {}
+    for g in analyse(rows or []):
+        measured[(g["case"], g["mode"])] = _speedups(g["best_ours"], g)[0] if g["best_ours"] else None
     lines = ["| case | mode | GFLOP vitkern / naive | MB vitkern / naive | "
-             + " | ".join(f"{n} floor µs vitkern / naive | {n} bound ×" for n in names) + " |",
-             "|---|---|---:|---:|" + "---:|---:|" * len(names)]
+             + " | ".join(f"{n} floor µs vitkern / naive | {n} bound ×" for n in names)
+             + (" | measured vs naive |" if rows is not None else " |"),
+             "|---|---|---:|---:|" + "---:|---:|" * len(names) + ("---:|" if rows is not None else "")]
     for rec in floors:
         k = rec["vitkern"]
+        tail = f" {_fmt_x(measured.get((rec['case'], rec['mode'])))} |" if rows is not None else ""
         if "naive" not in rec:
             lines.append(f"| {rec['case']} | {rec['mode']} | {k['flops'] / 1e9:.3g} / – | {k['bytes'] / 1e6:.3g} / – | "
-                         + " | ".join("– | –" for _ in names) + f" | (naive not counted: {rec.get('naive_error')})")
+                         + " | ".join("– | –" for _ in names) + f" |{tail} (naive not counted: {rec.get('naive_error')})")
             continue
         n = rec["naive"]
         cells = []
@@ -857,7 +863,7 @@ def floors_table(floors: List[Dict[str, Any]]) -> List[str]:
             d = rec["devices"][name]
             cells.append(f"{_fmt_sig(d['vitkern_us'])} / {_fmt_sig(d['naive_us'])} | {_fmt_x(d['speedup_bound'])}")
         lines.append(f"| {rec['case']} | {rec['mode']} | {k['flops'] / 1e9:.3g} / {n['flops'] / 1e9:.3g} | "
-                     f"{k['bytes'] / 1e6:.3g} / {n['bytes'] / 1e6:.3g} | " + " | ".join(cells) + " |")
+                     f"{k['bytes'] / 1e6:.3g} / {n['bytes'] / 1e6:.3g} | " + " | ".join(cells) + " |" + tail)
     return lines
 
 
@@ -1006,8 +1012,8 @@ def render_summary(docs: List[Dict[str, Any]], env: Dict[str, Any]) -> str:
                    if peak_ratio else ""))
         lines.append("")
         if floors_by_key:
-            lines += ["Static floors (bf16, whatever dtype the rows ran in):", ""] + floors_table(
-                list(floors_by_key.values())) + [""]
+            lines += ["Static floors (bf16, whatever dtype the rows ran in) beside the measured speedup of the best "
+                      "vitkern row:", ""] + floors_table(list(floors_by_key.values()), doc.get("rows", [])) + [""]
         not_timed: Dict[str, List[str]] = {}
         for row in doc.get("rows", []):
             if row.get("status") != "ok":
