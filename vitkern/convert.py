@@ -42,8 +42,8 @@ the timm module's device and dtype.
 Reporting: :func:`optimize` emits one :class:`OptimizeWarning` per call when something was
 skipped (its message lists what was converted, what was skipped and why), or when nothing at
 all was found to convert (e.g. timm not installed and a plain ``nn.Module``); otherwise it logs
-the summary at INFO level on the ``vitkern.convert`` logger. ``verbose=True`` also prints the
-summary. :func:`convert` does the same work and returns a :class:`ConversionReport` instead of
+the summary at INFO level on the ``vitkern.convert`` logger. ``verbose=True`` prints the summary
+instead (once: the warning then only points at it, and nothing is logged). :func:`convert` does the same work and returns a :class:`ConversionReport` instead of
 the model (``report.model`` is the model), without warning.
 
 **vitkern's own models** (``vitkern.models.ViT`` and any module defined in vitkern) already run
@@ -58,9 +58,9 @@ Notes:
 * Call ``optimize`` before ``torch.compile`` (a compiled graph keeps the modules it traced).
 * A model whose root module is itself replaceable (e.g. a lone timm ``Attention``) cannot be
   changed in place: the replacement is returned, so write ``model = vitkern.optimize(model)``.
-* Training with attention dropout > 0: the fused ops draw their own random numbers, so a
-  training step equals timm's in distribution, not bit for bit (Swin falls back to timm's
-  unfused math in that case and is bit-compatible, see :mod:`vitkern.nn.swin`).
+* Training with attention dropout > 0: the fused ops (global and Swin window attention) draw
+  their own random numbers in-kernel, so a training step equals timm's in distribution, not bit
+  for bit.
 * An explicit backend that cannot run a call (e.g. ``"triton"`` on CPU without
   ``TRITON_INTERPRET=1``) raises at forward time with the reason; ``"auto"`` always falls back.
 * timm is only looked up in ``sys.modules``: a model can only hold timm modules if timm was
@@ -543,10 +543,14 @@ def optimize(model: nn.Module, *, backend: Optional[str] = None, verbose: bool =
     """
     report = convert(model, backend=backend)
     text = report.summary()
-    if verbose:
-        print(text)
     nothing = not report.converted and not report.vitkern_modules
-    if report.skipped or nothing:
+    if verbose:
+        # The summary is shown once: printed here, so the warning only points at it and nothing is logged.
+        print(text)
+        if report.skipped or nothing:
+            what = "converted nothing" if nothing else f"skipped {len(report.skipped)} module(s)"
+            warnings.warn(f"vitkern.optimize {what}; see the summary printed above", OptimizeWarning, stacklevel=2)
+    elif report.skipped or nothing:
         warnings.warn(text, OptimizeWarning, stacklevel=2)
     else:
         _log.info("%s", text)

@@ -25,6 +25,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from vitkern._timing import synchronize, time_ms
 from vitkern.profiler.specs import Built, Config, ModelUnavailable, build
 
 __all__ = ["Measurement", "PeakTensorMemory", "Progress", "measure_config", "time_callable"]
@@ -37,6 +38,8 @@ class Measurement:
     reason: str = ""
     ms: Optional[float] = None      # median wall time of one call (whole batch)
     ms_min: Optional[float] = None
+    ms_max: Optional[float] = None
+    spread: Optional[float] = None  # (max - min) / median of the timed calls: how noisy the figure is
     img_per_s: Optional[float] = None
     peak_mib: Optional[float] = None
     counted_gflops: Optional[float] = None  # FlopCounterMode on this device, per image
@@ -128,30 +131,9 @@ class Progress:
             sys.stderr.flush()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_callable(step: Callable[[], None], device: torch.device, warmup: int, rounds: int) -> List[float]:
     """Milliseconds of ``rounds`` calls of ``step`` after ``warmup`` calls (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    times = []
-    for _ in range(rounds):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
+    return time_ms(step, device, warmup, rounds)
 
 
 def _make_step(fn: Callable, model: torch.nn.Module, x: torch.Tensor, backward: bool) -> Callable[[], None]:
@@ -243,7 +225,7 @@ def _measure_one(fn, model, x, backend, device, backward, warmup, rounds, batch)
     if device.type == "cuda":
         with counter:
             step()  # also the first warm-up call
-        _sync(device)
+        synchronize(device)
         model.zero_grad(set_to_none=True)  # each timed step starts without gradients
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -258,5 +240,6 @@ def _measure_one(fn, model, x, backend, device, backward, warmup, rounds, batch)
     model.zero_grad(set_to_none=True)
     med = statistics.median(times)
     flops = counter.get_total_flops()
-    return Measurement(backend, "ok", ms=med, ms_min=min(times), img_per_s=batch / (med / 1e3), peak_mib=peak,
+    return Measurement(backend, "ok", ms=med, ms_min=min(times), ms_max=max(times),
+                       spread=(max(times) - min(times)) / med if med > 0 else 0.0, img_per_s=batch / (med / 1e3), peak_mib=peak,
                        counted_gflops=flops / batch / 1e9 if flops else 0.0, rounds=len(times))
