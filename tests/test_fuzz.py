@@ -29,6 +29,7 @@ import torch
 from vitkern.backends import BackendUnavailableError
 from vitkern.ops import attention, attention_packed, patch_embed, sr_attention, window_attention
 from vitkern.ops.attention import dropout_keep_mask
+from vitkern.ops.window_attention import window_dropout_keep_mask
 from vitkern.reference import (attention_reference, patch_embed_reference, sr_attention_reference,
                                swin_effective_window, window_attention_reference)
 
@@ -36,9 +37,6 @@ from fuzz_draws import (CASE_TIMEOUT_S, DEVICE, LAYOUTS, Draw, check_against_ref
                         huge_batch_stride, log_uniform, reported, upstream_grad)
 
 ATTN_EDGES = (1, 2, 15, 16, 17, 63, 64, 65, 127, 129)
-# Optional arguments that arrive with the fixes of issue 11 are drawn once the ops take them.
-HAS_CAUSAL = "is_causal" in inspect.signature(attention).parameters
-HAS_WINDOW_DROPOUT = "dropout_p" in inspect.signature(window_attention).parameters
 HEAD_DIMS = (1, 3, 8, 16, 20, 32, 33, 48, 64, 80, 96, 128)
 
 
@@ -135,13 +133,11 @@ def _draw_qkv_sizes(d: Draw, packed=False):
     if D > 64 and max(NQ, NK) > 64:  # keep the interpreter's cost bounded
         NQ, NK = min(NQ, 64), NK if packed else min(NK, 64)
         NK = NQ if packed else NK
-    causal = HAS_CAUSAL and d.rng.random() < 0.25
+    causal = d.rng.random() < 0.25
     if causal and NQ == 1:  # query 0 sees key 0 only: its score gradients are 0
         NQ = 2
         NK = NQ if packed else NK
-    d.record(B=B, H=H, NQ=NQ, NK=NK, D=D)
-    if HAS_CAUSAL:
-        d.record(is_causal=causal)
+    d.record(B=B, H=H, NQ=NQ, NK=NK, D=D, is_causal=causal)
     return B, H, NQ, NK, D
 
 
@@ -158,18 +154,17 @@ def test_attention_matches_reference(case):
         mag = d.record(magnitude=round(d.rng.uniform(0.5, 2.5), 2))
         inputs = {n: draw_layout(d, n, d.randn(B, H, length, D, dtype=dtype, scale=mag), expand_dims=(0, 1, 3))
                   for n, length in (("q", NQ), ("k", NK), ("v", NK))}
-        causal = d.drawn.get("is_causal", False)
+        causal = d.drawn["is_causal"]
         inputs["attn_bias"] = _draw_bias(d, (B, H, NQ, NK), dtype, causal)
         scale, p = _scale(d), _dropout(d)
         needs = _needs(d, ["q", "k", "v", "attn_bias"])
         grad_out = upstream_grad(d, (B, H, NQ, D), dtype)
-        extra = {"is_causal": causal} if HAS_CAUSAL else {}
 
         def op(**kw):
-            return attention(**kw, scale=scale, dropout_p=p, **extra, backend="triton")
+            return attention(**kw, scale=scale, dropout_p=p, is_causal=causal, backend="triton")
 
         def ref(**kw):
-            return attention_reference(**kw, scale=scale, dropout_p=p, **extra)
+            return attention_reference(**kw, scale=scale, dropout_p=p, is_causal=causal)
 
         ref = _with_mask(ref, d, p)
         check_against_reference(
@@ -184,20 +179,20 @@ def test_attention_packed_matches_reference(case):
     with reported(d):
         B, H, N, _, D = _draw_qkv_sizes(d, packed=True)
         dtype = d.record(dtype=d.dtype())
-        causal = d.drawn.get("is_causal", False)
+        causal = d.drawn["is_causal"]
         inputs = {"qkv": draw_layout(d, "qkv", d.randn(B, N, 3 * H * D, dtype=dtype, scale=1.5), expand_dims=(0, 2)),
                   "attn_bias": _draw_bias(d, (B, H, N, N), dtype, causal)}
         scale, p = _scale(d), _dropout(d)
         needs = _needs(d, ["qkv", "attn_bias"], p=0.85)
         grad_out = upstream_grad(d, (B, N, H * D), dtype)
-        extra = {"is_causal": causal} if HAS_CAUSAL else {}
 
         def op(qkv, attn_bias):
-            return attention_packed(qkv, H, scale=scale, attn_bias=attn_bias, dropout_p=p, **extra, backend="triton")
+            return attention_packed(qkv, H, scale=scale, attn_bias=attn_bias, dropout_p=p, is_causal=causal,
+                                    backend="triton")
 
         def ref(qkv, attn_bias):
             q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
-            out = attention_reference(q, k, v, scale=scale, attn_bias=attn_bias, dropout_p=p, **extra)
+            out = attention_reference(q, k, v, scale=scale, attn_bias=attn_bias, dropout_p=p, is_causal=causal)
             return out.transpose(1, 2).reshape(B, N, H * D)
 
         ref = _with_mask(ref, d, p)
@@ -283,8 +278,6 @@ def _draw_window(d: Draw, dtype):
 
 def _window_mask(d: Draw, p: float, qkv_shape, heads, window):
     """The window kernels' keep mask (B, nW, heads, n, n) for the seed the op draws."""
-    from vitkern.ops.window_attention import window_dropout_keep_mask
-
     B, H, W, _ = qkv_shape
     if B == 0:
         n_win = -(-H // window[0]) * -(-W // window[1])
@@ -300,19 +293,18 @@ def test_window_attention_matches_reference(case):
         inputs, heads, window, shift = _draw_window(d, dtype)
         scale = _scale(d)
         mask_value = d.record(mask_value=d.rng.choice((-100.0, -100.0, -3.0)))
-        p = _dropout(d, p_any=0.2) if HAS_WINDOW_DROPOUT else 0.0
+        p = _dropout(d, p_any=0.2)
         needs = _needs(d, list(inputs))
         qkv = inputs["qkv"]
         grad_out = upstream_grad(d, (*qkv.shape[:3], qkv.shape[3] // 3), dtype)
         kw = dict(num_heads=heads, window_size=window, shift_size=shift, scale=scale, mask_value=mask_value)
-        op_kw = {**kw, "dropout_p": p} if HAS_WINDOW_DROPOUT else kw
         mask = _window_mask(d, p, qkv.shape, heads, window) if p else None
 
         def ref(**i):
             drop = {"dropout_mask": mask.to(i["qkv"].dtype)} if p else {}
             return window_attention_reference(**i, **kw, **drop)
 
-        check_against_reference(d, lambda **i: window_attention(**i, **op_kw, backend="triton"), ref,
+        check_against_reference(d, lambda **i: window_attention(**i, **kw, dropout_p=p, backend="triton"), ref,
                                 inputs, needs, grad_out, dtype, rerun=d.rng.random() < 0.2)
 
 
