@@ -42,6 +42,30 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # --------------------------------------------------------------------------- #
 # Triton kernels
 # --------------------------------------------------------------------------- #
+# Every address is int64: an index is cast before it meets a stride, because a stride
+# near 2^31 (a huge batch or a strided view) would wrap an int32 product silently.
+@triton.jit
+def _split_k(ks, PH: tl.constexpr, PW: tl.constexpr):
+    """k -> (c, i, j), flattened as in the Conv2d weight (int32: no stride involved yet)."""
+    c = ks // (PH * PW)
+    ij = ks % (PH * PW)
+    return c, ij // PW, ij % PW
+
+
+@triton.jit
+def _pixel_offset(c, i, j, s_c, s_h, s_w):
+    """Offset of pixel (c, i, j) within a patch (or of weight element [., c, i, j])."""
+    return c.to(tl.int64) * s_c + i.to(tl.int64) * s_h + j.to(tl.int64) * s_w
+
+
+@triton.jit
+def _patch_origin(b, n, GRID_W, s_b, s_h, s_w, PH: tl.constexpr, PW: tl.constexpr):
+    """Offset of the top-left pixel of patch n (row-major on the grid) of image b."""
+    b = b.to(tl.int64)
+    n = n.to(tl.int64)
+    return b * s_b + (n // GRID_W) * PH * s_h + (n % GRID_W) * PW * s_w
+
+
 @triton.jit
 def _patch_embed_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, cls_ptr, pos_ptr, out_ptr,
@@ -49,7 +73,7 @@ def _patch_embed_fwd_kernel(
     M, D, K, TOKENS, PREFIX, GRID_W,
     sx_b, sx_c, sx_h, sx_w,
     sw_d, sw_c, sw_h, sw_w,
-    spos_t, spos_d,
+    spos_t, spos_d, s_bias, s_cls, s_lnw, s_lnb,
     PH: tl.constexpr, PW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr, HAS_POS: tl.constexpr, HAS_NORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -65,36 +89,32 @@ def _patch_embed_fwd_kernel(
     t = rows % TOKENS
     is_patch = row_ok & (t >= PREFIX)
     n = tl.where(is_patch, t - PREFIX, 0)
-    patch_h = n // GRID_W
-    patch_w = n % GRID_W
-    row_base = b * sx_b + patch_h * (PH * sx_h) + patch_w * (PW * sx_w)  # int64: top-left pixel of the patch
-    w_cols = cols.to(tl.int64) * sw_d
+    row_base = _patch_origin(b, n, GRID_W, sx_b, sx_h, sx_w, PH, PW)
+    cols64 = cols.to(tl.int64)
+    w_cols = cols64 * sw_d
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)  # k = (c, i, j) flattened as in the Conv2d weight
+        ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        c = ks // (PH * PW)
-        ij = ks % (PH * PW)
-        i = ij // PW
-        j = ij % PW
-        x_off = c.to(tl.int64) * sx_c + i * sx_h + j * sx_w
+        c, i, j = _split_k(ks, PH, PW)
+        x_off = _pixel_offset(c, i, j, sx_c, sx_h, sx_w)
         a = tl.load(x_ptr + row_base[:, None] + x_off[None, :],
                     mask=is_patch[:, None] & k_ok[None, :], other=0.0)
-        w_off = c.to(tl.int64) * sw_c + i * sw_h + j * sw_w
+        w_off = _pixel_offset(c, i, j, sw_c, sw_h, sw_w)
         w = tl.load(w_ptr + w_off[:, None] + w_cols[None, :],
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc += tl.dot(a, w)
 
     # Epilogue: bias on patch rows, CLS on prefix rows, position embedding on all.
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + cols64 * s_bias, mask=col_ok, other=0.0).to(tl.float32)
         acc += tl.where(is_patch[:, None], bias[None, :], 0.0)
     if HAS_CLS:
-        cls = tl.load(cls_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        cls = tl.load(cls_ptr + cols64 * s_cls, mask=col_ok, other=0.0).to(tl.float32)
         acc += tl.where(is_patch[:, None], 0.0, cls[None, :])
     if HAS_POS:
-        pos = tl.load(pos_ptr + t[:, None] * spos_t + cols[None, :].to(tl.int64) * spos_d,
+        pos = tl.load(pos_ptr + t[:, None] * spos_t + cols64[None, :] * spos_d,
                       mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         acc += pos.to(tl.float32)
     out_off = rows[:, None] * D + cols[None, :]
@@ -103,8 +123,8 @@ def _patch_embed_fwd_kernel(
         mean = tl.sum(tl.where(col_ok[None, :], acc, 0.0), 1) / D
         centred = tl.where(col_ok[None, :], acc - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / D + eps)
-        ln_w = tl.load(ln_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        ln_b = tl.load(ln_b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        ln_w = tl.load(ln_w_ptr + cols64 * s_lnw, mask=col_ok, other=0.0).to(tl.float32)
+        ln_b = tl.load(ln_b_ptr + cols64 * s_lnb, mask=col_ok, other=0.0).to(tl.float32)
         acc = centred * rstd[:, None] * ln_w[None, :] + ln_b[None, :]
         tl.store(mean_ptr + rows, mean, mask=row_ok)
         tl.store(rstd_ptr + rows, rstd, mask=row_ok)
@@ -131,11 +151,8 @@ def _patch_embed_dx_kernel(
     b = rows // NUM_PATCHES
     n = rows % NUM_PATCHES
     g_row = b * sg_b + (n + PREFIX) * sg_t
-    c = ks // (PH * PW)
-    ij = ks % (PH * PW)
-    i = ij // PW
-    j = ij % PW
-    w_k = c.to(tl.int64) * sw_c + i * sw_h + j * sw_w
+    c, i, j = _split_k(ks, PH, PW)
+    w_k = _pixel_offset(c, i, j, sw_c, sw_h, sw_w)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_K):
@@ -147,10 +164,8 @@ def _patch_embed_dx_kernel(
                     mask=d_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(g, w)
 
-    patch_h = n // GRID_W
-    patch_w = n % GRID_W
-    dx_row = b * sdx_b + patch_h * (PH * sdx_h) + patch_w * (PW * sdx_w)
-    dx_k = c.to(tl.int64) * sdx_c + i * sdx_h + j * sdx_w
+    dx_row = _patch_origin(b, n, GRID_W, sdx_b, sdx_h, sdx_w, PH, PW)
+    dx_k = _pixel_offset(c, i, j, sdx_c, sdx_h, sdx_w)
     tl.store(dx_ptr + dx_row[:, None] + dx_k[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=row_ok[:, None] & k_ok[None, :])
 
@@ -172,11 +187,8 @@ def _patch_embed_dw_kernel(
     ks = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     d_ok = ds < D
     k_ok = ks < K
-    c = ks // (PH * PW)
-    ij = ks % (PH * PW)
-    i = ij // PW
-    j = ij % PW
-    x_k = c.to(tl.int64) * sx_c + i * sx_h + j * sx_w
+    c, i, j = _split_k(ks, PH, PW)
+    x_k = _pixel_offset(c, i, j, sx_c, sx_h, sx_w)
     g_d = ds.to(tl.int64) * sg_d
 
     row_start = split.to(tl.int64) * ROWS_PER_SPLIT
@@ -189,7 +201,7 @@ def _patch_embed_dw_kernel(
         g_row = b * sg_b + (n + PREFIX) * sg_t
         g_t = tl.load(g_ptr + g_d[:, None] + g_row[None, :],
                       mask=d_ok[:, None] & row_ok[None, :], other=0.0)
-        x_row = b * sx_b + (n // GRID_W) * (PH * sx_h) + (n % GRID_W) * (PW * sx_w)
+        x_row = _patch_origin(b, n, GRID_W, sx_b, sx_h, sx_w, PH, PW)
         a = tl.load(x_ptr + x_row[:, None] + x_k[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(g_t, a)
@@ -208,11 +220,12 @@ def _sum_over_batch_kernel(
     ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ok = (ts < TOKENS)[:, None] & (ds < D)[None, :]
-    offs = ts[:, None].to(tl.int64) * sg_t + ds[None, :].to(tl.int64) * sg_d
+    ptrs = g_ptr + (ts[:, None].to(tl.int64) * sg_t + ds[None, :].to(tl.int64) * sg_d)
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    for b in range(0, BATCH):
-        acc += tl.load(g_ptr + b * sg_b + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + ts[:, None] * D + ds[None, :], acc, mask=ok)
+    for _ in range(0, BATCH):
+        acc += tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+        ptrs += sg_b  # stepping the pointer: the batch offset never passes through an int32 product
+    tl.store(out_ptr + ts[:, None].to(tl.int64) * D + ds[None, :], acc, mask=ok)
 
 
 # --------------------------------------------------------------------------- #
@@ -241,15 +254,19 @@ def _launch_forward(x, weight, bias, cls_token, pos_embed, norm=None):
     M, K = B * tokens, C * PH * PW
     out = new_output((B, tokens, D), dtype=x.dtype, device=x.device)
     pos2d = pos_embed.reshape(tokens, D) if pos_embed is not None else None
+    cls = cls_token.reshape(D) if cls_token is not None else None  # a view when it can be: strides passed
     cfg = _gemm_config(x.dtype, M, D, K)
     dummy = weight  # placeholder pointer for absent optional inputs (never read)
-    norm_args = (dummy, dummy, dummy, dummy, dummy, 0.0)
+    norm_args, norm_strides = (dummy, dummy, dummy, dummy, dummy, 0.0), (0, 0)
     if norm is not None:
         ln_weight, ln_bias, eps = norm
         pre = new_output((B, tokens, D), dtype=torch.float32, device=x.device)
         mean = new_output((B, tokens), dtype=torch.float32, device=x.device)
         rstd = new_output((B, tokens), dtype=torch.float32, device=x.device)
         norm_args = (ln_weight, ln_bias, pre, mean, rstd, float(eps))
+        norm_strides = (ln_weight.stride(0), ln_bias.stride(0))
+    if M == 0:  # empty batch: nothing to compute, no zero-size grid to launch
+        return out if norm is None else (out, pre, mean, rstd)
         # Whole rows per program for the row statistics; fewer rows when rows are long.
         cfg["BLOCK_N"] = max(16, next_power_of_2(D))
         cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 32 if cfg["BLOCK_N"] > 256 else 64)
@@ -257,12 +274,13 @@ def _launch_forward(x, weight, bias, cls_token, pos_embed, norm=None):
     _patch_embed_fwd_kernel[grid](
         x, weight,
         bias if bias is not None else dummy,
-        cls_token.reshape(D) if cls_token is not None else dummy,
+        cls if cls is not None else dummy,
         pos2d if pos2d is not None else dummy,
         out, *norm_args,
         M, D, K, tokens, prefix, grid_w,
         *x.stride(), *weight.stride(),
         *(pos2d.stride() if pos2d is not None else (0, 0)),
+        bias.stride(0) if bias is not None else 0, cls.stride(0) if cls is not None else 0, *norm_strides,
         PH=PH, PW=PW,
         HAS_BIAS=bias is not None, HAS_CLS=cls_token is not None, HAS_POS=pos_embed is not None,
         HAS_NORM=norm is not None,
@@ -287,9 +305,12 @@ def _launch_backward(grad_out, x, weight, has_cls, need_dx, need_dweight, need_t
     prefix = 1 if has_cls else 0
     tokens = prefix + num_patches
     MP, K = B * num_patches, C * PH * PW
+    f32 = dict(dtype=torch.float32, device=x.device)
 
     dx = x.new_empty(0)  # unrequested results are distinct empty tensors (outputs must not alias)
-    if need_dx:
+    if need_dx and MP == 0:  # empty batch: an empty dx, no zero-size grid to launch
+        dx = new_output_like(x)
+    elif need_dx:
         # Pixels beyond the last full patch (possible only for a cropped view) get no gradient.
         # dx in x's memory format (e.g. the channels-last strides of a token grid viewed as an image),
         # so autograd maps it back through the view without a copy.
@@ -305,14 +326,16 @@ def _launch_backward(grad_out, x, weight, has_cls, need_dx, need_dweight, need_t
         )
 
     dweight = x.new_empty(0)
-    if need_dweight:
+    if need_dweight and MP == 0:  # a sum over no patches
+        dweight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+    elif need_dweight:
         cfg = _gemm_config(x.dtype, D, K, MP)
         d_tiles, k_tiles = cdiv(D, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_N"])
         row_tiles = cdiv(MP, cfg["BLOCK_K"])
         splits = _dw_splits(d_tiles, k_tiles, row_tiles, x.device)
         rows_per_split = cdiv(row_tiles, splits) * cfg["BLOCK_K"]
         splits = cdiv(MP, rows_per_split)
-        partial = new_output((splits, D, K), dtype=torch.float32, device=x.device)
+        partial = new_output((splits, D, K), **f32)
         _patch_embed_dw_kernel[(d_tiles, k_tiles, splits)](
             grad_out, x, partial,
             MP, D, K, num_patches, prefix, grid_w, rows_per_split,
@@ -323,8 +346,10 @@ def _launch_backward(grad_out, x, weight, has_cls, need_dx, need_dweight, need_t
         dweight = summed.to(weight.dtype).reshape(weight.shape)
 
     token_sums = x.new_empty(0, dtype=torch.float32)
-    if need_token_sums:
-        token_sums = new_output((tokens, D), dtype=torch.float32, device=x.device)
+    if need_token_sums and B == 0:  # a sum over no images
+        token_sums = torch.zeros((tokens, D), **f32)
+    elif need_token_sums:
+        token_sums = new_output((tokens, D), **f32)
         block_t, block_d = 16, min(128, next_power_of_2(D))
         _sum_over_batch_kernel[(cdiv(tokens, block_t), cdiv(D, block_d))](
             grad_out, token_sums, B, tokens, D, *grad_out.stride(),
@@ -437,8 +462,8 @@ def _validate(x, weight, bias, cls_token, pos_embed) -> None:
         raise TypeError(f"patch_embed: x.dtype must be one of float64/float32/float16/bfloat16, got {x.dtype}")
     B, C, H, W = x.shape
     D, Cw, PH, PW = weight.shape
-    if B == 0:
-        raise ValueError(f"patch_embed: x has an empty batch (shape {_shape(x)}); expected B >= 1")
+    if H == 0 or W == 0:  # (an empty batch B = 0 is fine: empty tokens out, as Conv2d)
+        raise ValueError(f"patch_embed: x must have H >= 1 and W >= 1 (B, C, H, W), got shape {_shape(x)}")
     if Cw != C:
         raise ValueError(f"patch_embed: weight has {Cw} input channels (shape {_shape(weight)}) but x has C={C}")
     if D == 0 or PH == 0 or PW == 0:
@@ -500,6 +525,8 @@ def _cuda_forward(x, weight, bias, cls_token, pos_embed) -> Tensor:
     D, _, PH, PW = weight.shape
     tokens = (1 if cls_token is not None else 0) + (H // PH) * (W // PW)
     out = new_output((B, tokens, D), dtype=x.dtype, device=x.device)
+    if B == 0:  # empty batch: no zero-size grid to launch
+        return out
     bias = bias.contiguous() if bias is not None else None  # read as bias[d]
     cls = cls_token.reshape(D).contiguous() if cls_token is not None else None
     pos2d = pos_embed.reshape(tokens, D) if pos_embed is not None else None
