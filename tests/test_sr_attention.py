@@ -103,9 +103,10 @@ def test_token_grid_is_read_in_place_and_its_gradient_needs_no_copy():
     assert dx.stride() == x.stride()
 
 
+@pytest.mark.parametrize("D", [40, 96], ids=["d40", "d96-wider-than-a-gemm-tile"])  # the norm needs whole rows
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_patch_embed_layernorm_matches_conv_then_layernorm(dtype):
-    B, C, H, W, D, P = 2, 24, 12, 16, 40, 4
+def test_patch_embed_layernorm_matches_conv_then_layernorm(dtype, D):
+    B, C, H, W, P = 2, 24, 12, 16, 4
     base = dict(x=torch.randn(B, C, H, W), w=torch.randn(D, C, P, P) * (C * P * P) ** -0.5, b=torch.randn(D),
                 lw=1 + 0.2 * torch.randn(D), lb=0.2 * torch.randn(D))
     base = {n: t.to(DEVICE, dtype) for n, t in base.items()}

@@ -265,11 +265,11 @@ def _launch_forward(x, weight, bias, cls_token, pos_embed, norm=None):
         rstd = new_output((B, tokens), dtype=torch.float32, device=x.device)
         norm_args = (ln_weight, ln_bias, pre, mean, rstd, float(eps))
         norm_strides = (ln_weight.stride(0), ln_bias.stride(0))
-    if M == 0:  # empty batch: nothing to compute, no zero-size grid to launch
-        return out if norm is None else (out, pre, mean, rstd)
         # Whole rows per program for the row statistics; fewer rows when rows are long.
         cfg["BLOCK_N"] = max(16, next_power_of_2(D))
         cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 32 if cfg["BLOCK_N"] > 256 else 64)
+    if M == 0:  # empty batch: nothing to compute, no zero-size grid to launch
+        return out if norm is None else (out, pre, mean, rstd)
     grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(D, cfg["BLOCK_N"]))
     _patch_embed_fwd_kernel[grid](
         x, weight,
