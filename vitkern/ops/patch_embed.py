@@ -53,17 +53,21 @@ def _split_k(ks, PH: tl.constexpr, PW: tl.constexpr):
 
 
 @triton.jit
-def _pixel_offset(c, i, j, s_c, s_h, s_w):
-    """Offset of pixel (c, i, j) within a patch (or of weight element [., c, i, j])."""
-    return c.to(tl.int64) * s_c + i.to(tl.int64) * s_h + j.to(tl.int64) * s_w
+def _pixel_offset(c, i, j, s_c, s_h, s_w, WIDE: tl.constexpr):
+    """Offset of pixel (c, i, j) within a patch (or of weight element [., c, i, j]). The (i, j) part
+    stays int32 (it is in the hot loop) unless the launcher found a patch spanning 2^31 elements."""
+    if WIDE:
+        return c.to(tl.int64) * s_c + (i.to(tl.int64) * s_h + j.to(tl.int64) * s_w)
+    return c.to(tl.int64) * s_c + (i * s_h + j * s_w)
 
 
 @triton.jit
-def _patch_origin(b, n, GRID_W, s_b, s_h, s_w, PH: tl.constexpr, PW: tl.constexpr):
-    """Offset of the top-left pixel of patch n (row-major on the grid) of image b."""
-    b = b.to(tl.int64)
+def _patch_origin(b, n, GRID_W, s_b, step_h, step_w):
+    """Offset of the top-left pixel of patch n (row-major on the grid) of image b. The launcher passes
+    the patch steps Ph*s_h and Pw*s_w (exact Python ints: Triton makes them int64 when they need it),
+    which costs fewer registers than forming them in int64 here."""
     n = n.to(tl.int64)
-    return b * s_b + (n // GRID_W) * PH * s_h + (n % GRID_W) * PW * s_w
+    return b.to(tl.int64) * s_b + (n // GRID_W) * step_h + (n % GRID_W) * step_w
 
 
 @triton.jit
@@ -71,10 +75,10 @@ def _patch_embed_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, cls_ptr, pos_ptr, out_ptr,
     ln_w_ptr, ln_b_ptr, pre_ptr, mean_ptr, rstd_ptr, eps,
     M, D, K, TOKENS, PREFIX, GRID_W,
-    sx_b, sx_c, sx_h, sx_w,
+    sx_b, sx_c, sx_h, sx_w, sx_ph, sx_pw,
     sw_d, sw_c, sw_h, sw_w,
-    spos_t, spos_d, s_bias, s_cls, s_lnw, s_lnb,
-    PH: tl.constexpr, PW: tl.constexpr,
+    spos_t, spos_d,
+    PH: tl.constexpr, PW: tl.constexpr, WIDE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr, HAS_POS: tl.constexpr, HAS_NORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -89,7 +93,7 @@ def _patch_embed_fwd_kernel(
     t = rows % TOKENS
     is_patch = row_ok & (t >= PREFIX)
     n = tl.where(is_patch, t - PREFIX, 0)
-    row_base = _patch_origin(b, n, GRID_W, sx_b, sx_h, sx_w, PH, PW)
+    row_base = _patch_origin(b, n, GRID_W, sx_b, sx_ph, sx_pw)
     cols64 = cols.to(tl.int64)
     w_cols = cols64 * sw_d
 
@@ -98,20 +102,20 @@ def _patch_embed_fwd_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         c, i, j = _split_k(ks, PH, PW)
-        x_off = _pixel_offset(c, i, j, sx_c, sx_h, sx_w)
+        x_off = _pixel_offset(c, i, j, sx_c, sx_h, sx_w, WIDE)
         a = tl.load(x_ptr + row_base[:, None] + x_off[None, :],
                     mask=is_patch[:, None] & k_ok[None, :], other=0.0)
-        w_off = _pixel_offset(c, i, j, sw_c, sw_h, sw_w)
+        w_off = _pixel_offset(c, i, j, sw_c, sw_h, sw_w, WIDE)
         w = tl.load(w_ptr + w_off[:, None] + w_cols[None, :],
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc += tl.dot(a, w)
 
     # Epilogue: bias on patch rows, CLS on prefix rows, position embedding on all.
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols64 * s_bias, mask=col_ok, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc += tl.where(is_patch[:, None], bias[None, :], 0.0)
     if HAS_CLS:
-        cls = tl.load(cls_ptr + cols64 * s_cls, mask=col_ok, other=0.0).to(tl.float32)
+        cls = tl.load(cls_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc += tl.where(is_patch[:, None], 0.0, cls[None, :])
     if HAS_POS:
         pos = tl.load(pos_ptr + t[:, None] * spos_t + cols64[None, :] * spos_d,
@@ -123,8 +127,8 @@ def _patch_embed_fwd_kernel(
         mean = tl.sum(tl.where(col_ok[None, :], acc, 0.0), 1) / D
         centred = tl.where(col_ok[None, :], acc - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / D + eps)
-        ln_w = tl.load(ln_w_ptr + cols64 * s_lnw, mask=col_ok, other=0.0).to(tl.float32)
-        ln_b = tl.load(ln_b_ptr + cols64 * s_lnb, mask=col_ok, other=0.0).to(tl.float32)
+        ln_w = tl.load(ln_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        ln_b = tl.load(ln_b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc = centred * rstd[:, None] * ln_w[None, :] + ln_b[None, :]
         tl.store(mean_ptr + rows, mean, mask=row_ok)
         tl.store(rstd_ptr + rows, rstd, mask=row_ok)
@@ -137,8 +141,8 @@ def _patch_embed_dx_kernel(
     MP, D, K, NUM_PATCHES, PREFIX, GRID_W,
     sg_b, sg_t, sg_d,
     sw_d, sw_c, sw_h, sw_w,
-    sdx_b, sdx_c, sdx_h, sdx_w,
-    PH: tl.constexpr, PW: tl.constexpr,
+    sdx_b, sdx_c, sdx_h, sdx_w, sdx_ph, sdx_pw,
+    PH: tl.constexpr, PW: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dpatch[m, k] = sum_d dout[patch row m, d] * W[d, k], stored into dx's pixels."""
@@ -152,7 +156,7 @@ def _patch_embed_dx_kernel(
     n = rows % NUM_PATCHES
     g_row = b * sg_b + (n + PREFIX) * sg_t
     c, i, j = _split_k(ks, PH, PW)
-    w_k = _pixel_offset(c, i, j, sw_c, sw_h, sw_w)
+    w_k = _pixel_offset(c, i, j, sw_c, sw_h, sw_w, WIDE)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_K):
@@ -164,8 +168,8 @@ def _patch_embed_dx_kernel(
                     mask=d_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(g, w)
 
-    dx_row = _patch_origin(b, n, GRID_W, sdx_b, sdx_h, sdx_w, PH, PW)
-    dx_k = _pixel_offset(c, i, j, sdx_c, sdx_h, sdx_w)
+    dx_row = _patch_origin(b, n, GRID_W, sdx_b, sdx_ph, sdx_pw)
+    dx_k = _pixel_offset(c, i, j, sdx_c, sdx_h, sdx_w, WIDE)
     tl.store(dx_ptr + dx_row[:, None] + dx_k[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=row_ok[:, None] & k_ok[None, :])
 
@@ -175,8 +179,8 @@ def _patch_embed_dw_kernel(
     g_ptr, x_ptr, partial_ptr,
     MP, D, K, NUM_PATCHES, PREFIX, GRID_W, ROWS_PER_SPLIT,
     sg_b, sg_t, sg_d,
-    sx_b, sx_c, sx_h, sx_w,
-    PH: tl.constexpr, PW: tl.constexpr,
+    sx_b, sx_c, sx_h, sx_w, sx_ph, sx_pw,
+    PH: tl.constexpr, PW: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """partial[s, d, k] = sum over split s's patch rows m of dout[m, d] * patch[m, k]."""
@@ -188,7 +192,7 @@ def _patch_embed_dw_kernel(
     d_ok = ds < D
     k_ok = ks < K
     c, i, j = _split_k(ks, PH, PW)
-    x_k = _pixel_offset(c, i, j, sx_c, sx_h, sx_w)
+    x_k = _pixel_offset(c, i, j, sx_c, sx_h, sx_w, WIDE)
     g_d = ds.to(tl.int64) * sg_d
 
     row_start = split.to(tl.int64) * ROWS_PER_SPLIT
@@ -201,7 +205,7 @@ def _patch_embed_dw_kernel(
         g_row = b * sg_b + (n + PREFIX) * sg_t
         g_t = tl.load(g_ptr + g_d[:, None] + g_row[None, :],
                       mask=d_ok[:, None] & row_ok[None, :], other=0.0)
-        x_row = _patch_origin(b, n, GRID_W, sx_b, sx_h, sx_w, PH, PW)
+        x_row = _patch_origin(b, n, GRID_W, sx_b, sx_ph, sx_pw)
         a = tl.load(x_ptr + x_row[:, None] + x_k[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(g_t, a)
@@ -244,6 +248,16 @@ def _gemm_config(dtype: torch.dtype, m: int, n: int, k: int) -> dict:
                 num_warps=8, num_stages=3)
 
 
+def _wide(ph: int, pw: int, *tensors: Tensor) -> bool:
+    """Whether i*s_h + j*s_w over a patch can leave int32 for one of the 4-D tensors (see _pixel_offset)."""
+    return any((ph - 1) * t.stride(2) + (pw - 1) * t.stride(3) >= 2**31 for t in tensors)
+
+
+def _image_strides(x: Tensor, ph: int, pw: int) -> tuple:
+    """x's four strides, then the patch steps Ph*s_h, Pw*s_w (see _patch_origin)."""
+    return (*x.stride(), ph * x.stride(2), pw * x.stride(3))
+
+
 def _launch_forward(x, weight, bias, cls_token, pos_embed, norm=None):
     """Returns out; with ``norm = (ln_weight, ln_bias, eps)`` returns (out, pre-norm fp32, mean, rstd)."""
     B, C, H, W = x.shape
@@ -254,17 +268,19 @@ def _launch_forward(x, weight, bias, cls_token, pos_embed, norm=None):
     M, K = B * tokens, C * PH * PW
     out = new_output((B, tokens, D), dtype=x.dtype, device=x.device)
     pos2d = pos_embed.reshape(tokens, D) if pos_embed is not None else None
-    cls = cls_token.reshape(D) if cls_token is not None else None  # a view when it can be: strides passed
+    # The kernel reads bias, CLS and the LayerNorm affine as contiguous (D,) vectors: a strided or
+    # expanded one is copied here (D values; fewer registers than strided loads in the epilogue).
+    bias = bias.contiguous() if bias is not None else None
+    cls = cls_token.reshape(D).contiguous() if cls_token is not None else None
     cfg = _gemm_config(x.dtype, M, D, K)
     dummy = weight  # placeholder pointer for absent optional inputs (never read)
-    norm_args, norm_strides = (dummy, dummy, dummy, dummy, dummy, 0.0), (0, 0)
+    norm_args = (dummy, dummy, dummy, dummy, dummy, 0.0)
     if norm is not None:
         ln_weight, ln_bias, eps = norm
         pre = new_output((B, tokens, D), dtype=torch.float32, device=x.device)
         mean = new_output((B, tokens), dtype=torch.float32, device=x.device)
         rstd = new_output((B, tokens), dtype=torch.float32, device=x.device)
-        norm_args = (ln_weight, ln_bias, pre, mean, rstd, float(eps))
-        norm_strides = (ln_weight.stride(0), ln_bias.stride(0))
+        norm_args = (ln_weight.contiguous(), ln_bias.contiguous(), pre, mean, rstd, float(eps))
         # Whole rows per program for the row statistics; fewer rows when rows are long.
         cfg["BLOCK_N"] = max(16, next_power_of_2(D))
         cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 32 if cfg["BLOCK_N"] > 256 else 64)
@@ -278,10 +294,9 @@ def _launch_forward(x, weight, bias, cls_token, pos_embed, norm=None):
         pos2d if pos2d is not None else dummy,
         out, *norm_args,
         M, D, K, tokens, prefix, grid_w,
-        *x.stride(), *weight.stride(),
+        *_image_strides(x, PH, PW), *weight.stride(),
         *(pos2d.stride() if pos2d is not None else (0, 0)),
-        bias.stride(0) if bias is not None else 0, cls.stride(0) if cls is not None else 0, *norm_strides,
-        PH=PH, PW=PW,
+        PH=PH, PW=PW, WIDE=_wide(PH, PW, x, weight),
         HAS_BIAS=bias is not None, HAS_CLS=cls_token is not None, HAS_POS=pos_embed is not None,
         HAS_NORM=norm is not None,
         **cfg,
@@ -321,8 +336,8 @@ def _launch_backward(grad_out, x, weight, has_cls, need_dx, need_dweight, need_t
         _patch_embed_dx_kernel[grid](
             grad_out, weight, dx,
             MP, D, K, num_patches, prefix, grid_w,
-            *grad_out.stride(), *weight.stride(), *dx.stride(),
-            PH=PH, PW=PW, **cfg,
+            *grad_out.stride(), *weight.stride(), *_image_strides(dx, PH, PW),
+            PH=PH, PW=PW, WIDE=_wide(PH, PW, weight, dx), **cfg,
         )
 
     dweight = x.new_empty(0)
@@ -339,8 +354,8 @@ def _launch_backward(grad_out, x, weight, has_cls, need_dx, need_dweight, need_t
         _patch_embed_dw_kernel[(d_tiles, k_tiles, splits)](
             grad_out, x, partial,
             MP, D, K, num_patches, prefix, grid_w, rows_per_split,
-            *grad_out.stride(), *x.stride(),
-            PH=PH, PW=PW, **cfg,
+            *grad_out.stride(), *_image_strides(x, PH, PW),
+            PH=PH, PW=PW, WIDE=_wide(PH, PW, x), **cfg,
         )
         summed = partial.sum(0) if splits > 1 else partial[0]  # fixed order: deterministic
         dweight = summed.to(weight.dtype).reshape(weight.shape)
