@@ -43,7 +43,8 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Triton kernels
 # --------------------------------------------------------------------------- #
 # Every address is int64: an index is cast before it meets a stride, because a stride
-# near 2^31 (a huge batch or a strided view) would wrap an int32 product silently.
+# near 2^31 (a huge batch or a strided view) would wrap an int32 product silently. The one
+# exception, a patch's (i, j) offset, stays int32 only where the launcher proved it fits.
 @triton.jit
 def _split_k(ks, PH: tl.constexpr, PW: tl.constexpr):
     """k -> (c, i, j), flattened as in the Conv2d weight (int32: no stride involved yet)."""
