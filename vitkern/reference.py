@@ -363,7 +363,7 @@ def sr_attention_reference(
     else:
         src = x
     kv = F.linear(src, kv_weight, kv_bias)  # (B, Nk, 2C)
-    kv = kv.reshape(B, -1, 2, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    kv = kv.reshape(B, kv.shape[1], 2, num_heads, head_dim).permute(2, 0, 3, 1, 4)  # Nk explicit: B may be 0
     out = attention_reference(q, kv[0], kv[1], scale=scale, dropout_p=dropout_p)  # (B, heads, N, d)
     out = out.transpose(1, 2).reshape(B, N, C)
     return F.linear(out, proj_weight, proj_bias)

@@ -19,7 +19,7 @@ from torch import nn
 from helpers import assert_close, assert_drop_in_signature
 from vitkern import ops
 from vitkern.nn import SwinTransformerBlock
-from vitkern.nn.swin import DropPath, WindowAttention
+from vitkern.nn.window_attention import DropPath, WindowAttention
 from vitkern.ops.window_attention import window_dropout_keep_mask
 from vitkern.reference import window_attention_reference
 from vitkern.testing import poison_outputs
@@ -218,8 +218,7 @@ def test_defaults_and_signature():
     for method in ("forward", "set_input_size", "get_attn_mask"):
         assert (list(inspect.signature(getattr(SwinTransformerBlock, method)).parameters)
                 == list(inspect.signature(getattr(timm_swin.SwinTransformerBlock, method)).parameters)), method
-    assert (list(inspect.signature(WindowAttention.__init__).parameters)
-            == list(inspect.signature(timm_swin.WindowAttention.__init__).parameters))
+    assert_drop_in_signature(WindowAttention, timm_swin.WindowAttention)
     m = SwinTransformerBlock(96, (56, 56), 3, device="meta")
     r = timm_swin.SwinTransformerBlock(96, (56, 56), 3, device="meta")
     assert {k: v.shape for k, v in m.state_dict().items()} == {k: v.shape for k, v in r.state_dict().items()}
@@ -462,3 +461,38 @@ def test_compile_fullgraph_matches_eager(backend, dtype):
     assert g_c.keys() == g_eager.keys()
     for name in g_eager:
         torch.testing.assert_close(g_c[name], g_eager[name], **tol, msg=name)
+
+
+# ----------------------------------------------------------------------------- WindowAttention's windows API
+@pytest.mark.parametrize("backend, dtype", BACKENDS)
+@pytest.mark.parametrize("with_mask", [False, True], ids=["no-mask", "mask"])
+def test_window_attention_windows_interface_matches_timm(backend, dtype, with_mask):
+    """WindowAttention.forward on already-partitioned windows (timm's interface) runs the fused
+    attention op and equals timm's WindowAttention, with and without a shift mask."""
+    torch.manual_seed(3)
+    win, heads, dim, B, nW = (3, 4), 2, 16, 2, 3
+    ref = _randomise(timm_swin.WindowAttention(dim, heads, window_size=win).to(DEVICE, HIGH)).eval()
+    mod = WindowAttention(dim, heads, window_size=win, backend=backend).to(DEVICE, dtype).eval()
+    mod.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(B * nW, win[0] * win[1], dim, device=DEVICE, dtype=HIGH)
+    mask = None
+    if with_mask:  # timm's shift mask: 0 or -100 per window pair
+        mask = torch.where(torch.rand(nW, x.shape[1], x.shape[1], device=DEVICE) < 0.3, -100.0, 0.0).to(HIGH)
+    out_ref = ref(x, mask)
+    grad = torch.randn_like(out_ref)
+    xr = x.clone().requires_grad_(True)
+    ref(xr, mask).backward(grad)
+    g_ref = {"x": xr.grad, **{n: p.grad for n, p in ref.named_parameters()}}
+    xm = x.to(dtype).requires_grad_(True)
+    out = mod(xm, None if mask is None else mask.to(dtype))
+    out.backward(grad.to(dtype))
+    g = {"x": xm.grad, **{n: p.grad for n, p in mod.named_parameters()}}
+    _assert_all_close(out, g, out_ref, g_ref)
+
+
+def test_window_attention_windows_interface_bad_input():
+    mod = WindowAttention(16, 2, window_size=3)
+    with pytest.raises(ValueError, match=r"x must be \(B\*nW, N=9, C=16\) windows, got shape \(2, 8, 16\)"):
+        mod(torch.randn(2, 8, 16))
+    with pytest.raises(ValueError, match=r"mask must be \(nW, 9, 9\) with B\*nW=4 a multiple of nW"):
+        mod(torch.randn(4, 9, 16), torch.zeros(3, 9, 9))

@@ -180,9 +180,18 @@ class WindowAttention(nn.Module):
     Holds ``relative_position_bias_table`` ((2Mh-1)(2Mw-1), heads), the non-persistent
     ``relative_position_index`` buffer, ``qkv``, ``attn_drop``, ``proj``, ``proj_drop`` and
     ``softmax`` under timm's names. :class:`SwinTransformerBlock` reads them to call the fused
-    op on the token grid; :meth:`forward` keeps timm's windows interface ((B*nW, N, C) tokens
-    and an optional (nW, N, N) mask) with timm's unfused math (``fused_attn`` is False, timm's
-    default); the block does not call it.
+    window op on the whole token grid (no partitioned windows). :meth:`forward` keeps timm's
+    windows interface for code that calls it directly: already-partitioned windows
+    (B*nW, N, C) and an optional (nW, N, N) additive mask, attended by vitkern's fused
+    attention op (:func:`vitkern.ops.attention_packed` on the qkv Linear's output) with the
+    relative-position bias as ``attn_bias``. That bias is the small (1, heads, N, N) gather of
+    the table, and with a mask it is (B*nW, heads, N, N), since a mask that repeats every nW
+    windows is not a broadcast the op can express: this windows interface is for
+    compatibility; the block's grid path needs neither.
+
+    Args: as timm's ``WindowAttention``, plus
+        backend: ``"auto" | "cuda" | "triton" | "torch"`` for :meth:`forward` (the block passes
+            its own).
     """
 
     fused_attn: torch.jit.Final[bool]
@@ -198,10 +207,13 @@ class WindowAttention(nn.Module):
         proj_drop: float = 0.0,
         device=None,
         dtype=None,
+        *,
+        backend: str = "auto",
     ):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
         owner = type(self).__name__
+        self.backend = _backends.check_name(backend, owner)
         if not _is_int(dim) or dim <= 0:
             raise ValueError(f"{owner}: dim must be a positive int, got {dim!r}")
         if not _is_int(num_heads) or num_heads <= 0:
@@ -223,7 +235,7 @@ class WindowAttention(nn.Module):
         self.num_heads = num_heads
         attn_dim = head_dim * num_heads
         self.scale = head_dim ** -0.5
-        self.fused_attn = False  # timm's flag (its default); the block's own attention is vitkern's fused op
+        self.fused_attn = True  # timm's flag: attention here always runs vitkern's fused kernels
 
         self.relative_position_bias_table = nn.Parameter(
             torch.empty((2 * win_h - 1) * (2 * win_w - 1), num_heads, **dd))
@@ -289,24 +301,24 @@ class WindowAttention(nn.Module):
         return bias.permute(2, 0, 1).contiguous().unsqueeze(0)  # (1, heads, N, N)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        """timm's unfused window attention on windows x (B*nW, N, C); mask (nW, N, N) or None."""
-        B_, N, C = x.shape
-        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q = q * self.scale
-        attn = q @ k.transpose(-2, -1)
-        attn = attn + self._get_rel_pos_bias()
+        """Attention within windows x (B*nW, N, C), N = window area; mask (nW, N, N) additive, or None."""
+        owner = type(self).__name__
+        if x.dim() != 3 or x.shape[1] != self.window_area or x.shape[2] != self.dim:
+            raise ValueError(f"{owner}: x must be (B*nW, N={self.window_area}, C={self.dim}) windows, "
+                             f"got shape {tuple(x.shape)}")
+        B_, N, _ = x.shape
+        bias = self._get_rel_pos_bias()  # (1, heads, N, N)
         if mask is not None:
             num_win = mask.shape[0]
-            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
-        attn = self.softmax(attn)
-        attn = self.attn_drop(attn)
-        x = attn @ v
-        x = x.transpose(1, 2).reshape(B_, N, -1)
-        x = self.proj(x)
-        x = self.proj_drop(x)
-        return x
+            if mask.dim() != 3 or mask.shape[1:] != (N, N) or (num_win and B_ % num_win):
+                raise ValueError(f"{owner}: mask must be (nW, {N}, {N}) with B*nW={B_} a multiple of nW, "
+                                 f"got shape {tuple(mask.shape)}")
+            bias = bias.unsqueeze(1) + mask.unsqueeze(1).unsqueeze(0).to(bias.dtype)  # (1, nW, heads, N, N)
+            bias = bias.expand(B_ // max(num_win, 1), -1, -1, -1, -1).reshape(B_, self.num_heads, N, N)
+        y = _ops.attention_packed(self.qkv(x), self.num_heads, scale=self.scale, attn_bias=bias,
+                                  dropout_p=self.attn_drop.p if self.training else 0.0, backend=self.backend)
+        y = self.proj(y)
+        return self.proj_drop(y)
 
 
 # --------------------------------------------------------------------------- #
@@ -370,6 +382,7 @@ class SwinTransformerBlock(nn.Module):
             attn_drop=attn_drop,
             proj_drop=proj_drop,
             **dd,
+            backend=backend,
         )
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
