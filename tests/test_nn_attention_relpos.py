@@ -214,6 +214,57 @@ def test_maxxvit_cl_accepts_any_token_rank_as_timm():
     assert rel_err(mod(x), ref(x)) <= TORCH_RTOL
 
 
+# ----------------------------------------------------------------------------- dropout, compile
+DROPOUT = [
+    (beit.Attention, BeitAttention, dict(dim=16, num_heads=2, qkv_bias=True, window_size=(2, 3), attn_drop=0.3,
+                                         proj_drop=0.2), (2, 7, 16)),
+    (maxxvit.AttentionCl, MaxxVitAttentionCl, dict(dim=16, dim_head=8, attn_drop=0.3, proj_drop=0.2,
+                                                   rel_pos_cls=partial(RelPosBias, window_size=(3, 3))), (2, 3, 3, 16)),
+    (maxxvit.Attention2d, MaxxVitAttention2d, dict(dim=16, dim_head=8, attn_drop=0.3, proj_drop=0.2,
+                                                   rel_pos_cls=partial(RelPosBias, window_size=(3, 3))), (2, 16, 3, 3)),
+]
+
+
+@pytest.mark.parametrize("ref_cls,cls,kwargs,x_shape", DROPOUT, ids=["beit", "cl", "2d"])
+def test_training_dropout_torch_backend_equals_timm_unfused_under_the_same_seed(ref_cls, cls, kwargs, x_shape):
+    """attn_drop.p reaches the op in training mode: the torch backend drops the (B, h, N, N)
+    probabilities with F.dropout, as timm's unfused path, so the same seed gives the same masks."""
+    torch.manual_seed(0)
+    ref = ref_cls(**kwargs).double().train()
+    randomise_parameters(ref)
+    ref.fused_attn = False
+    mod = cls(**kwargs, backend="torch").double().train()
+    mod.load_state_dict(ref.state_dict())
+    x = torch.randn(x_shape, dtype=torch.float64)
+    torch.manual_seed(7)
+    out_ref, g_ref, grad = _run(ref, x)
+    torch.manual_seed(7)
+    out, g, _ = _run(mod, x, grad)
+    _close("output", out, out_ref)
+    _assert_grads_close(g, g_ref)
+    with torch.no_grad():
+        assert not torch.allclose(mod(x), mod.eval()(x))  # dropout did act in training mode
+
+
+@pytest.mark.parametrize("ref_cls,cls,kwargs,x_shape", DROPOUT, ids=["beit", "cl", "2d"])
+def test_compile_fullgraph_matches_eager(ref_cls, cls, kwargs, x_shape):
+    """No graph break through the bias gather, the strided views and the custom ops (forward and backward)."""
+    mod = cls(**kwargs, backend="triton").eval()
+    randomise_parameters(mod)
+    x = torch.randn(x_shape)
+    out_eager, g_eager, grad = _run(mod, x)
+    torch._dynamo.reset()
+    compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
+    mod.zero_grad(set_to_none=True)  # fresh .grad tensors: the eager ones are kept in g_eager
+    x = x.detach().clone().requires_grad_(True)
+    out_c = compiled(x)
+    out_c.backward(grad)
+    torch.testing.assert_close(out_c, out_eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, g_eager["x"], rtol=1e-6, atol=1e-6)
+    for n, p in mod.named_parameters():
+        torch.testing.assert_close(p.grad, g_eager[f"param {n}"], rtol=1e-6, atol=1e-6, msg=n)
+
+
 # ----------------------------------------------------------------------------- structure
 STRUCT = [
     (beit.Attention, BeitAttention, dict(dim=32, num_heads=2, qkv_bias=True, window_size=(3, 4), attn_drop=0.1)),
