@@ -376,6 +376,8 @@ MODELS = {
                        {MaxxVitAttention2d: 4}),
     "maxvit-mlp-cl": (lambda: _maxxvit(("C", "M"), 32, rel_pos_type="mlp", rel_pos_dim=16, head_first=False),
                       {MaxxVitAttentionCl: 2}),
+    # ParallelPartitionAttention: block and grid attention side by side, each dim -> dim / 2
+    "maxvit-parallel": (lambda: _maxxvit(("PM", "PM"), 32), {MaxxVitAttentionCl: 4}),
 }
 
 
