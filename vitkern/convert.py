@@ -9,10 +9,18 @@ timm module                                            vitkern replacement
 ``timm.layers.Attention`` (= ``vision_transformer``'s)  :class:`vitkern.nn.Attention`
 ``timm.models.swin_transformer.SwinTransformerBlock``  :class:`vitkern.nn.SwinTransformerBlock`
 ``timm.models.pvt_v2.Attention``                       :class:`vitkern.nn.SRAttention`
+``timm.models.beit.Attention``                         :class:`vitkern.nn.BeitAttention`
+``timm.models.maxxvit.AttentionCl``                    :class:`vitkern.nn.MaxxVitAttentionCl`
+``timm.models.maxxvit.Attention2d``                    :class:`vitkern.nn.MaxxVitAttention2d`
 =====================================================  =====================================
 
-This covers timm's ``VisionTransformer``, ``SwinTransformer`` and ``PyramidVisionTransformerV2``
-(and any other model built from these modules). Each replacement gets the timm module's
+MaxxViT's partition blocks (``PartitionAttentionCl``, ``PartitionAttention2d``,
+``ParallelPartitionAttention``) are containers: they are descended into, not reported. The
+MaxxViT attention modules adopt timm's ``rel_pos`` module itself (``RelPosBias``,
+``RelPosBiasTf`` or ``RelPosMlp``), whose ``get_bias()`` gives the op's ``attn_bias``.
+
+This covers timm's ``VisionTransformer``, ``SwinTransformer``, ``PyramidVisionTransformerV2``,
+``Beit`` and ``MaxxVit`` (CoAtNet, MaxViT) attention (and any other model built from these modules). Each replacement gets the timm module's
 configuration (read off its attributes) and the given ``backend``.
 
 **Parameter identity.** The replacement does not copy weights: it *adopts* the timm module's
@@ -409,6 +417,72 @@ def _convert_pvt_attention(old, backend: str) -> nn.Module:
     return _finish(new, old, {})
 
 
+def _convert_beit_attention(old, backend: str) -> nn.Module:
+    from vitkern.nn import BeitAttention
+
+    _exact(old.qkv, nn.Linear, "qkv")
+    _exact(old.proj, nn.Linear, "proj")
+    if old.qkv.bias is not None:
+        raise _Unsupported("qkv must have no bias (BEiT's q/v biases are separate parameters)")
+    num_heads = old.num_heads
+    if old.qkv.out_features % (3 * num_heads):
+        raise _Unsupported(f"qkv.out_features={old.qkv.out_features} is not a multiple of 3 * num_heads")
+    new = BeitAttention(
+        old.qkv.in_features,
+        num_heads=num_heads,
+        qkv_bias=old.q_bias is not None,
+        qkv_bias_separate=bool(old.qkv_bias_separate),
+        attn_drop=old.attn_drop.p,
+        proj_drop=old.proj_drop.p,
+        window_size=tuple(old.window_size) if old.window_size is not None else None,
+        attn_head_dim=old.qkv.out_features // (3 * num_heads),
+        device="meta",
+        dtype=old.qkv.weight.dtype,  # the k_bias buffer is taken from timm's module: same dtype
+        backend=backend,
+    )
+    new.scale = old.scale
+    return _finish(new, old, {})
+
+
+def _convert_maxxvit_attention(old, backend: str, two_d: bool) -> nn.Module:
+    from vitkern.nn import MaxxVitAttention2d, MaxxVitAttentionCl
+
+    if two_d:
+        _plain_conv(old.qkv, (1, 1), "qkv")
+        _plain_conv(old.proj, (1, 1), "proj")
+        dim, dim_attn3, dim_out = old.qkv.in_channels, old.qkv.out_channels, old.proj.out_channels
+    else:
+        _exact(old.qkv, nn.Linear, "qkv")
+        _exact(old.proj, nn.Linear, "proj")
+        dim, dim_attn3, dim_out = old.qkv.in_features, old.qkv.out_features, old.proj.out_features
+    rel_pos = old.rel_pos
+    if rel_pos is not None and not callable(getattr(rel_pos, "get_bias", None)):
+        raise _Unsupported(f"rel_pos ({type(rel_pos).__name__}) has no get_bias()")
+    dim_attn = dim_attn3 // 3
+    cls = MaxxVitAttention2d if two_d else MaxxVitAttentionCl
+    new = cls(
+        dim,
+        dim_out,
+        dim_head=old.dim_head,
+        bias=old.qkv.bias is not None,
+        expand_first=dim_attn != dim,  # timm's attention width is dim_out when expanding first, else dim
+        head_first=bool(old.head_first),
+        # a placeholder child, so that grafting puts timm's rel_pos module itself in its place
+        rel_pos_cls=(lambda **_: nn.Identity()) if rel_pos is not None else None,
+        attn_drop=old.attn_drop.p,
+        proj_drop=old.proj_drop.p,
+        device="meta",
+        backend=backend,
+    )
+    if (new.num_heads, 3 * new.num_heads * new.dim_head) != (old.num_heads, dim_attn3):
+        raise _Unsupported(f"num_heads={old.num_heads}, dim_head={old.dim_head} and qkv width {dim_attn3} "
+                           f"do not match a timm configuration")
+    if (old.proj.bias is None) != (old.qkv.bias is None):
+        raise _Unsupported("qkv and proj must both have a bias or both have none")
+    new.scale = old.scale
+    return _finish(new, old, {})
+
+
 def _timm_converters() -> Tuple[Dict[type, Tuple[str, Callable]], Tuple[type, ...]]:
     """{timm class: (vitkern class name, converter)} for the timm modules already imported.
 
@@ -429,7 +503,19 @@ def _timm_converters() -> Tuple[Dict[type, Tuple[str, Callable]], Tuple[type, ..
     add("timm.models.vision_transformer", "Attention", "Attention", _convert_attention)  # the same class today
     add("timm.models.swin_transformer", "SwinTransformerBlock", "SwinTransformerBlock", _convert_swin_block)
     add("timm.models.pvt_v2", "Attention", "SRAttention", _convert_pvt_attention)
+    add("timm.models.beit", "Attention", "BeitAttention", _convert_beit_attention)
+    add("timm.models.maxxvit", "AttentionCl", "MaxxVitAttentionCl",
+        lambda old, backend: _convert_maxxvit_attention(old, backend, two_d=False))
+    add("timm.models.maxxvit", "Attention2d", "MaxxVitAttention2d",
+        lambda old, backend: _convert_maxxvit_attention(old, backend, two_d=True))
     return table, tuple(families)
+
+
+def _timm_containers() -> Tuple[type, ...]:
+    """timm modules named like attention that only hold attention modules: descended into, not reported."""
+    mod = sys.modules.get("timm.models.maxxvit")
+    names = ("PartitionAttentionCl", "PartitionAttention2d", "ParallelPartitionAttention")
+    return tuple(c for c in (getattr(mod, n, None) for n in names) if isinstance(c, type)) if mod else ()
 
 
 # --------------------------------------------------------------------------- #
@@ -449,12 +535,14 @@ def convert(model: nn.Module, *, backend: Optional[str] = None) -> ConversionRep
     new_backend = backend if backend is not None else "auto"
     report = ConversionReport(model=model, backend=backend)
     table, families = _timm_converters()
+    containers = _timm_containers()
     if not table:
         installed = importlib.util.find_spec("timm") is not None
         report.timm_note = ("timm is installed but was not imported, so the model holds no timm modules"
                             if installed else "timm is not installed, so the model holds no timm modules")
     else:
-        report.timm_note = "no timm PatchEmbed, Attention, SwinTransformerBlock or pvt_v2.Attention in the model"
+        report.timm_note = ("no timm PatchEmbed, Attention, SwinTransformerBlock, pvt_v2.Attention, beit.Attention "
+                            "or maxxvit AttentionCl / Attention2d in the model")
     memo: Dict[int, nn.Module] = {}
 
     def try_convert(module: nn.Module, path: str) -> Optional[nn.Module]:
@@ -476,7 +564,7 @@ def convert(model: nn.Module, *, backend: Optional[str] = None) -> ConversionRep
                                    f"subclass of {_qualname(base)} (it may change forward); only the exact class "
                                    f"is converted"))
             return module
-        if _is_timm(module) and "Attention" in cls.__name__:
+        if _is_timm(module) and "Attention" in cls.__name__ and cls not in containers:
             report.skipped.append((path, _qualname(cls), "no vitkern drop-in for this attention module"))
             return module
         if _is_timm(module) and "Embed" in cls.__name__:

@@ -6,10 +6,15 @@
   shifted-window attention op.
 * :class:`SRAttention`          - timm ``pvt_v2.Attention`` (PVT v2 spatial-reduction attention) on
   the fused spatial-reduction attention op.
+* :class:`BeitAttention`, :class:`MaxxVitAttentionCl`, :class:`MaxxVitAttention2d` - timm
+  ``beit.Attention`` and ``maxxvit.AttentionCl`` / ``Attention2d`` (relative-position bias as the
+  fused attention op's differentiable ``attn_bias``).
 """
 from vitkern.nn.attention import Attention
+from vitkern.nn.attention_relpos import BeitAttention, MaxxVitAttention2d, MaxxVitAttentionCl
 from vitkern.nn.patch_embed import PatchEmbed
 from vitkern.nn.sr_attention import SRAttention
 from vitkern.nn.window_attention import SwinTransformerBlock
 
-__all__ = ["Attention", "PatchEmbed", "SRAttention", "SwinTransformerBlock"]
+__all__ = ["Attention", "BeitAttention", "MaxxVitAttention2d", "MaxxVitAttentionCl", "PatchEmbed", "SRAttention",
+           "SwinTransformerBlock"]
