@@ -343,7 +343,7 @@ def test_bad_arguments():
         ViT(**{**TINY, "img_size": (32, 20)})
     with pytest.raises(ValueError, match="num_hiddens=30 must be divisible by num_heads=4"):
         ViT(**{**TINY, "num_hiddens": 30, "num_heads": 4})
-    with pytest.raises(ValueError, match="patch_size must be a positive int"):
+    with pytest.raises(ValueError, match=r"ViT: patch_size must be an int or an \(h, w\) pair of positive ints, got 0"):
         ViT(**{**TINY, "patch_size": 0})
     with pytest.raises(ValueError, match="num_heads must be a positive int, got 0"):
         ViT(**{**TINY, "num_heads": 0})

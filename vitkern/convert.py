@@ -85,6 +85,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
+from vitkern._args import pair
+
 __all__ = ["optimize", "convert", "ConversionReport", "OptimizeWarning"]
 
 _log = logging.getLogger("vitkern.convert")
@@ -173,10 +175,6 @@ def _is_vitkern(module: nn.Module) -> bool:
 
 def _is_timm(module: nn.Module) -> bool:
     return type(module).__module__.split(".")[0] == "timm"
-
-
-def _pair(v) -> Tuple[int, int]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 def _exact(module, cls, what: str) -> None:
@@ -277,7 +275,7 @@ def _finish(new: nn.Module, old: nn.Module, recurse: Dict[str, dict]) -> nn.Modu
 def _convert_patch_embed(old, backend: str) -> nn.Module:
     from vitkern.nn import PatchEmbed
 
-    patch = _pair(old.patch_size)
+    patch = pair(old.patch_size)
     _plain_conv(old.proj, patch, "proj")
     fmt = getattr(old.output_fmt, "value", old.output_fmt)
     new = PatchEmbed(
@@ -340,7 +338,7 @@ def _convert_swin_block(old, backend: str) -> nn.Module:
     if attn.qkv.out_features % (3 * num_heads):
         raise _Unsupported(f"attn.qkv.out_features={attn.qkv.out_features} is not a multiple of 3 * num_heads")
     head_dim = attn.qkv.out_features // (3 * num_heads)
-    if tuple(_pair(attn.window_size)) != tuple(_pair(old.window_size)):
+    if tuple(pair(attn.window_size)) != tuple(pair(old.window_size)):
         raise _Unsupported(f"attn.window_size={attn.window_size} != block window_size={old.window_size}")
     try:
         new = SwinTransformerBlock(
@@ -360,9 +358,9 @@ def _convert_swin_block(old, backend: str) -> nn.Module:
     except ValueError as exc:
         raise _Unsupported(str(exc)) from None
     # timm's exact window bookkeeping (e.g. after set_input_size with another window)
-    new.window_size = tuple(_pair(old.window_size))
-    new.shift_size = tuple(_pair(old.shift_size))
-    new.target_shift_size = tuple(_pair(old.target_shift_size))
+    new.window_size = tuple(pair(old.window_size))
+    new.shift_size = tuple(pair(old.shift_size))
+    new.target_shift_size = tuple(pair(old.target_shift_size))
     new.window_area = new.window_size[0] * new.window_size[1]
     try:
         new._check_window_shift()
@@ -383,7 +381,7 @@ def _convert_pvt_attention(old, backend: str) -> nn.Module:
     if linear_attn:
         pool = old.pool
         _exact(pool, nn.AdaptiveAvgPool2d, "pool")
-        if _pair(pool.output_size) != (7, 7):
+        if pair(pool.output_size) != (7, 7):
             raise _Unsupported(f"pool.output_size must be 7, got {pool.output_size}")
         _exact(old.act, nn.GELU, "act")
         if old.act.approximate != "none":
@@ -391,7 +389,7 @@ def _convert_pvt_attention(old, backend: str) -> nn.Module:
         _plain_conv(old.sr, (1, 1), "sr")
         sr_ratio = 1
     elif old.sr is not None:
-        k = _pair(old.sr.kernel_size)
+        k = pair(old.sr.kernel_size)
         if k[0] != k[1]:
             raise _Unsupported(f"sr.kernel_size must be square, got {k}")
         sr_ratio = k[0]

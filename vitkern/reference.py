@@ -6,10 +6,12 @@ baseline, so both always check against the same code.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from vitkern._args import IntOrPair, pair
 
 __all__ = [
     "patch_embed_reference",
@@ -88,24 +90,6 @@ def attention_reference(
 # --------------------------------------------------------------------------- #
 # Shifted-window attention (Swin)
 # --------------------------------------------------------------------------- #
-IntOrPair = Union[int, Sequence[int]]
-
-
-def _pair(value: IntOrPair, name: str) -> Tuple[int, int]:
-    """An int or an (h, w) pair of ints as a 2-tuple; ValueError naming ``name`` otherwise."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name}: expected an int or an (h, w) pair of ints, got {value!r}")
-    if isinstance(value, int):
-        return (value, value)
-    try:
-        pair = tuple(value)
-    except TypeError:
-        raise ValueError(f"{name}: expected an int or an (h, w) pair of ints, got {value!r}") from None
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-        raise ValueError(f"{name}: expected an int or an (h, w) pair of ints, got {value!r}")
-    return pair  # type: ignore[return-value]
-
-
 def swin_effective_window(
     grid_size: IntOrPair,
     window_size: IntOrPair,
@@ -119,9 +103,9 @@ def swin_effective_window(
     size and is not shifted. ``always_partition=True`` keeps the requested sizes
     (the grid is then padded up to the window).
     """
-    grid = _pair(grid_size, "grid_size")
-    window = _pair(window_size, "window_size")
-    shift = _pair(shift_size, "shift_size")
+    grid = pair(grid_size, "grid_size")
+    window = pair(window_size, "window_size")
+    shift = pair(shift_size, "shift_size")
     if always_partition:
         return window, shift
     eff_window = tuple(min(g, w) for g, w in zip(grid, window))
@@ -136,7 +120,7 @@ def relative_position_index(window_size: IntOrPair, device=None) -> torch.Tensor
     at (yj, xj) the offset (yi - yj, xi - xj) lies in [-(Mh-1), Mh-1] x [-(Mw-1), Mw-1];
     shifted to start at 0 it addresses the table laid out row-major as (2Mh-1, 2Mw-1).
     """
-    mh, mw = _pair(window_size, "window_size")
+    mh, mw = pair(window_size, "window_size")
     ys = torch.arange(mh, device=device).repeat_interleave(mw)  # row of each window token
     xs = torch.arange(mw, device=device).repeat(mh)  # column of each window token
     dy = ys[:, None] - ys[None, :] + (mh - 1)
@@ -217,8 +201,8 @@ def window_attention_reference(
     C = C3 // 3
     if not isinstance(num_heads, int) or num_heads <= 0 or C % num_heads != 0:
         raise ValueError(f"num_heads: expected a positive divisor of C = {C}, got {num_heads!r}")
-    mh, mw = window = _pair(window_size, "window_size")
-    sh, sw = shift = _pair(shift_size, "shift_size")
+    mh, mw = window = pair(window_size, "window_size")
+    sh, sw = shift = pair(shift_size, "shift_size")
     if mh <= 0 or mw <= 0:
         raise ValueError(f"window_size: expected positive sizes, got {window}")
     if not (0 <= sh < mh and 0 <= sw < mw):
@@ -277,7 +261,8 @@ def window_attention_reference(
 # Spatial-reduction attention (PVT v2)
 # --------------------------------------------------------------------------- #
 def check_sr_attention_args(x, feat_size, *, num_heads, q_weight, kv_weight, proj_weight, sr_weight, norm_weight,
-                            sr_ratio, linear_attn) -> Tuple[int, int, int, int, int]:
+                            sr_ratio, linear_attn, q_bias=None, kv_bias=None, proj_bias=None, sr_bias=None,
+                            norm_bias=None) -> Tuple[int, int, int, int, int]:
     """Shape checks of :func:`sr_attention_reference` (shared with the fused op); returns (B, N, C, H, W)."""
     if x.dim() != 3:
         raise ValueError(f"x: expected rank 3 (B, N, C), got rank {x.dim()} with shape {tuple(x.shape)}")
@@ -304,6 +289,11 @@ def check_sr_attention_args(x, feat_size, *, num_heads, q_weight, kv_weight, pro
             raise ValueError(f"sr_weight: expected shape {(C, C, kernel, kernel)}, got {got}")
         if norm_weight is None:
             raise ValueError(f"norm_weight: expected shape ({C},) when keys are reduced, got None")
+    for name, b, shape in (("q_bias", q_bias, (C,)), ("kv_bias", kv_bias, (2 * C,)), ("proj_bias", proj_bias, (C,)),
+                           ("sr_bias", sr_bias, (C,)), ("norm_weight", norm_weight, (C,)),
+                           ("norm_bias", norm_bias, (C,))):
+        if b is not None and tuple(b.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(b.shape)}")
         if not linear_attn and (H < sr_ratio or W < sr_ratio):
             raise ValueError(f"feat_size: expected H, W >= sr_ratio = {sr_ratio}, got {(H, W)}")
     return B, N, C, H, W
@@ -343,9 +333,11 @@ def sr_attention_reference(
       * linear_attn: adaptive average pool to 7x7 -> 1x1 Conv2d -> LayerNorm -> GELU.
     kv Linear gives [k | v]; softmax(q k^T * scale) v per head; proj. Returns (B, N, C).
     """
-    B, N, C, H, W = check_sr_attention_args(x, feat_size, num_heads=num_heads, q_weight=q_weight,
-                                            kv_weight=kv_weight, proj_weight=proj_weight, sr_weight=sr_weight,
-                                            norm_weight=norm_weight, sr_ratio=sr_ratio, linear_attn=linear_attn)
+    B, N, C, H, W = check_sr_attention_args(x, feat_size, num_heads=num_heads, q_weight=q_weight, q_bias=q_bias,
+                                            kv_weight=kv_weight, kv_bias=kv_bias, proj_weight=proj_weight,
+                                            proj_bias=proj_bias, sr_weight=sr_weight, sr_bias=sr_bias,
+                                            norm_weight=norm_weight, norm_bias=norm_bias, sr_ratio=sr_ratio,
+                                            linear_attn=linear_attn)
     reduce = linear_attn or sr_ratio > 1
     head_dim = C // num_heads
 

@@ -52,7 +52,6 @@ infers it from the first batch; Fashion-MNIST, the chapter's data, needs ``in_ch
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -60,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkern import backends as _backends
+from vitkern._args import pair
 from vitkern import ops as _ops
 
 __all__ = ["ViT", "ViTBlock", "ViTMLP", "MultiHeadAttention", "PatchEmbedding", "vit_reference_forward"]
@@ -67,15 +67,6 @@ __all__ = ["ViT", "ViTBlock", "ViTMLP", "MultiHeadAttention", "PatchEmbedding", 
 POOLS = ("cls", "mean")
 IntOrPair = Union[int, Tuple[int, int]]
 
-
-
-def _pair(x: IntOrPair, name: str) -> Tuple[int, int]:
-    """d2l's _make_tuple, validated: an int or an (h, w) pair of positive ints."""
-    pair = tuple(x) if isinstance(x, (list, tuple)) else (x, x)
-    if len(pair) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
-                                 for v in pair):
-        raise ValueError(f"ViT: {name} must be a positive int or an (h, w) pair of positive ints, got {x!r}")
-    return int(pair[0]), int(pair[1])
 
 
 class PatchEmbedding(nn.Module):
@@ -89,8 +80,8 @@ class PatchEmbedding(nn.Module):
                  in_chans: int = 3, backend: str = "auto"):
         super().__init__()
         self.backend = _backends.check_name(backend, "PatchEmbedding")
-        self.img_size = _pair(img_size, "img_size")
-        self.patch_size = _pair(patch_size, "patch_size")
+        self.img_size = pair(img_size, "img_size", "ViT", minimum=1)
+        self.patch_size = pair(patch_size, "patch_size", "ViT", minimum=1)
         if self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1]:
             raise ValueError(f"ViT: img_size={self.img_size} must be divisible by patch_size={self.patch_size}")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])

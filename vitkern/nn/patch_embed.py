@@ -24,7 +24,6 @@ expected and the received value. vitkern imports without timm; only
 """
 from __future__ import annotations
 
-import collections.abc
 import math
 from enum import Enum
 from typing import Callable, Optional, Tuple, Union
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkern import backends as _backends
+from vitkern._args import pair
 from vitkern import ops as _ops
 
 __all__ = ["PatchEmbed", "Format"]
@@ -46,14 +46,6 @@ class Format(str, Enum):
     NHWC = "NHWC"
     NCL = "NCL"
     NLC = "NLC"
-
-
-def _to_2tuple(x) -> tuple:
-    """timm.layers.to_2tuple: iterables (not str) become tuples, scalars are repeated."""
-    if isinstance(x, collections.abc.Iterable) and not isinstance(x, str):
-        return tuple(x)
-    return (x, x)
-
 
 
 class PatchEmbed(nn.Module):
@@ -87,7 +79,7 @@ class PatchEmbed(nn.Module):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
         self.backend = _backends.check_name(backend, "PatchEmbed")
-        self.patch_size = _to_2tuple(patch_size)
+        self.patch_size = pair(patch_size)
         self.img_size, self.grid_size, self.num_patches = self._init_img_size(img_size)
 
         if output_fmt is not None:
@@ -109,7 +101,7 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"PatchEmbed: patch_size must be set, got {self.patch_size!r}")
         if img_size is None:
             return None, None, None
-        img_size = _to_2tuple(img_size)
+        img_size = pair(img_size)
         grid_size = tuple([s // p for s, p in zip(img_size, self.patch_size)])
         num_patches = grid_size[0] * grid_size[1]
         return img_size, grid_size, num_patches
@@ -122,7 +114,7 @@ class PatchEmbed(nn.Module):
         """Change the expected image size and/or the patch size (resampling ``proj.weight``, needs timm)."""
         new_patch_size = None
         if patch_size is not None:
-            new_patch_size = _to_2tuple(patch_size)
+            new_patch_size = pair(patch_size)
         if new_patch_size is not None and new_patch_size != self.patch_size:
             try:
                 from timm.layers import resample_patch_embed

@@ -82,7 +82,7 @@ from torch import Tensor, nn
 
 from vitkern import backends as _backends
 from vitkern import ops as _ops
-from vitkern.nn.patch_embed import _to_2tuple
+from vitkern._args import pair
 from vitkern.reference import _shift_mask, relative_position_index
 
 __all__ = ["SwinTransformerBlock", "WindowAttention", "Mlp", "DropPath"]
@@ -92,15 +92,6 @@ _int_or_tuple_2_t = Union[int, Tuple[int, int]]
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _int_pair(value, name: str, owner: str, *, minimum: int) -> Tuple[int, int]:
-    """``value`` (int or pair of ints, each >= minimum) as a 2-tuple, else a ValueError naming it."""
-    pair = _to_2tuple(value)
-    if len(pair) != 2 or not all(_is_int(v) and v >= minimum for v in pair):
-        what = "positive ints" if minimum > 0 else f"ints >= {minimum}"
-        raise ValueError(f"{owner}: {name} must be an int or an (h, w) pair of {what}, got {value!r}")
-    return pair  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- #
@@ -152,8 +143,8 @@ class Mlp(nn.Module):
         super().__init__()
         out_features = out_features or in_features
         hidden_features = hidden_features or in_features
-        bias = _to_2tuple(bias)
-        drop_probs = _to_2tuple(drop)
+        bias = pair(bias)
+        drop_probs = pair(drop)
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias[0], **dd)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop_probs[0])
@@ -229,7 +220,7 @@ class WindowAttention(nn.Module):
         elif not _is_int(head_dim) or head_dim <= 0:
             raise ValueError(f"{owner}: head_dim must be a positive int or None, got {head_dim!r}")
         self.dim = dim
-        self.window_size = _int_pair(window_size, "window_size", owner, minimum=1)
+        self.window_size = pair(window_size, "window_size", owner, minimum=1)
         win_h, win_w = self.window_size
         self.window_area = win_h * win_w
         self.num_heads = num_heads
@@ -264,7 +255,7 @@ class WindowAttention(nn.Module):
 
     def set_window_size(self, window_size: _int_or_tuple_2_t) -> None:
         """Change the window, resampling the bias table as timm does (needs timm when it changes)."""
-        window_size = _int_pair(window_size, "window_size", type(self).__name__, minimum=1)
+        window_size = pair(window_size, "window_size", type(self).__name__, minimum=1)
         if window_size == self.window_size:
             return
         try:
@@ -360,11 +351,11 @@ class SwinTransformerBlock(nn.Module):
         self.backend = _backends.check_name(backend, owner)
         if not _is_int(dim) or dim <= 0:
             raise ValueError(f"{owner}: dim must be a positive int, got {dim!r}")
-        _int_pair(input_resolution, "input_resolution", owner, minimum=1)
-        _int_pair(window_size, "window_size", owner, minimum=1)
+        pair(input_resolution, "input_resolution", owner, minimum=1)
+        pair(window_size, "window_size", owner, minimum=1)
         self.dim = dim
         self.input_resolution = input_resolution
-        self.target_shift_size = _int_pair(shift_size, "shift_size", owner, minimum=0)  # kept for resizes
+        self.target_shift_size = pair(shift_size, "shift_size", owner, minimum=0)  # kept for resizes
         self.always_partition = always_partition
         self.dynamic_mask = dynamic_mask
         self.window_size, self.shift_size = self._calc_window_shift(window_size, shift_size)
@@ -427,7 +418,7 @@ class SwinTransformerBlock(nn.Module):
             H, W = x.shape[1], x.shape[2]
             device, dtype = x.device, x.dtype
         else:
-            H, W = self._padded(_to_2tuple(self.input_resolution))
+            H, W = self._padded(pair(self.input_resolution))
         if dtype is None:
             dtype = torch.get_default_dtype()
         return _shift_mask((H, W), self.window_size, self.shift_size, -100.0, dtype, device)
@@ -438,17 +429,17 @@ class SwinTransformerBlock(nn.Module):
         target_shift_size: Optional[_int_or_tuple_2_t] = None,
     ) -> Tuple[Tuple[int, int], Tuple[int, int]]:
         """timm's rule: a grid dimension <= the window gets one window of the grid's size and no shift."""
-        target_window_size = _to_2tuple(target_window_size)
+        target_window_size = pair(target_window_size)
         if target_shift_size is None:
             # None: window // 2 if the block was built shifted, else 0 (timm)
             target_shift_size = self.target_shift_size
             if any(target_shift_size):
                 target_shift_size = (target_window_size[0] // 2, target_window_size[1] // 2)
         else:
-            target_shift_size = _to_2tuple(target_shift_size)
+            target_shift_size = pair(target_shift_size)
         if self.always_partition:
             return target_window_size, target_shift_size
-        resolution = _to_2tuple(self.input_resolution)
+        resolution = pair(self.input_resolution)
         window_size = [r if r <= w else w for r, w in zip(resolution, target_window_size)]
         shift_size = [0 if r <= w else s for r, w, s in zip(resolution, window_size, target_shift_size)]
         return tuple(window_size), tuple(shift_size)
@@ -472,8 +463,8 @@ class SwinTransformerBlock(nn.Module):
     ):
         """New input resolution and window (shift = window // 2 if the block shifts), as timm."""
         owner = type(self).__name__
-        _int_pair(feat_size, "feat_size", owner, minimum=1)
-        _int_pair(window_size, "window_size", owner, minimum=1)
+        pair(feat_size, "feat_size", owner, minimum=1)
+        pair(window_size, "window_size", owner, minimum=1)
         old = (self.input_resolution, self.always_partition, self.window_size, self.shift_size)
         self.input_resolution = feat_size
         if always_partition is not None:
@@ -504,12 +495,12 @@ class SwinTransformerBlock(nn.Module):
                              f"built with dim={self.dim}")
         if any(self.shift_size) and not self.dynamic_mask:
             grid = (x.shape[1], x.shape[2])
-            padded, expected = self._padded(grid), self._padded(_to_2tuple(self.input_resolution))
+            padded, expected = self._padded(grid), self._padded(pair(self.input_resolution))
             if padded != expected:
                 raise ValueError(
                     f"{owner}: x has a {grid[0]}x{grid[1]} token grid (shape {tuple(x.shape)}), padded to "
                     f"{padded[0]}x{padded[1]} for window_size={self.window_size}, but the block was built for "
-                    f"input_resolution={tuple(_to_2tuple(self.input_resolution))} (padded "
+                    f"input_resolution={tuple(pair(self.input_resolution))} (padded "
                     f"{expected[0]}x{expected[1]}); with shift_size={self.shift_size} and dynamic_mask=False "
                     f"timm uses the shift mask precomputed for input_resolution, which does not fit this grid. "
                     f"Call set_input_size(({grid[0]}, {grid[1]}), window_size) first, or build the block with "
