@@ -255,7 +255,8 @@ def test_forced_backend_that_cannot_run_says_why():
     with pytest.raises(BackendUnavailableError, match=r"backend='cuda' cannot run this call: vitkern._C"):
         sr_attention(x.float(), (4, 4), num_heads=2, sr_ratio=2, backend="cuda",
                      **{n: t.float() if t is not None else None for n, t in params.items()})
-    assert set(vitkern.backends.explain("sr_attention", x, params, 2, 2, False)) == {"cuda", "triton", "torch"}
+    reasons = vitkern.backends.explain("sr_attention", x, (4, 4), num_heads=2, sr_ratio=2, **params)
+    assert set(reasons) == {"cuda", "triton", "torch"} and reasons["torch"] is None and reasons["triton"]
 
 
 def test_custom_op_passes_opcheck_and_compiles():

@@ -158,7 +158,7 @@ def _ok():
     (lambda a: a.update(qkv_bias=torch.randn(95)), {}, r"qkv_bias must have shape \(96,\)"),
     (lambda a: a.update(table=torch.randn(169, 2, device="meta")), {}, r"rel_pos_bias_table is on meta"),
     (lambda a: a.update(qkv=torch.randint(0, 3, (1, 14, 14, 96))), {}, r"qkv.dtype must be one of"),
-    (lambda a: None, {"window_size": "7"}, r"window_attention: window_size: expected an int or an \(h, w\) pair of ints, got '7'"),
+    (lambda a: None, {"window_size": "7"}, r"window_attention: window_size must be an int or an \(h, w\) pair of ints, got '7'"),
     (lambda a: a.update(qkv=torch.randn(1, 0, 14, 96)), {}, r"token grid \(H, W\) must be non-empty"),
     (lambda a: a.update(table=torch.randn(169, 2, dtype=torch.float64)), {},
      r"rel_pos_bias_table.dtype must be qkv.dtype \(torch.float32\), got torch.float64"),
@@ -184,7 +184,7 @@ def test_forced_backend_that_cannot_run_says_why():
         window_attention(dbl["qkv"], dbl["table"], num_heads=2, window_size=7, backend="triton")
     out = window_attention(dbl["qkv"], dbl["table"], num_heads=2, window_size=7)  # auto: the reference
     assert out.dtype == torch.float64
-    reasons = vitkern.backends.explain("window_attention", args["qkv"], args["table"], None, 2, (7, 7), (0, 0))
+    reasons = vitkern.backends.explain("window_attention", args["qkv"], args["table"], num_heads=2, window_size=7)
     assert reasons["torch"] is None and reasons["cuda"]
 
 

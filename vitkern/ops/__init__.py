@@ -1,7 +1,7 @@
 """Functional ops. Each takes ``backend="auto" | "cuda" | "triton" | "torch"``."""
 from vitkern.ops.attention import attention, attention_packed
-from vitkern.ops.patch_embed import patch_embed
-from vitkern.ops.sr_attention import patch_embed_layernorm, sr_attention
+from vitkern.ops.patch_embed import patch_embed, patch_embed_layernorm
+from vitkern.ops.sr_attention import sr_attention
 from vitkern.ops.window_attention import window_attention
 
 __all__ = ["attention", "attention_packed", "patch_embed", "patch_embed_layernorm", "sr_attention",

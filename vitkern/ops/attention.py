@@ -31,10 +31,12 @@ fake and autograd registrations -> backend predicates -> the public ops.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from vitkern import _triton, backends
 from vitkern._memory import new_output
@@ -672,30 +674,28 @@ def attention_flops(batch: int, heads: int, nq: int, nk: int, head_dim: int, bac
     return 10 * per if backward else 4 * per
 
 
-try:
-    from torch.utils.flop_counter import register_flop_formula
+@register_flop_formula(torch.ops.vitkern.attention_fwd)
+def _fwd_flops(q_shape, k_shape, *args, **kwargs):
+    B, H, NQ, D = q_shape
+    return attention_flops(B, H, NQ, k_shape[2], D)
 
-    @register_flop_formula(torch.ops.vitkern.attention_fwd)
-    def _fwd_flops(q_shape, k_shape, *args, **kwargs):
-        B, H, NQ, D = q_shape
-        return attention_flops(B, H, NQ, k_shape[2], D)
 
-    @register_flop_formula(torch.ops.vitkern.attention_bwd)
-    def _bwd_flops(dout_shape, q_shape, k_shape, *args, **kwargs):
-        B, H, NQ, D = q_shape
-        return attention_flops(B, H, NQ, k_shape[2], D, backward=True)
+@register_flop_formula(torch.ops.vitkern.attention_bwd)
+def _bwd_flops(dout_shape, q_shape, k_shape, *args, **kwargs):
+    B, H, NQ, D = q_shape
+    return attention_flops(B, H, NQ, k_shape[2], D, backward=True)
 
-    @register_flop_formula(torch.ops.vitkern.attention_packed_fwd)
-    def _packed_fwd_flops(qkv_shape, num_heads, *args, **kwargs):
-        B, N, C3 = qkv_shape
-        return attention_flops(B, num_heads, N, N, C3 // (3 * num_heads))
 
-    @register_flop_formula(torch.ops.vitkern.attention_packed_bwd)
-    def _packed_bwd_flops(dout_shape, qkv_shape, saved_out_shape, lse_shape, num_heads, *args, **kwargs):
-        B, N, C3 = qkv_shape
-        return attention_flops(B, num_heads, N, N, C3 // (3 * num_heads), backward=True)
-except ImportError:  # pragma: no cover
-    pass
+@register_flop_formula(torch.ops.vitkern.attention_packed_fwd)
+def _packed_fwd_flops(qkv_shape, num_heads, *args, **kwargs):
+    B, N, C3 = qkv_shape
+    return attention_flops(B, num_heads, N, N, C3 // (3 * num_heads))
+
+
+@register_flop_formula(torch.ops.vitkern.attention_packed_bwd)
+def _packed_bwd_flops(dout_shape, qkv_shape, saved_out_shape, lse_shape, num_heads, *args, **kwargs):
+    B, N, C3 = qkv_shape
+    return attention_flops(B, num_heads, N, N, C3 // (3 * num_heads), backward=True)
 
 
 # --------------------------------------------------------------------------- #
@@ -743,25 +743,64 @@ def _validate(q, k, v, attn_bias, dropout_p, op="attention", is_causal=False) ->
                              f"got shape {tuple(attn_bias.shape)}")
 
 
-def _why_not_triton(q, k, v, attn_bias=None, dropout_p=0.0) -> Optional[str]:
+@dataclass
+class _Call:
+    """One validated attention call, as the predicates and launchers read it. ``qkv`` and
+    ``num_heads`` are set for :func:`attention_packed` (q, k, v are then views of qkv)."""
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    attn_bias: Optional[Tensor]
+    scale: float
+    dropout_p: float
+    is_causal: bool
+    qkv: Optional[Tensor] = None
+    num_heads: int = 0
+
+
+def _prepare(q, k, v, *, scale=None, attn_bias=None, dropout_p=0.0, is_causal=False) -> _Call:
+    """attention()'s public boundary: autocast, validate, default the scale."""
+    q, k, v, attn_bias = _autocast([q, k, v, attn_bias])
+    _validate(q, k, v, attn_bias, dropout_p, is_causal=is_causal)
+    scale = _default_scale(q) if scale is None else float(scale)
+    return _Call(q, k, v, attn_bias, scale, float(dropout_p), is_causal)
+
+
+def _prepare_packed(qkv, num_heads, *, scale=None, attn_bias=None, dropout_p=0.0, is_causal=False) -> _Call:
+    """attention_packed()'s public boundary: check the packed layout, autocast, split into views, validate."""
+    if not isinstance(qkv, Tensor) or qkv.dim() != 3:
+        got = tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__
+        raise ValueError(f"attention_packed: qkv must be a 3-D tensor (B, N, 3*heads*head_dim), got {got}")
+    if not isinstance(num_heads, int) or num_heads <= 0 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"attention_packed: qkv's last dimension {qkv.shape[-1]} must be 3*num_heads*head_dim; "
+                         f"got num_heads={num_heads!r}")
+    if qkv.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"attention_packed: qkv.dtype must be one of float64/float32/float16/bfloat16, "
+                        f"got {qkv.dtype}")
+    (qkv,) = _autocast([qkv])
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()  # splitting the channels into (3, h, d) views needs unit stride there
+    q, k, v = _split_heads(qkv, num_heads)
+    _validate(q, k, v, attn_bias, dropout_p, op="attention_packed", is_causal=is_causal)
+    scale = _default_scale(q) if scale is None else float(scale)
+    return _Call(q, k, v, attn_bias, scale, float(dropout_p), is_causal, qkv=qkv, num_heads=num_heads)
+
+
+def _why_not_triton(call: _Call) -> Optional[str]:
+    q, attn_bias = call.q, call.attn_bias
     if q.dtype not in _KERNEL_DTYPES:
         return f"the Triton kernels take float32, float16 or bfloat16, got {q.dtype} (use backend='torch')"
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head_dim {q.shape[-1]} is larger than the Triton kernels support ({MAX_HEAD_DIM})"
     if attn_bias is not None and attn_bias.dtype not in _KERNEL_DTYPES:
         return f"the Triton kernels take a float32/float16/bfloat16 attn_bias, got {attn_bias.dtype}"
-    return backends.triton_reason([q, k, v, attn_bias], q.dtype)
+    return backends.triton_reason([q, call.k, call.v, attn_bias], q.dtype)
 
 
-def _why_not_cuda(q, k, v, attn_bias=None, dropout_p=0.0) -> Optional[str]:
-    return backends.cuda_extension_reason("attention", [q, k, v, attn_bias])
-
-
-_BACKENDS = backends.register(
-    "attention",
-    {"cuda": _why_not_cuda, "triton": _why_not_triton, "torch": lambda *a, **kw: None},
-    gpu_auto_order=("triton", "torch"),
-)
+_BACKENDS = backends.register("attention", prepare=_prepare,
+                              predicates={"triton": _why_not_triton, "torch": backends.available})
+_PACKED_BACKENDS = backends.register("attention_packed", prepare=_prepare_packed,
+                                     predicates={"triton": _why_not_triton, "torch": backends.available})
 
 
 def _autocast(tensors: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
@@ -778,7 +817,7 @@ def _default_scale(q: Tensor) -> float:
     return q.shape[-1] ** -0.5 if q.shape[-1] else 1.0
 
 
-def _new_seed(dropout_p: float) -> Optional[Tensor]:
+def new_dropout_seed(dropout_p: float) -> Optional[Tensor]:
     # Drawn from torch's default CPU generator: dropout is reproducible under torch.manual_seed.
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64) if dropout_p > 0 else None
 
@@ -812,16 +851,14 @@ def attention(
         (B, h, Nq, d). The Triton backend returns it as a view of a (B, Nq, h, d) buffer,
         so ``out.transpose(1, 2).reshape(B, Nq, h * d)`` costs no copy.
     """
-    q, k, v, attn_bias = _autocast([q, k, v, attn_bias])
-    _validate(q, k, v, attn_bias, dropout_p, is_causal=is_causal)
-    scale = _default_scale(q) if scale is None else float(scale)
-    chosen = _BACKENDS.select(backend, [q, k, v, attn_bias], q, k, v, attn_bias, dropout_p)
-    if chosen == "torch":
-        return attention_reference(q, k, v, scale=scale, attn_bias=attn_bias, dropout_p=dropout_p,
-                                   is_causal=is_causal)
-    out, _ = torch.ops.vitkern.attention_fwd(q, k, v, attn_bias, scale, float(dropout_p), _new_seed(dropout_p),
-                                             is_causal)
-    return out.transpose(1, 2)
+    c = _prepare(q, k, v, scale=scale, attn_bias=attn_bias, dropout_p=dropout_p, is_causal=is_causal)
+    chosen = _BACKENDS.select(backend, c)
+    if chosen == "triton":
+        out, _ = torch.ops.vitkern.attention_fwd(c.q, c.k, c.v, c.attn_bias, c.scale, c.dropout_p,
+                                                 new_dropout_seed(c.dropout_p), c.is_causal)
+        return out.transpose(1, 2)
+    return attention_reference(c.q, c.k, c.v, scale=c.scale, attn_bias=c.attn_bias, dropout_p=c.dropout_p,
+                               is_causal=c.is_causal)
 
 
 def attention_packed(
@@ -841,24 +878,13 @@ def attention_packed(
     writes the output, and in the backward dqkv, in these layouts: no permute or copy.
     Other arguments as :func:`attention`.
     """
-    if not isinstance(qkv, Tensor) or qkv.dim() != 3:
-        got = tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__
-        raise ValueError(f"attention_packed: qkv must be a 3-D tensor (B, N, 3*heads*head_dim), got {got}")
-    if not isinstance(num_heads, int) or num_heads <= 0 or qkv.shape[-1] % (3 * num_heads):
-        raise ValueError(f"attention_packed: qkv's last dimension {qkv.shape[-1]} must be 3*num_heads*head_dim; "
-                         f"got num_heads={num_heads!r}")
-    (qkv,) = _autocast([qkv])
-    if qkv.stride(-1) != 1:
-        qkv = qkv.contiguous()  # splitting the channels into (3, h, d) views needs unit stride there
-    q, k, v = _split_heads(qkv, num_heads)
-    _validate(q, k, v, attn_bias, dropout_p, op="attention_packed", is_causal=is_causal)
-    B, N, _ = qkv.shape
-    scale = _default_scale(q) if scale is None else float(scale)
-    chosen = _BACKENDS.select(backend, [q, k, v, attn_bias], q, k, v, attn_bias, dropout_p)
-    if chosen == "torch":
-        out = attention_reference(q, k, v, scale=scale, attn_bias=attn_bias, dropout_p=dropout_p,
-                                  is_causal=is_causal)
-        return out.transpose(1, 2).reshape(B, N, qkv.shape[-1] // 3)  # not -1: B or N may be 0
-    out, _ = torch.ops.vitkern.attention_packed_fwd(qkv, num_heads, attn_bias, scale, float(dropout_p),
-                                                    _new_seed(dropout_p), is_causal)
-    return out
+    c = _prepare_packed(qkv, num_heads, scale=scale, attn_bias=attn_bias, dropout_p=dropout_p, is_causal=is_causal)
+    chosen = _PACKED_BACKENDS.select(backend, c)
+    if chosen == "triton":
+        out, _ = torch.ops.vitkern.attention_packed_fwd(c.qkv, c.num_heads, c.attn_bias, c.scale, c.dropout_p,
+                                                        new_dropout_seed(c.dropout_p), c.is_causal)
+        return out
+    B, N, _ = c.qkv.shape
+    out = attention_reference(c.q, c.k, c.v, scale=c.scale, attn_bias=c.attn_bias, dropout_p=c.dropout_p,
+                              is_causal=c.is_causal)
+    return out.transpose(1, 2).reshape(B, N, c.qkv.shape[-1] // 3)  # not -1: B or N may be 0

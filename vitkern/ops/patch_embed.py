@@ -23,17 +23,19 @@ fake and autograd registrations -> backend predicates -> the public op.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from vitkern import _triton, backends
 from vitkern._memory import new_output, new_output_like
 from vitkern._triton import cdiv, next_power_of_2, tl, triton
 from vitkern.reference import patch_embed_reference
 
-__all__ = ["patch_embed", "patch_embed_flops"]
+__all__ = ["patch_embed", "patch_embed_layernorm", "patch_embed_flops"]
 
 _SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)  # float64: torch backend only
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -444,18 +446,15 @@ def patch_embed_flops(x_shape: Sequence[int], weight_shape: Sequence[int]) -> in
     return 2 * B * (H // PH) * (W // PW) * D * C * PH * PW
 
 
-try:  # FlopCounterMode learns our op's cost (torch >= 2.4)
-    from torch.utils.flop_counter import register_flop_formula
+# FlopCounterMode learns our ops' cost.
+@register_flop_formula(torch.ops.vitkern.patch_embed_fwd)
+def _fwd_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs):
+    return patch_embed_flops(x_shape, weight_shape)
 
-    @register_flop_formula(torch.ops.vitkern.patch_embed_fwd)
-    def _fwd_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs):
-        return patch_embed_flops(x_shape, weight_shape)
 
-    @register_flop_formula(torch.ops.vitkern.patch_embed_bwd)
-    def _bwd_flops(grad_shape, x_shape, weight_shape, has_cls, need_dx, need_dweight, *args, **kwargs):
-        return patch_embed_flops(x_shape, weight_shape) * (int(need_dx) + int(need_dweight))
-except ImportError:  # pragma: no cover
-    pass
+@register_flop_formula(torch.ops.vitkern.patch_embed_bwd)
+def _bwd_flops(grad_shape, x_shape, weight_shape, has_cls, need_dx, need_dweight, *args, **kwargs):
+    return patch_embed_flops(x_shape, weight_shape) * (int(need_dx) + int(need_dweight))
 
 
 # --------------------------------------------------------------------------- #
@@ -511,14 +510,33 @@ def _validate(x, weight, bias, cls_token, pos_embed) -> None:
                              f"patches, got {_shape(pos_embed)}")
 
 
-def _why_not_triton(x, weight, bias=None, cls_token=None, pos_embed=None) -> Optional[str]:
+@dataclass
+class _Call:
+    """One validated patch_embed call, as the predicates and launchers read it."""
+    x: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    cls_token: Optional[Tensor]
+    pos_embed: Optional[Tensor]
+
+
+def _prepare(x, weight, bias=None, *, cls_token=None, pos_embed=None) -> _Call:
+    """patch_embed()'s public boundary: autocast, then validate."""
+    x, weight, bias, cls_token, pos_embed = _autocast([x, weight, bias, cls_token, pos_embed])
+    _validate(x, weight, bias, cls_token, pos_embed)
+    return _Call(x, weight, bias, cls_token, pos_embed)
+
+
+def _why_not_triton(call: _Call) -> Optional[str]:
+    x = call.x
     if x.dtype not in _KERNEL_DTYPES:
         return f"the Triton kernels take float32, float16 or bfloat16, got {x.dtype} (use backend='torch')"
-    return backends.triton_reason([x, weight, bias, cls_token, pos_embed], x.dtype)
+    return backends.triton_reason([x, call.weight, call.bias, call.cls_token, call.pos_embed], x.dtype)
 
 
-def _why_not_cuda(x, weight, bias=None, cls_token=None, pos_embed=None) -> Optional[str]:
-    tensors = [x, weight, bias, cls_token, pos_embed]
+def _why_not_cuda(call: _Call) -> Optional[str]:
+    x = call.x
+    tensors = [x, call.weight, call.bias, call.cls_token, call.pos_embed]
     reason = backends.cuda_extension_reason("patch_embed", tensors, function="patch_embed_forward")
     if reason is not None:
         return reason
@@ -556,11 +574,10 @@ def _cuda_forward(x, weight, bias, cls_token, pos_embed) -> Tensor:
     return out
 
 
-_BACKENDS = backends.register(
-    "patch_embed",
-    {"cuda": _why_not_cuda, "triton": _why_not_triton, "torch": lambda *a, **k: None},
-    gpu_auto_order=("triton", "torch"),
-)
+# The CUDA kernel is registered but not in auto's order: it is forward-only and unmeasured on a GPU.
+_BACKENDS = backends.register("patch_embed", prepare=_prepare,
+                              predicates={"cuda": _why_not_cuda, "triton": _why_not_triton,
+                                          "torch": backends.available})
 
 
 def _autocast(tensors):
@@ -593,12 +610,102 @@ def patch_embed(
     Returns:
         (B, T+N, D) tokens in x's dtype, N = (H/Ph)(W/Pw). Differentiable w.r.t. every input.
     """
-    x, weight, bias, cls_token, pos_embed = _autocast([x, weight, bias, cls_token, pos_embed])
-    _validate(x, weight, bias, cls_token, pos_embed)
-    chosen = _BACKENDS.select(backend, [x, weight, bias, cls_token, pos_embed],
-                              x, weight, bias, cls_token, pos_embed)
-    if chosen == "torch":
-        return patch_embed_reference(x, weight, bias, cls_token=cls_token, pos_embed=pos_embed)
+    c = _prepare(x, weight, bias, cls_token=cls_token, pos_embed=pos_embed)
+    chosen = _BACKENDS.select(backend, c)
+    if chosen == "triton":
+        return torch.ops.vitkern.patch_embed_fwd(c.x, c.weight, c.bias, c.cls_token, c.pos_embed)
     if chosen == "cuda":  # forward only: the predicate refuses calls that need gradients
-        return _cuda_forward(x, weight, bias, cls_token, pos_embed)
-    return torch.ops.vitkern.patch_embed_fwd(x, weight, bias, cls_token, pos_embed)
+        return _cuda_forward(c.x, c.weight, c.bias, c.cls_token, c.pos_embed)
+    return patch_embed_reference(c.x, c.weight, c.bias, cls_token=c.cls_token, pos_embed=c.pos_embed)
+
+
+# --------------------------------------------------------------------------- #
+# Patchify GEMM with a LayerNorm epilogue (PVT's spatial reduction, vitkern.ops.sr_attention)
+# --------------------------------------------------------------------------- #
+MAX_NORM_DIM = 1024  # the LayerNorm epilogue keeps whole rows of the GEMM tile in registers
+
+
+@torch.library.custom_op("vitkern::patch_embed_layernorm_fwd", mutates_args=())
+def _patch_embed_layernorm_fwd(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor, eps: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (LayerNorm(tokens), tokens before the norm in fp32, row mean, row 1/std)."""
+    return _launch_forward(x, weight, bias, None, None, norm=(ln_weight, ln_bias, eps))
+
+
+@_patch_embed_layernorm_fwd.register_fake
+def _patch_embed_layernorm_fwd_fake(x, weight, bias, ln_weight, ln_bias, eps):
+    B, _, H, W = x.shape
+    D, _, PH, PW = weight.shape
+    T = (H // PH) * (W // PW)
+    f32 = dict(dtype=torch.float32)
+    return x.new_empty((B, T, D)), x.new_empty((B, T, D), **f32), x.new_empty((B, T), **f32), \
+        x.new_empty((B, T), **f32)
+
+
+def _layernorm_setup_context(ctx, inputs, output):
+    x, weight, bias, ln_weight, ln_bias, eps = inputs
+    _, pre, mean, rstd = output
+    ctx.save_for_backward(x, weight, ln_weight, pre, mean, rstd)
+    ctx.dtypes = (bias.dtype if bias is not None else None, ln_weight.dtype, ln_bias.dtype)
+    ctx.mark_non_differentiable(pre, mean, rstd)
+
+
+def _layernorm_backward(ctx, dout, _dpre, _dmean, _drstd):
+    x, weight, ln_weight, pre, mean, rstd = ctx.saved_tensors
+    need_x, need_w, need_b, need_lnw, need_lnb, _ = ctx.needs_input_grad
+    bias_dtype, lnw_dtype, lnb_dtype = ctx.dtypes
+    # LayerNorm backward on the small reduced tokens (B, Nk, D), in fp32.
+    dout32 = dout.float()
+    xhat = (pre - mean[..., None]) * rstd[..., None]
+    g = dout32 * ln_weight.float()
+    dpre = rstd[..., None] * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    dln_w = (dout32 * xhat).sum((0, 1)).to(lnw_dtype) if need_lnw else None
+    dln_b = dout32.sum((0, 1)).to(lnb_dtype) if need_lnb else None
+    dx = dweight = dbias = None
+    if need_x or need_w or need_b:
+        dx, dweight, token_sums = torch.ops.vitkern.patch_embed_bwd(
+            dpre.to(x.dtype), x, weight, False, need_x, need_w, need_b)
+        dbias = token_sums.sum(0).to(bias_dtype) if need_b else None
+    return (dx if need_x else None, dweight if need_w else None, dbias, dln_w, dln_b, None)
+
+
+_patch_embed_layernorm_fwd.register_autograd(_layernorm_backward, setup_context=_layernorm_setup_context)
+
+
+# FlopCounterMode: the GEMM (the LayerNorm is O(tokens·D), not counted, as for nn.LayerNorm)
+@register_flop_formula(torch.ops.vitkern.patch_embed_layernorm_fwd)
+def _layernorm_fwd_flops(x_shape, weight_shape, *args, **kwargs):
+    return patch_embed_flops(x_shape, weight_shape)
+
+
+def patch_embed_layernorm(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor, eps: float = 1e-5,
+) -> Tensor:
+    """LayerNorm(Conv2d(x, weight, bias, stride=patch) as (B, N, D) tokens), one Triton kernel.
+
+    x (B, C, H, W) with any strides and H, W divisible by the patch; weight (D, C, Ph, Pw);
+    ln_weight, ln_bias (D,). Triton backend only (it is the building block of :func:`sr_attention`).
+    """
+    _validate(x, weight, bias, None, None)
+    D = weight.shape[0]
+    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if not isinstance(t, Tensor) or tuple(t.shape) != (D,):
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"patch_embed_layernorm: {name} must have shape ({D},), got {got}")
+        if t.device != x.device:
+            raise ValueError(f"patch_embed_layernorm: {name} is on {t.device} but x is on {x.device}")
+    reason = why_not_norm_kernel(x, D)
+    if reason is not None:
+        raise backends.BackendUnavailableError(f"patch_embed_layernorm: {reason}")
+    out, _, _, _ = torch.ops.vitkern.patch_embed_layernorm_fwd(x, weight, bias, ln_weight, ln_bias, float(eps))
+    return out
+
+
+def why_not_norm_kernel(x: Tensor, dim: int) -> Optional[str]:
+    """Why the LayerNorm-epilogue kernel cannot run on ``x`` with ``dim`` output channels, or None."""
+    if x.dtype not in _KERNEL_DTYPES:
+        return f"the Triton kernels take float32, float16 or bfloat16, got {x.dtype} (use backend='torch')"
+    if dim > MAX_NORM_DIM:
+        return f"the LayerNorm epilogue handles up to {MAX_NORM_DIM} channels, got {dim}"
+    return backends.triton_reason([x], x.dtype)

@@ -18,120 +18,28 @@ The Triton path:
     (no permute or contiguous copy anywhere);
   * the q, kv and proj Linears are cuBLAS GEMMs (``F.linear``).
 
-Layout: custom op (patchify + LayerNorm) with fake and autograd -> validation and
-backend predicates -> the public ops.
+Layout: the public boundary (:func:`_prepare`: autocast, validation, defaults, once) -> backend
+predicates -> the public op, whose fused path calls the registered ops of the other two files
+(``vitkern::patch_embed_layernorm_fwd``, which lives with its kernel in
+:mod:`vitkern.ops.patch_embed`, and ``vitkern::attention_fwd``) without validating again.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from vitkern import backends
-from vitkern.ops.attention import MAX_HEAD_DIM, attention
-from vitkern.ops.patch_embed import _launch_forward, _validate as _validate_patch_embed
+from vitkern.ops.attention import MAX_HEAD_DIM, new_dropout_seed
+from vitkern.ops.patch_embed import why_not_norm_kernel
 from vitkern.reference import check_sr_attention_args, sr_attention_reference
 
-__all__ = ["sr_attention", "patch_embed_layernorm"]
+__all__ = ["sr_attention"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_NORM_DIM = 1024  # the LayerNorm epilogue keeps whole rows of the GEMM tile in registers
-
-
-# --------------------------------------------------------------------------- #
-# Patchify GEMM with a LayerNorm epilogue
-# --------------------------------------------------------------------------- #
-@torch.library.custom_op("vitkern::patch_embed_layernorm_fwd", mutates_args=())
-def _patch_embed_layernorm_fwd(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor, eps: float,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (LayerNorm(tokens), tokens before the norm in fp32, row mean, row 1/std)."""
-    return _launch_forward(x, weight, bias, None, None, norm=(ln_weight, ln_bias, eps))
-
-
-@_patch_embed_layernorm_fwd.register_fake
-def _(x, weight, bias, ln_weight, ln_bias, eps):
-    B, _, H, W = x.shape
-    D, _, PH, PW = weight.shape
-    T = (H // PH) * (W // PW)
-    f32 = dict(dtype=torch.float32)
-    return x.new_empty((B, T, D)), x.new_empty((B, T, D), **f32), x.new_empty((B, T), **f32), \
-        x.new_empty((B, T), **f32)
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, ln_weight, ln_bias, eps = inputs
-    _, pre, mean, rstd = output
-    ctx.save_for_backward(x, weight, ln_weight, pre, mean, rstd)
-    ctx.dtypes = (bias.dtype if bias is not None else None, ln_weight.dtype, ln_bias.dtype)
-    ctx.mark_non_differentiable(pre, mean, rstd)
-
-
-def _backward(ctx, dout, _dpre, _dmean, _drstd):
-    x, weight, ln_weight, pre, mean, rstd = ctx.saved_tensors
-    need_x, need_w, need_b, need_lnw, need_lnb, _ = ctx.needs_input_grad
-    bias_dtype, lnw_dtype, lnb_dtype = ctx.dtypes
-    # LayerNorm backward on the small reduced tokens (B, Nk, D), in fp32.
-    dout32 = dout.float()
-    xhat = (pre - mean[..., None]) * rstd[..., None]
-    g = dout32 * ln_weight.float()
-    dpre = rstd[..., None] * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
-    dln_w = (dout32 * xhat).sum((0, 1)).to(lnw_dtype) if need_lnw else None
-    dln_b = dout32.sum((0, 1)).to(lnb_dtype) if need_lnb else None
-    dx = dweight = dbias = None
-    if need_x or need_w or need_b:
-        dx, dweight, token_sums = torch.ops.vitkern.patch_embed_bwd(
-            dpre.to(x.dtype), x, weight, False, need_x, need_w, need_b)
-        dbias = token_sums.sum(0).to(bias_dtype) if need_b else None
-    return (dx if need_x else None, dweight if need_w else None, dbias, dln_w, dln_b, None)
-
-
-_patch_embed_layernorm_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-try:  # FlopCounterMode: the GEMM (the LayerNorm is O(tokens·D), not counted, as for nn.LayerNorm)
-    from torch.utils.flop_counter import register_flop_formula
-
-    from vitkern.ops.patch_embed import patch_embed_flops
-
-    @register_flop_formula(torch.ops.vitkern.patch_embed_layernorm_fwd)
-    def _fwd_flops(x_shape, weight_shape, *args, **kwargs):
-        return patch_embed_flops(x_shape, weight_shape)
-except ImportError:  # pragma: no cover
-    pass
-
-
-def patch_embed_layernorm(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor, eps: float = 1e-5,
-) -> Tensor:
-    """LayerNorm(Conv2d(x, weight, bias, stride=patch) as (B, N, D) tokens), one Triton kernel.
-
-    x (B, C, H, W) with any strides and H, W divisible by the patch; weight (D, C, Ph, Pw);
-    ln_weight, ln_bias (D,). Triton backend only (it is the building block of :func:`sr_attention`).
-    """
-    _validate_patch_embed(x, weight, bias, None, None)
-    D = weight.shape[0]
-    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-        if not isinstance(t, Tensor) or tuple(t.shape) != (D,):
-            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"patch_embed_layernorm: {name} must have shape ({D},), got {got}")
-        if t.device != x.device:
-            raise ValueError(f"patch_embed_layernorm: {name} is on {t.device} but x is on {x.device}")
-    reason = _why_not_norm_kernel(x, D)
-    if reason is not None:
-        raise backends.BackendUnavailableError(f"patch_embed_layernorm: {reason}")
-    out, _, _, _ = torch.ops.vitkern.patch_embed_layernorm_fwd(x, weight, bias, ln_weight, ln_bias, float(eps))
-    return out
-
-
-def _why_not_norm_kernel(x: Tensor, dim: int) -> Optional[str]:
-    if x.dtype not in _KERNEL_DTYPES:
-        return f"the Triton kernels take float32, float16 or bfloat16, got {x.dtype} (use backend='torch')"
-    if dim > MAX_NORM_DIM:
-        return f"the LayerNorm epilogue handles up to {MAX_NORM_DIM} channels, got {dim}"
-    return backends.triton_reason([x], x.dtype)
 
 
 # --------------------------------------------------------------------------- #
@@ -161,26 +69,50 @@ def _validate(x, params) -> None:
                             f"dtype (or run under torch.autocast)")
 
 
-def _why_not_triton(x, params, num_heads, sr_ratio, linear_attn) -> Optional[str]:
+@dataclass
+class _Call:
+    """One validated sr_attention call, as the predicates and the fused path read it."""
+    x: Tensor
+    grid: Tuple[int, int]
+    params: Dict[str, Optional[Tensor]]
+    num_heads: int
+    sr_ratio: int
+    linear_attn: bool
+    norm_eps: float
+    scale: float
+    dropout_p: float
+
+
+def _prepare(x, feat_size, *, num_heads, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias,
+             sr_weight=None, sr_bias=None, norm_weight=None, norm_bias=None, sr_ratio=1, linear_attn=False,
+             norm_eps=1e-5, scale=None, dropout_p=0.0) -> _Call:
+    """sr_attention()'s public boundary: autocast, dtypes/devices, shapes (the reference's check), scale."""
+    params = _params(q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, sr_weight, sr_bias,
+                     norm_weight, norm_bias)
+    x, params = _autocast(x, params)
+    _validate(x, params)
+    B, N, C, H, W = check_sr_attention_args(x, feat_size, num_heads=num_heads, sr_ratio=sr_ratio,
+                                            linear_attn=linear_attn, **params)
+    if isinstance(dropout_p, bool) or not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"sr_attention: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    scale = (C // num_heads) ** -0.5 if scale is None else float(scale)
+    return _Call(x, (H, W), params, num_heads, sr_ratio, linear_attn, float(norm_eps), scale, float(dropout_p))
+
+
+def _why_not_triton(call: _Call) -> Optional[str]:
+    x = call.x
     C = x.shape[-1]
-    if C // num_heads > MAX_HEAD_DIM:
-        return f"head_dim {C // num_heads} is larger than the Triton kernels support ({MAX_HEAD_DIM})"
-    if linear_attn or sr_ratio > 1:
-        return _why_not_norm_kernel(x, C)
+    if C // call.num_heads > MAX_HEAD_DIM:
+        return f"head_dim {C // call.num_heads} is larger than the Triton kernels support ({MAX_HEAD_DIM})"
+    if call.linear_attn or call.sr_ratio > 1:
+        return why_not_norm_kernel(x, C)
     if x.dtype not in _KERNEL_DTYPES:
         return f"the Triton kernels take float32, float16 or bfloat16, got {x.dtype} (use backend='torch')"
     return backends.triton_reason([x], x.dtype)
 
 
-def _why_not_cuda(x, params, num_heads, sr_ratio, linear_attn) -> Optional[str]:
-    return backends.cuda_extension_reason("sr_attention", [x])
-
-
-_BACKENDS = backends.register(
-    "sr_attention",
-    {"cuda": _why_not_cuda, "triton": _why_not_triton, "torch": lambda *a, **kw: None},
-    gpu_auto_order=("triton", "torch"),
-)
+_BACKENDS = backends.register("sr_attention", prepare=_prepare,
+                              predicates={"triton": _why_not_triton, "torch": backends.available})
 
 
 def _autocast(x, params):
@@ -232,38 +164,44 @@ def sr_attention(
     Returns:
         (B, N, C), the module's output (after ``proj``; ``proj_drop`` is the caller's).
     """
-    params = _params(q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, sr_weight, sr_bias,
-                     norm_weight, norm_bias)
-    x, params = _autocast(x, params)
-    _validate(x, params)
-    B, N, C, H, W = check_sr_attention_args(
-        x, feat_size, num_heads=num_heads, q_weight=q_weight, kv_weight=kv_weight, proj_weight=proj_weight,
-        sr_weight=sr_weight, norm_weight=norm_weight, sr_ratio=sr_ratio, linear_attn=linear_attn)
-    chosen = _BACKENDS.select(backend, [x], x, params, num_heads, sr_ratio, linear_attn)
+    c = _prepare(x, feat_size, num_heads=num_heads, q_weight=q_weight, q_bias=q_bias, kv_weight=kv_weight,
+                 kv_bias=kv_bias, proj_weight=proj_weight, proj_bias=proj_bias, sr_weight=sr_weight, sr_bias=sr_bias,
+                 norm_weight=norm_weight, norm_bias=norm_bias, sr_ratio=sr_ratio, linear_attn=linear_attn,
+                 norm_eps=norm_eps, scale=scale, dropout_p=dropout_p)
+    chosen = _BACKENDS.select(backend, c)
     # An empty batch has nothing to fuse: the reference's torch ops give the empty output and zero
     # weight gradients, as the timm module does, and no kernel is launched on a zero-size grid.
-    if chosen == "torch" or B == 0:
-        return sr_attention_reference(x, (H, W), num_heads=num_heads, sr_ratio=sr_ratio, linear_attn=linear_attn,
-                                      norm_eps=norm_eps, scale=scale, dropout_p=dropout_p, **params)
-    p = params
-    heads, head_dim = num_heads, C // num_heads
+    if chosen == "torch" or c.x.shape[0] == 0:
+        return sr_attention_reference(c.x, c.grid, num_heads=c.num_heads, sr_ratio=c.sr_ratio,
+                                      linear_attn=c.linear_attn, norm_eps=c.norm_eps, scale=c.scale,
+                                      dropout_p=c.dropout_p, **c.params)
+    return _fused(c)
+
+
+def _fused(c: _Call) -> Tensor:
+    """The Triton path, on the validated call: the registered ops, nothing validated or selected again."""
+    x, p, (H, W) = c.x, c.params, c.grid
+    B, N, C = x.shape
+    heads, head_dim = c.num_heads, C // c.num_heads
     q = F.linear(x, p["q_weight"], p["q_bias"])  # (B, N, C)
-    if linear_attn or sr_ratio > 1:
+    if c.linear_attn or c.sr_ratio > 1:
         image = x.unflatten(1, (H, W)).permute(0, 3, 1, 2)  # (B, C, H, W) view of the tokens
         norm_bias = p["norm_bias"] if p["norm_bias"] is not None else torch.zeros_like(p["norm_weight"])
-        if linear_attn:
+        if c.linear_attn:
             image = F.adaptive_avg_pool2d(image, 7)
         else:
-            image = image[:, :, : H // sr_ratio * sr_ratio, : W // sr_ratio * sr_ratio]  # Conv2d floors
-        src = patch_embed_layernorm(image, p["sr_weight"], p["sr_bias"], p["norm_weight"], norm_bias, norm_eps)
-        if linear_attn:
+            r = c.sr_ratio
+            image = image[:, :, : H // r * r, : W // r * r]  # Conv2d floors
+        src, _, _, _ = torch.ops.vitkern.patch_embed_layernorm_fwd(image, p["sr_weight"], p["sr_bias"],
+                                                                   p["norm_weight"], norm_bias, c.norm_eps)
+        if c.linear_attn:
             src = F.gelu(src)
     else:
         src = x
     kv = F.linear(src, p["kv_weight"], p["kv_bias"])  # (B, Nk, 2C) = [k | v]
     kv = kv.unflatten(-1, (2, heads, head_dim))
     k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, h, Nk, d) views
-    out = attention(q.unflatten(-1, (heads, head_dim)).transpose(1, 2), k, v, scale=scale, dropout_p=dropout_p,
-                    backend="triton")
-    out = out.transpose(1, 2).reshape(B, N, C)  # a view: the kernel wrote (B, N, h, d)
-    return F.linear(out, p["proj_weight"], p["proj_bias"])
+    q = q.unflatten(-1, (heads, head_dim)).transpose(1, 2)
+    out, _ = torch.ops.vitkern.attention_fwd(q, k, v, None, c.scale, c.dropout_p, new_dropout_seed(c.dropout_p),
+                                             False)  # (B, N, h, d)
+    return F.linear(out.reshape(B, N, C), p["proj_weight"], p["proj_bias"])

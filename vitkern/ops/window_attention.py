@@ -42,16 +42,18 @@ fake and autograd registrations -> validation and backend predicates -> the publ
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from vitkern import _triton, backends
 from vitkern._memory import new_output
 from vitkern._triton import cdiv, next_power_of_2, tl, triton
-from vitkern.ops.attention import _keep_scale, _new_seed, _seed_value, dropout_keep_mask
-from vitkern.reference import _pair as reference_pair
+from vitkern.ops.attention import _keep_scale, new_dropout_seed, _seed_value, dropout_keep_mask
+from vitkern._args import IntOrPair, pair
 from vitkern.reference import window_attention_reference
 
 __all__ = ["window_attention", "window_attention_flops", "window_dropout_keep_mask"]
@@ -62,7 +64,6 @@ MAX_HEAD_DIM = 128
 MAX_WINDOW_TOKENS = 1024
 _LOG2E = 1.4426950408889634
 
-IntOrPair = Union[int, Sequence[int]]
 
 
 # --------------------------------------------------------------------------- #
@@ -658,34 +659,22 @@ def window_attention_flops(batch: int, grid: Tuple[int, int], dim: int, num_head
     return 10 * per if backward else 4 * per
 
 
-try:
-    from torch.utils.flop_counter import register_flop_formula
+@register_flop_formula(torch.ops.vitkern.window_attention_fwd)
+def _fwd_flops(qkv_shape, table_shape, bias_shape, num_heads, window, *args, **kwargs):
+    B, H, W, C3 = qkv_shape
+    return window_attention_flops(B, (H, W), C3 // 3, num_heads, window)
 
-    @register_flop_formula(torch.ops.vitkern.window_attention_fwd)
-    def _fwd_flops(qkv_shape, table_shape, bias_shape, num_heads, window, *args, **kwargs):
-        B, H, W, C3 = qkv_shape
-        return window_attention_flops(B, (H, W), C3 // 3, num_heads, window)
 
-    @register_flop_formula(torch.ops.vitkern.window_attention_bwd)
-    def _bwd_flops(dout_shape, qkv_shape, table_shape, bias_shape, saved_out_shape, lse_shape, num_heads, window,
-                   *args, **kwargs):
-        B, H, W, C3 = qkv_shape
-        return window_attention_flops(B, (H, W), C3 // 3, num_heads, window, backward=True)
-except ImportError:  # pragma: no cover
-    pass
+@register_flop_formula(torch.ops.vitkern.window_attention_bwd)
+def _bwd_flops(dout_shape, qkv_shape, table_shape, bias_shape, saved_out_shape, lse_shape, num_heads, window,
+               *args, **kwargs):
+    B, H, W, C3 = qkv_shape
+    return window_attention_flops(B, (H, W), C3 // 3, num_heads, window, backward=True)
 
 
 # --------------------------------------------------------------------------- #
 # Validation, backend predicates, public op
 # --------------------------------------------------------------------------- #
-def _pair(value, name: str) -> Tuple[int, int]:
-    """The reference's int-or-pair check, with the op's name in front of its message."""
-    try:
-        return reference_pair(value, name)
-    except ValueError as exc:
-        raise ValueError(f"window_attention: {exc}") from None
-
-
 def _validate(qkv, table, qkv_bias, num_heads, window, shift, dropout_p) -> None:
     if not isinstance(qkv, Tensor) or qkv.dim() != 4:
         got = tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__
@@ -726,26 +715,51 @@ def _validate(qkv, table, qkv_bias, num_heads, window, shift, dropout_p) -> None
         raise ValueError(f"window_attention: dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
 
-def _why_not_triton(qkv, table, qkv_bias, num_heads, window, shift) -> Optional[str]:
+@dataclass
+class _Call:
+    """One validated window-attention call, as the predicates and the launch read it."""
+    qkv: Tensor
+    table: Tensor
+    qkv_bias: Optional[Tensor]
+    num_heads: int
+    window: Tuple[int, int]
+    shift: Tuple[int, int]
+    scale: float
+    mask_value: float
+    dropout_p: float
+
+
+def _prepare(qkv, rel_pos_bias_table, *, num_heads, window_size, shift_size=0, scale=None, qkv_bias=None,
+             mask_value=-100.0, dropout_p=0.0) -> _Call:
+    """window_attention()'s public boundary: pairs normalised, autocast, validated, scale defaulted."""
+    window = pair(window_size, "window_size", "window_attention")
+    shift = pair(shift_size, "shift_size", "window_attention")
+    dtype = backends.autocast_dtype(qkv)
+    if dtype is not None:  # as timm's Linear output would be under autocast; the bias joins its dtype
+        qkv = qkv.to(dtype)
+        if isinstance(rel_pos_bias_table, Tensor) and rel_pos_bias_table.is_floating_point():
+            rel_pos_bias_table = rel_pos_bias_table.to(dtype)
+    _validate(qkv, rel_pos_bias_table, qkv_bias, num_heads, window, shift, dropout_p)
+    head_dim = qkv.shape[-1] // 3 // num_heads
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    return _Call(qkv, rel_pos_bias_table, qkv_bias, num_heads, window, shift, scale, float(mask_value),
+                 float(dropout_p))
+
+
+def _why_not_triton(call: _Call) -> Optional[str]:
+    qkv, window = call.qkv, call.window
     if qkv.dtype not in _KERNEL_DTYPES:
         return f"the Triton kernels take float32, float16 or bfloat16, got {qkv.dtype} (use backend='torch')"
-    head_dim = qkv.shape[-1] // 3 // num_heads
+    head_dim = qkv.shape[-1] // 3 // call.num_heads
     if head_dim > MAX_HEAD_DIM:
         return f"head_dim {head_dim} is larger than the Triton kernels support ({MAX_HEAD_DIM})"
     if window[0] * window[1] > MAX_WINDOW_TOKENS:
         return f"windows of {window[0] * window[1]} tokens exceed the Triton kernels' {MAX_WINDOW_TOKENS}"
-    return backends.triton_reason([qkv, table, qkv_bias], qkv.dtype)
+    return backends.triton_reason([qkv, call.table, call.qkv_bias], qkv.dtype)
 
 
-def _why_not_cuda(qkv, table, qkv_bias, num_heads, window, shift) -> Optional[str]:
-    return backends.cuda_extension_reason("window_attention", [qkv, table, qkv_bias])
-
-
-_BACKENDS = backends.register(
-    "window_attention",
-    {"cuda": _why_not_cuda, "triton": _why_not_triton, "torch": lambda *a, **kw: None},
-    gpu_auto_order=("triton", "torch"),
-)
+_BACKENDS = backends.register("window_attention", prepare=_prepare,
+                              predicates={"triton": _why_not_triton, "torch": backends.available})
 
 
 def window_attention(
@@ -782,23 +796,14 @@ def window_attention(
     Returns:
         (B, H, W, C), each token's attention output at its own position.
     """
-    window = _pair(window_size, "window_size")
-    shift = _pair(shift_size, "shift_size")
-    dtype = backends.autocast_dtype(qkv)
-    if dtype is not None:  # as timm's Linear output would be under autocast; the bias joins its dtype
-        qkv = qkv.to(dtype)
-        if isinstance(rel_pos_bias_table, Tensor) and rel_pos_bias_table.is_floating_point():
-            rel_pos_bias_table = rel_pos_bias_table.to(dtype)
-    _validate(qkv, rel_pos_bias_table, qkv_bias, num_heads, window, shift, dropout_p)
-    head_dim = qkv.shape[-1] // 3 // num_heads
-    scale = head_dim ** -0.5 if scale is None else float(scale)
-    chosen = _BACKENDS.select(backend, [qkv, rel_pos_bias_table, qkv_bias],
-                              qkv, rel_pos_bias_table, qkv_bias, num_heads, window, shift)
-    if chosen == "torch":
-        return window_attention_reference(qkv, rel_pos_bias_table, num_heads=num_heads, window_size=window,
-                                          shift_size=shift, scale=scale, qkv_bias=qkv_bias, mask_value=mask_value,
-                                          dropout_p=dropout_p)
-    out, _ = torch.ops.vitkern.window_attention_fwd(qkv, rel_pos_bias_table, qkv_bias, num_heads, list(window),
-                                                    list(shift), scale, float(mask_value), float(dropout_p),
-                                                    _new_seed(dropout_p))
-    return out
+    c = _prepare(qkv, rel_pos_bias_table, num_heads=num_heads, window_size=window_size, shift_size=shift_size,
+                 scale=scale, qkv_bias=qkv_bias, mask_value=mask_value, dropout_p=dropout_p)
+    chosen = _BACKENDS.select(backend, c)
+    if chosen == "triton":
+        out, _ = torch.ops.vitkern.window_attention_fwd(c.qkv, c.table, c.qkv_bias, c.num_heads, list(c.window),
+                                                        list(c.shift), c.scale, c.mask_value, c.dropout_p,
+                                                        new_dropout_seed(c.dropout_p))
+        return out
+    return window_attention_reference(c.qkv, c.table, num_heads=c.num_heads, window_size=c.window,
+                                      shift_size=c.shift, scale=c.scale, qkv_bias=c.qkv_bias,
+                                      mask_value=c.mask_value, dropout_p=c.dropout_p)
