@@ -49,7 +49,7 @@ import copy
 import dataclasses
 from contextlib import nullcontext
 from functools import partial
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import pytest
 import torch

@@ -14,7 +14,6 @@ from functools import partial
 
 import pytest
 import torch
-from torch import nn
 
 from helpers import assert_close, assert_drop_in_signature, rel_err
 import vitkern
