@@ -347,6 +347,24 @@ def test_verbose_prints_the_summary(capsys):
     assert "converted 3 module(s)" in out and "blocks.1.attn" in out and "vitkern.nn.PatchEmbed" in out
 
 
+def test_verbose_shows_the_summary_once(capsys, caplog):
+    """verbose=True prints the summary once: not again as a log record, nor as the warning's text."""
+    import logging
+    with caplog.at_level(logging.INFO, logger="vitkern.convert"):
+        _optimize(_vit(), verbose=True)
+    out = capsys.readouterr().out
+    assert out.count("vitkern.optimize(") == 1
+    assert not [r for r in caplog.records if "vitkern.optimize(" in r.getMessage()]
+
+    model = nn.Sequential(nn.Linear(4, 8))
+    with pytest.warns(OptimizeWarning) as record:
+        vitkern.optimize(model, verbose=True)
+    out = capsys.readouterr().out
+    assert out.count("converted nothing") == 1
+    assert all("converted nothing (" not in str(w.message) for w in record)  # the warning points at the print
+    assert any("see the summary printed above" in str(w.message) for w in record)
+
+
 # ----------------------------------------------------------------------------- other models
 def test_non_timm_model_is_a_noop_with_a_message():
     model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.MultiheadAttention(8, 2))

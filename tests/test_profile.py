@@ -262,6 +262,8 @@ def _bad(argv, capsys):
     (["--dtype", "float13"], "unknown dtype 'float13'"),
     (["--backends", "cudnn"], "invalid choice: 'cudnn'"),
     (["--mode", "sideways"], "unknown mode 'sideways'"),
+    (["--mode", "backward"], "not timed on its own; use --mode forward+backward"),
+    (["--mode", "train"], "use --train-step"),
     (["--rounds", "0"], "must be a positive integer"),
     (["--models", "vit-b", "--resolutions", "100"], "resolution 100 is not divisible by the patch size 16"),
     (["--models", "swin-t", "--resolutions", "200"], "must be a multiple of 32"),
@@ -390,3 +392,82 @@ def test_without_timm_vits_fall_back_to_vitkern_models(monkeypatch):
     assert c.macs == _vit_macs(224, 16) and c.score_shapes == [(1, 12, 197, 197)] * 12
     with pytest.raises(ModelUnavailable, match="needs timm"):
         count_model("swin-t", 224)
+
+
+# --------------------------------------------------------------------------- #
+# Readability of the results: noise, plot
+# --------------------------------------------------------------------------- #
+def _measured_row(model, res, backend, times):
+    import statistics
+    med = statistics.median(times)
+    return {"model": model, "resolution": res, "batch": 1, "family": "vit",
+            "measurements": [{"backend": backend, "status": "ok", "ms": med, "ms_min": min(times),
+                              "ms_max": max(times), "spread": (max(times) - min(times)) / med,
+                              "rounds": len(times), "img_per_s": 1e3 / med, "peak_mib": 1.0, "speedup": 1.0}]}
+
+
+def test_noisy_measurements_are_flagged():
+    from vitkern.profiler.report import measured_table, noise_warnings
+    quiet = _measured_row("ViT-B/16", 224, "naive", [10.0, 10.1, 10.2, 10.0, 10.1])
+    noisy = _measured_row("ViT-B/16", 384, "naive", [10.0, 14.0, 10.5, 10.2, 19.0])
+    few = _measured_row("ViT-B/16", 512, "naive", [10.0, 30.0])
+    lines = noise_warnings([quiet, noisy, few])
+    assert len(lines) == 2, lines
+    assert "ViT-B/16 at 384, naive" in lines[0] and "spread 86%" in lines[0] and "--rounds" in lines[0]
+    assert "1 measurement(s) timed fewer than 3 calls" in lines[1]
+    table = measured_table([quiet, noisy])
+    assert "2%" in table and "86% !" in table
+
+
+def test_cli_reports_the_spread_of_repeats(tmp_path):
+    out = tmp_path / "prof"
+    r = _cli("--models", "vit:dim=32,depth=1,heads=2,patch=16", "--resolutions", "32", "--batch", "1",
+             "--rounds", "3", "--warmup", "0", "--device", "cpu", "--backends", "naive", "--no-plot",
+             "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "spread" in r.stdout
+    payload = json.loads((out / "profile.json").read_text())
+    m = payload["rows"][0]["measurements"][0]
+    assert m["ms_min"] <= m["ms"] <= m["ms_max"] and m["spread"] == pytest.approx(
+        (m["ms_max"] - m["ms_min"]) / m["ms"])
+    assert isinstance(payload["warnings"], list)
+
+
+@pytest.mark.skipif(not HAS_MPL, reason="needs matplotlib")
+def test_slope_guides_do_not_stretch_the_axis():
+    from vitkern.profiler.report import _figure, _log_axes, _slopes
+    fig = _figure(6, 4)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([224, 384, 512], [100.0, 250.0, 400.0], "o-")
+    _log_axes(ax, [224, 384, 512])
+    ax.autoscale_view()
+    before = ax.get_ylim()
+    _slopes(ax, 224, 512, 50.0, 30.0)  # slope 4 from 30 reaches 30 * (512/224)^4 = 820: past the data
+    assert ax.get_ylim() == pytest.approx(before)
+
+
+@pytest.mark.skipif(not HAS_MPL, reason="needs matplotlib")
+def test_plot_legend_text_is_readable(tmp_path):
+    """Legend labels at least 12 px high in the saved PNG (they were about 7 px)."""
+    from vitkern.profiler import report
+    rows = [dict(_measured_row("ViT-B/16", res, "naive", [float(res)] * 3), gflops=res / 10.0,
+                 attn_core_gflops=res / 100.0, mlp_gflops=res / 20.0) for res in (224, 384, 512)]
+    captured = {}
+    real_save = report._save
+
+    def keep(fig, path):
+        captured["fig"] = fig
+        real_save(fig, path)
+
+    report._save = keep
+    try:
+        report.plot_profile(rows, str(tmp_path / "p.png"), "title")
+    finally:
+        report._save = real_save
+    fig = captured["fig"]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    heights = [t.get_window_extent(renderer).height for ax in fig.axes for leg in ax.findobj(
+        lambda a: type(a).__name__ == "Legend") for t in leg.get_texts()]
+    assert heights and min(heights) >= 12, heights
+    _check_png(tmp_path / "p.png")

@@ -42,8 +42,8 @@ the timm module's device and dtype.
 Reporting: :func:`optimize` emits one :class:`OptimizeWarning` per call when something was
 skipped (its message lists what was converted, what was skipped and why), or when nothing at
 all was found to convert (e.g. timm not installed and a plain ``nn.Module``); otherwise it logs
-the summary at INFO level on the ``vitkern.convert`` logger. ``verbose=True`` also prints the
-summary. :func:`convert` does the same work and returns a :class:`ConversionReport` instead of
+the summary at INFO level on the ``vitkern.convert`` logger. ``verbose=True`` prints the summary
+instead (once: the warning then only points at it, and nothing is logged). :func:`convert` does the same work and returns a :class:`ConversionReport` instead of
 the model (``report.model`` is the model), without warning.
 
 **vitkern's own models** (``vitkern.models.ViT`` and any module defined in vitkern) already run
@@ -543,10 +543,14 @@ def optimize(model: nn.Module, *, backend: Optional[str] = None, verbose: bool =
     """
     report = convert(model, backend=backend)
     text = report.summary()
-    if verbose:
-        print(text)
     nothing = not report.converted and not report.vitkern_modules
-    if report.skipped or nothing:
+    if verbose:
+        # The summary is shown once: printed here, so the warning only points at it and nothing is logged.
+        print(text)
+        if report.skipped or nothing:
+            what = "converted nothing" if nothing else f"skipped {len(report.skipped)} module(s)"
+            warnings.warn(f"vitkern.optimize {what}; see the summary printed above", OptimizeWarning, stacklevel=2)
+    elif report.skipped or nothing:
         warnings.warn(text, OptimizeWarning, stacklevel=2)
     else:
         _log.info("%s", text)

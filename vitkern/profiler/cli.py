@@ -37,7 +37,15 @@ examples:
 _DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
            "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 _MODES = {"forward": False, "fwd": False, "inference": False,
-          "forward+backward": True, "fwd+bwd": True, "fwdbwd": True, "backward": True, "train": True}
+          "forward+backward": True, "fwd+bwd": True, "fwdbwd": True}
+# Names a user may type expecting something the profiler does not time: say so instead of guessing.
+_NOT_MODES = {
+    "backward": "the backward pass is not timed on its own; use --mode forward+backward (forward and backward "
+                "of one batch, no optimizer step)",
+    "bwd": "the backward pass is not timed on its own; use --mode forward+backward",
+    "train": "--mode forward+backward times forward and backward without an optimizer step; for a whole "
+             "training step (with the optimizer) use --train-step",
+}
 
 
 def _positive_int(text: str) -> int:
@@ -70,6 +78,8 @@ def _dtype(text: str) -> str:
 
 def _mode(text: str) -> str:
     key = text.lower()
+    if key in _NOT_MODES:
+        raise argparse.ArgumentTypeError(f"mode {text!r} is not supported: {_NOT_MODES[key]}")
     if key not in _MODES:
         raise argparse.ArgumentTypeError(f"unknown mode {text!r}; choose forward or forward+backward")
     return key

@@ -37,6 +37,8 @@ class Measurement:
     reason: str = ""
     ms: Optional[float] = None      # median wall time of one call (whole batch)
     ms_min: Optional[float] = None
+    ms_max: Optional[float] = None
+    spread: Optional[float] = None  # (max - min) / median of the timed calls: how noisy the figure is
     img_per_s: Optional[float] = None
     peak_mib: Optional[float] = None
     counted_gflops: Optional[float] = None  # FlopCounterMode on this device, per image
@@ -258,5 +260,6 @@ def _measure_one(fn, model, x, backend, device, backward, warmup, rounds, batch)
     model.zero_grad(set_to_none=True)
     med = statistics.median(times)
     flops = counter.get_total_flops()
-    return Measurement(backend, "ok", ms=med, ms_min=min(times), img_per_s=batch / (med / 1e3), peak_mib=peak,
+    return Measurement(backend, "ok", ms=med, ms_min=min(times), ms_max=max(times),
+                       spread=(max(times) - min(times)) / med if med > 0 else 0.0, img_per_s=batch / (med / 1e3), peak_mib=peak,
                        counted_gflops=flops / batch / 1e9 if flops else 0.0, rounds=len(times))

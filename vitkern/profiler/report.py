@@ -85,8 +85,18 @@ def analytic_table(rows: List[dict], backward: bool) -> str:
     return "\n".join([format_table(headers, out, "llr" + "r" * (len(headers) - 3))] + skipped)
 
 
+# A measurement whose repeats spread by more than this fraction of their median is flagged as noisy.
+NOISY_SPREAD = 0.2
+
+
+def spread_cell(m: dict) -> str:
+    if m.get("spread") is None or m.get("rounds", 0) < 2:
+        return "-"
+    return f"{100 * m['spread']:.0f}%" + (" !" if m["spread"] > NOISY_SPREAD else "")
+
+
 def measured_table(rows: List[dict]) -> str:
-    headers = ["model", "res", "backend", "ms / batch", "img/s", "peak MiB", "vs naive", "note"]
+    headers = ["model", "res", "backend", "ms / batch", "spread", "img/s", "peak MiB", "vs naive", "note"]
     out = []
     for r in rows:
         for m in r.get("measurements", []):
@@ -95,9 +105,31 @@ def measured_table(rows: List[dict]) -> str:
             if m["status"] == "error":
                 note = "error: " + m["reason"][:60]
             out.append([r["model"], r["resolution"], m["backend"], _g(m["ms"], 1) if ok else "-",
+                        spread_cell(m) if ok else "-",
                         _g(m["img_per_s"], 1) if ok else "-", _g(m["peak_mib"], 1) if ok else "-",
                         f"{m['speedup']:.2f}x" if ok and m.get("speedup") else "-", note])
-    return format_table(headers, out, "lrlrrrrl")
+    return format_table(headers, out, "lrlrrrrrl")
+
+
+def noise_warnings(rows: List[dict], threshold: float = NOISY_SPREAD) -> List[str]:
+    """One line per measurement whose timed repeats disagree by more than ``threshold`` of their
+    median, plus one line when too few repeats were timed to judge the noise at all."""
+    lines, unjudged = [], 0
+    for r in rows:
+        for m in r.get("measurements", []):
+            if m["status"] != "ok":
+                continue
+            if m.get("rounds", 0) < 3:
+                unjudged += 1
+            elif m.get("spread") is not None and m["spread"] > threshold:
+                lines.append(f"noisy: {r['model']} at {r['resolution']}, {m['backend']}: timed calls range "
+                             f"{m['ms_min']:.3g}-{m['ms_max']:.3g} ms around a median of {m['ms']:.3g} ms "
+                             f"(spread {100 * m['spread']:.0f}% > {100 * threshold:.0f}%); the speedups that use it "
+                             f"are unreliable: rerun with more --rounds on an idle machine")
+    if unjudged:
+        lines.append(f"{unjudged} measurement(s) timed fewer than 3 calls: their noise cannot be judged "
+                     f"(--rounds 5 or more gives a spread)")
+    return lines
 
 
 # --------------------------------------------------------------------------- #
@@ -108,7 +140,7 @@ CSV_FIELDS = [
     "gmacs", "gflops", "attn_core_gflops", "attn_proj_gflops", "mlp_gflops", "other_gflops", "attn_core_share",
     "attn_share", "mlp_share", "train_gflops", "attention_layers", "scores_per_layer_bytes",
     "scores_per_layer_bytes_batch", "scores_total_bytes", "scores_total_bytes_batch", "device", "dtype", "batch", "mode",
-    "backend", "status", "reason", "ms", "ms_min", "img_per_s", "peak_mib", "speedup", "counted_gflops", "rounds",
+    "backend", "status", "reason", "ms", "ms_min", "ms_max", "spread", "img_per_s", "peak_mib", "speedup", "counted_gflops", "rounds",
 ]
 
 
@@ -139,7 +171,7 @@ _BACKEND_STYLE = {"naive": "-", "sdpa": "--", "vitkern": "-."}
 def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(width, height), dpi=80)
+    fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
     return fig
 
@@ -168,12 +200,21 @@ def _log_axes(ax, xs: Sequence[int]) -> None:
 
 
 def _slopes(ax, x0: float, x1: float, y_for_2: float, y_for_4: float) -> None:
+    """Reference segments of slope 2 and 4, clipped to the data's y-range: a guide must never
+    stretch the axis and squash the data it is there to explain."""
     if x1 <= x0:
         x1 = x0 * 1.5
+    ax.autoscale_view()
+    ylim = ax.get_ylim()
     ax.plot([x0, x1], [y_for_2, y_for_2 * (x1 / x0) ** 2], color="0.45", lw=1, ls=(0, (1, 2)),
-            label="slope 2: ∝ res² (linear in tokens)")
+            label="slope 2: ∝ res² (linear in tokens)", scalex=False, scaley=False)
     ax.plot([x0, x1], [y_for_4, y_for_4 * (x1 / x0) ** 4], color="0.2", lw=1, ls=(0, (5, 2, 1, 2)),
-            label="slope 4: ∝ res⁴ (quadratic in tokens)")
+            label="slope 4: ∝ res⁴ (quadratic in tokens)", scalex=False, scaley=False)
+    ax.set_ylim(ylim)
+
+
+# Legend text in points; at the figures' 100 dpi, 10 pt is about 14 px, readable at the PNG's own size.
+LEGEND_FONTSIZE = 10
 
 
 def _legends(ax, colors: Dict[str, str], styles: List[tuple], ncol_colors: int = 3) -> None:
@@ -182,11 +223,11 @@ def _legends(ax, colors: Dict[str, str], styles: List[tuple], ncol_colors: int =
     color_handles = [Line2D([], [], color=c, lw=2.5, label=name) for name, c in colors.items()]
     style_handles = [Line2D([], [], color=col, ls=ls, marker=mk, lw=1.4, label=label)
                      for label, ls, mk, col in styles]
-    first = ax.legend(handles=color_handles, fontsize=7.5, ncol=ncol_colors, loc="upper left",
+    first = ax.legend(handles=color_handles, fontsize=LEGEND_FONTSIZE, ncol=ncol_colors, loc="upper left",
                       bbox_to_anchor=(0.0, -0.14), frameon=False)
     ax.add_artist(first)
-    ax.legend(handles=style_handles, fontsize=7.5, ncol=2, loc="upper left", bbox_to_anchor=(0.0, -0.25),
-              frameon=False)
+    ax.legend(handles=style_handles, fontsize=LEGEND_FONTSIZE, ncol=2, loc="upper left",
+              bbox_to_anchor=(0.0, -0.22), frameon=False)
 
 
 _SLOPE_STYLES = [("slope 2: ∝ res² (linear in tokens)", (0, (1, 2)), None, "0.45"),
@@ -196,7 +237,7 @@ _SLOPE_STYLES = [("slope 2: ∝ res² (linear in tokens)", (0, (1, 2)), None, "0
 def plot_profile(rows: List[dict], path: str, title: str) -> None:
     """Left: counted GFLOPs vs resolution (total, attention core, MLP per model). Right: measured
     time per image vs resolution per model and backend. Log-log, with reference slopes 2 and 4."""
-    fig = _figure(12.5, 6.4)
+    fig = _figure(13, 7.2)
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
                "tab:olive", "tab:cyan", "tab:gray"]
@@ -226,7 +267,7 @@ def plot_profile(rows: List[dict], path: str, title: str) -> None:
                                ("MLP (linear)", ":", "s", "k")] + _SLOPE_STYLES)
     ax1.set_xlabel("image resolution (pixels per side)")
     ax1.set_ylabel("GFLOPs per image (counted, forward)")
-    ax1.set_title("Analytic cost (FlopCounterMode on the meta device)", fontsize=10)
+    ax1.set_title("Analytic cost (FlopCounterMode on the meta device)", fontsize=11)
 
     measured_x, first_time, used = [], None, []
     for name, pts in series.items():
@@ -236,17 +277,23 @@ def plot_profile(rows: List[dict], path: str, title: str) -> None:
                 m = next((m for m in r.get("measurements", []) if m["backend"] == backend and m["status"] == "ok"),
                          None)
                 if m:
-                    xy.append((r["resolution"], m["ms"] / r["batch"]))
+                    lo, hi = m.get("ms_min") or m["ms"], m.get("ms_max") or m["ms"]
+                    xy.append((r["resolution"], m["ms"] / r["batch"], (m["ms"] - lo) / r["batch"],
+                               (hi - m["ms"]) / r["batch"]))
             if xy:
-                ax2.plot([p[0] for p in xy], [p[1] for p in xy], marker="o", ls=ls, color=colors[name], lw=1.6)
+                # Error bars: the fastest and slowest timed call around the median.
+                ax2.errorbar([p[0] for p in xy], [p[1] for p in xy], yerr=[[p[2] for p in xy], [p[3] for p in xy]],
+                             marker="o", ls=ls, color=colors[name], lw=1.6, capsize=3)
                 measured_x += [p[0] for p in xy]
                 used.append(backend)
-                if first_time is None or (backend == "naive" and xy[0][0] <= first_time[0]
-                                          and xy[0][1] > first_time[1]):
-                    first_time = xy[0]
+                # Guides start just below the fastest point at the smallest resolution, so they rise
+                # through the data instead of above it.
+                if first_time is None or xy[0][0] < first_time[0] or (
+                        xy[0][0] == first_time[0] and xy[0][1] < first_time[1]):
+                    first_time = xy[0][:2]
     if measured_x:
         _log_axes(ax2, measured_x)
-        _slopes(ax2, min(measured_x), max(measured_x), first_time[1] * 0.6, first_time[1] * 0.3)
+        _slopes(ax2, min(measured_x), max(measured_x), first_time[1] * 0.8, first_time[1] * 0.8)
         measured_models = {n: c for n, c in colors.items()
                            if any(m["status"] == "ok" for r in series[n] for m in r.get("measurements", []))}
         _legends(ax2, measured_models, [(b, ls, "o", "k") for b, ls in _BACKEND_STYLE.items() if b in used]
@@ -257,8 +304,8 @@ def plot_profile(rows: List[dict], path: str, title: str) -> None:
         ax2.set_yticks([])
     ax2.set_xlabel("image resolution (pixels per side)")
     ax2.set_ylabel("measured ms per image")
-    ax2.set_title("Measured time per image (median)", fontsize=10)
-    fig.suptitle(title, fontsize=10)
+    ax2.set_title("Measured time per image (median; bars: min-max of the timed calls)", fontsize=11)
+    fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     _save(fig, path)
 
@@ -290,7 +337,7 @@ def plot_train_step(rows: List[dict], fits: Dict[str, dict], path: str, title: s
             x_start = last[-2][0]
             r = x_end / x_start
             _slopes(ax, x_start, x_end, t_end / r ** 2, t_end / r ** 4)
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=LEGEND_FONTSIZE, loc="upper left")
     ax.set_xlabel("img_size")
     ax.set_ylabel("ms per training step")
     ax.set_title(title, fontsize=9)

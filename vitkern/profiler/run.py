@@ -11,7 +11,8 @@ import torch
 
 from vitkern.profiler.counting import count_config
 from vitkern.profiler.measure import Progress, measure_config
-from vitkern.profiler.report import (UNITS, analytic_table, measured_table, plot_profile, write_csv, write_json)
+from vitkern.profiler.report import (UNITS, analytic_table, measured_table, noise_warnings, plot_profile, write_csv,
+                                     write_json)
 from vitkern.profiler.specs import Config, ModelUnavailable, vitkern_cpu_reason
 
 __all__ = ["run_profile", "environment", "device_description", "analytic_row"]
@@ -159,6 +160,11 @@ def run_profile(configs: Sequence[Config], *, device: torch.device, dtype: torch
                     reasons.setdefault(f"{m['backend']}: {prefix}{m['reason']}", None)
         for reason in reasons:
             log(f"  {reason}")
+        warnings_ = noise_warnings(rows)
+        for w in warnings_:
+            log(f"warning: {w}")
+    else:
+        warnings_ = []
 
     for r in rows:
         r.pop("_config", None)
@@ -171,7 +177,7 @@ def run_profile(configs: Sequence[Config], *, device: torch.device, dtype: torch
         "units": {"gmacs": "1e9 multiply-accumulates per image (forward)", "gflops": "1e9 FLOPs = 2 x MACs",
                   "bytes": "bytes", "peak_mib": "2^20 bytes", "ms": "milliseconds per call (whole batch)",
                   "img_per_s": "images per second"},
-        "notes": list(notes), "rows": rows,
+        "notes": list(notes), "warnings": warnings_, "rows": rows,
     }
     errors = [m for r in rows for m in r.get("measurements", []) if m["status"] == "error"]
     payload["exit_code"] = 1 if errors else 0

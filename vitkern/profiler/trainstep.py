@@ -18,7 +18,8 @@ import torch
 
 from vitkern.profiler.counting import count_config
 from vitkern.profiler.measure import Progress, time_callable
-from vitkern.profiler.report import fit_exponent, format_table, plot_train_step, write_json
+from vitkern.profiler.report import (fit_exponent, format_table, noise_warnings, plot_train_step, spread_cell,
+                                     write_json)
 from vitkern.profiler.run import environment, row_dtype
 from vitkern.profiler.specs import D2L_CHAPTER, Config, parse_model, vitkern_cpu_reason
 
@@ -82,8 +83,9 @@ def train_step_scaling(img_sizes: Sequence[int] = DEFAULT_IMG_SIZES, *, device: 
                         Y = torch.randint(0, D2L_CHAPTER["num_classes"], (batch,), device=device)
                         times = time_callable(_step_fn(model, X, Y, autocast_dtype, device), device, warmup, rounds)
                         med = statistics.median(times)
-                        row.update(status="ok", ms=med, ms_min=min(times), img_per_s=batch / (med / 1e3),
-                                   rounds=len(times))
+                        row.update(status="ok", ms=med, ms_min=min(times), ms_max=max(times),
+                                   spread=(max(times) - min(times)) / med if med > 0 else 0.0,
+                                   img_per_s=batch / (med / 1e3), rounds=len(times))
                         del model, X, Y
                     except Exception as exc:  # noqa: BLE001
                         row.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
@@ -119,11 +121,12 @@ def train_step_scaling(img_sizes: Sequence[int] = DEFAULT_IMG_SIZES, *, device: 
     for r in rows:
         ok = r["status"] == "ok"
         table.append([r["img_size"], f"{r['tokens']}+1", f"{r['gflops_per_step']:.2f}", f"{r['attn_share'] * 100:.1f}%",
-                      r["backend"], f"{r['ms']:.1f}" if ok else "-", f"{r['img_per_s']:.1f}" if ok else "-",
+                      r["backend"], f"{r['ms']:.1f}" if ok else "-", spread_cell(r) if ok else "-",
+                      f"{r['img_per_s']:.1f}" if ok else "-",
                       f"{r['x_prev']:.2f}x" if ok and r.get("x_prev") else "-",
                       "" if ok else r["status"]])
-    log(format_table(["img_size", "tokens", "GFLOPs/step", "attn %", "backend", "ms/step", "img/s",
-                      "vs previous", "note"], table, "rrrrlrrrl"))
+    log(format_table(["img_size", "tokens", "GFLOPs/step", "attn %", "backend", "ms/step", "spread", "img/s",
+                      "vs previous", "note"], table, "rrrrlrrrrl"))
     summary = []
     for backend, fit in fits.items():
         summary.append(f"{backend}: step time ∝ img_size^{fit['exponent']:.2f} over {fit['range'][0]}-"
@@ -152,6 +155,9 @@ def train_step_scaling(img_sizes: Sequence[int] = DEFAULT_IMG_SIZES, *, device: 
             f"busy, and bends towards img_size⁴ only where attention's share of the FLOPs becomes large.")
     for line in summary:
         log(line)
+    warnings_ = noise_warnings([{"model": "d2l ViT", "resolution": r["img_size"], "measurements": [r]} for r in rows])
+    for w in warnings_:
+        log(f"warning: {w}")
     unavailable = {r["reason"] for r in rows if r["status"] != "ok"}
     for reason in unavailable:
         log(f"  note: {reason}")
@@ -161,13 +167,13 @@ def train_step_scaling(img_sizes: Sequence[int] = DEFAULT_IMG_SIZES, *, device: 
                "command": command, "environment": env,
                "settings": {"img_sizes": list(img_sizes), "batch": batch, "dtype": row_dtype(dtype),
                             "warmup": warmup, "rounds": rounds, "model": dict(c)},
-               "rows": rows, "fits": fits, "flops_exponent": flop_exp, "summary": summary}
+               "rows": rows, "fits": fits, "flops_exponent": flop_exp, "summary": summary, "warnings": warnings_}
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         files = {"csv": os.path.join(out_dir, "train_step.csv"), "json": os.path.join(out_dir, "train_step.json")}
         import csv
         fields = ["img_size", "tokens", "seq_len", "backend", "status", "reason", "gflops_per_step", "attn_share",
-                  "batch", "ms", "ms_min", "img_per_s", "x_prev", "rounds"]
+                  "batch", "ms", "ms_min", "ms_max", "spread", "img_per_s", "x_prev", "rounds"]
         with open(files["csv"], "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             w.writeheader()
