@@ -34,7 +34,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from vitkern import _triton, backends
+from vitkern import _triton, backends, configs
 from vitkern._memory import new_output
 from vitkern._triton import cdiv, next_power_of_2, tl, triton
 from vitkern.reference import attention_reference
@@ -336,20 +336,56 @@ def _block_d(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))
 
 
-def _fwd_config(head_dim: int) -> dict:
+def _shape_class(dtype: torch.dtype, head_dim: int, has_bias: bool, has_dropout: bool) -> str:
+    """The key of a tuned-config table entry (vitkern.configs): what the tiles depend on."""
+    return f"{str(dtype).replace('torch.', '')}|d{head_dim}|bias{int(has_bias)}|dropout{int(has_dropout)}"
+
+
+# GPU tiles, chosen with `python -m vitkern.tools.compile_report` (no spills in 16-bit kernels,
+# <= 64 B in fp32 ones, shared memory within sm_80's 163 KB and sm_90a's 227 KB per block):
+# the bias tile and the dropout bits are live beside the accumulators, so kernels with them get
+# more warps or a narrower key block; fp32 tiles take twice the registers and shared memory.
+def _fwd_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, has_bias: bool = False,
+                has_dropout: bool = False) -> dict:
     if _triton.INTERPRET:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+    tuned = configs.lookup("attention.fwd", _shape_class(dtype, head_dim, has_bias, has_dropout))
+    if tuned:
+        return tuned
+    heavy = has_bias or has_dropout
     if head_dim <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if heavy else 4, num_stages=3)
+    narrow = heavy or dtype == torch.float32  # fp32 128x64 at d128: 229 KB of shared memory
+    return dict(BLOCK_M=128, BLOCK_N=32 if narrow else 64, num_warps=8, num_stages=2)
 
 
-def _bwd_config(head_dim: int) -> dict:
+def _bwd_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, has_bias: bool = False,
+                has_dropout: bool = False) -> dict:
+    """Tiles of the dQ and dK/dV kernels (BLOCK_M queries, BLOCK_N keys)."""
     if _triton.INTERPRET:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+    tuned = configs.lookup("attention.bwd", _shape_class(dtype, head_dim, has_bias, has_dropout))
+    if tuned:
+        return tuned
+    if has_bias or has_dropout or (dtype == torch.float32 and head_dim > 64):
+        # 64x64 spills here (dQ 300-900 B with bias and dropout; fp32 d128 dK/dV also needs 192 KB of
+        # shared memory, over sm_80's 163 KB); 32 query rows with 8 warps spill nothing.
+        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
     if head_dim <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1)
+
+
+def _dbias_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, has_dropout: bool = False) -> dict:
+    """Tiles of the d(bias) kernel: it holds q, dO (BLOCK_M x d) and k, v (BLOCK_N x d) at once."""
+    if _triton.INTERPRET:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+    tuned = configs.lookup("attention.dbias", _shape_class(dtype, head_dim, True, has_dropout))
+    if tuned:
+        return tuned
+    # One stage: Triton's default 3 needs 400 KB of shared memory at fp32 d128. 32 query rows
+    # at d > 64 spill (16-72 B bf16, 80 B fp32 on sm_80); 16 do not.
+    return dict(BLOCK_M=16 if head_dim > 64 else 32, BLOCK_N=64, num_warps=8, num_stages=1)
 
 
 def _bias_strides(bias: Optional[Tensor], shape4) -> Tuple[int, int, int, int]:
@@ -367,7 +403,7 @@ def _launch_fwd(q, k, v, bias, scale, dropout_p, seed, out) -> Tensor:
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     lse = new_output((B, H, NQ), dtype=torch.float32, device=q.device)
-    cfg = _fwd_config(D)
+    cfg = _fwd_config(D, q.dtype, bias is not None, dropout_p > 0)
     grid = (B * H, cdiv(NQ, cfg["BLOCK_M"]))
     _attn_fwd_kernel[grid](
         q, k, v, bias if bias is not None else q, out, lse,
@@ -383,7 +419,7 @@ def _launch_bwd(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, dq, dk, d
     where b' and h' are 1 where the bias is broadcast over batch or heads (reduced in-kernel)."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
-    cfg = _bwd_config(D)
+    cfg = _bwd_config(D, q.dtype, bias is not None, dropout_p > 0)
     block_d = _block_d(D)
     delta = new_output((B, H, NQ), dtype=torch.float32, device=q.device)
     _attn_bwd_delta_kernel[(B * H, cdiv(NQ, cfg["BLOCK_M"]))](
@@ -408,11 +444,12 @@ def _launch_bwd(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, dq, dk, d
         return None
     bias_batch, bias_heads, _, _ = shape = _dbias_shape(bias, B, H, NQ, NK)
     dbias = new_output(shape, dtype=torch.float32, device=q.device)
+    cfg = _dbias_config(D, q.dtype, dropout_p > 0)
     _attn_bwd_dbias_kernel[(bias_batch * bias_heads, cdiv(NQ, cfg["BLOCK_M"]), cdiv(NK, cfg["BLOCK_N"]))](
         q, k, v, bias, dout, lse, delta, dbias, NQ, NK, H, B, bias_heads, qk_scale, seed_value, dropout_p,
         1.0 / (1.0 - dropout_p), *strides,
         HEAD_DIM=D, HAS_DROPOUT=dropout_p > 0, SUM_BATCH=bias_batch == 1, SUM_HEADS=bias_heads == 1,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, num_warps=cfg["num_warps"],
+        BLOCK_D=block_d, **cfg,
     )
     return dbias
 

@@ -36,8 +36,17 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 # Per-block shared-memory limits (opt-in maximum) and the ptxas architecture name of each target.
 TARGETS: Dict[int, Tuple[str, int]] = {90: ("sm_90a", 232448), 80: ("sm_80", 166912)}
-FP32_SPILL_LIMIT = 64  # bytes per thread an fp32 kernel may spill; fp16/bf16 kernels may not spill at all
+FP32_SPILL_LIMIT = 64  # bytes per thread (the larger of spill stores and loads) an fp32 kernel may spill; 16-bit: none
 SIXTEEN_BIT = ("float16", "bfloat16")
+
+
+def nvidia_backend_available() -> bool:
+    """Triton with its NVIDIA backend (and so its bundled ptxas): what compiling for sm_90a/sm_80 needs."""
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception:  # noqa: BLE001 - no Triton, or a build without the NVIDIA backend
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- #
@@ -175,61 +184,79 @@ def _pvt_case(B, H, W, C, heads, sr, linear, dtype):
 
 def cases(which: str = "full") -> List[Tuple[str, str, Callable[[], None]]]:
     """(label, dtype name, thunk), benchmark shapes first. Batches are tiny: a variant depends on N, d,
-    window and flags, not on B. "full" covers every dtype x head dim / window with no flag and with
-    all flags on (the most live state), each flag alone for bf16/fp32, and the benchmark grids;
-    "ci" keeps every kernel and the tile classes (head dim <= 64 / > 64, window tiles) that CI can
-    compile for two targets in its time budget."""
+    window and flags, not on B.
+
+    "full": the benchmark grids (bf16), and per op every dtype with no flag and with all flags on
+    (the most live state: bias tile, dropout bits, shift masks, padding); bf16 (and fp32 for
+    attention) over every head dim 32/64/80/96/128 and window 7/8/12/16, with each flag alone.
+    "ci": every kernel and every tile class the launchers pick (head dim <= 64 / > 64, window
+    tiles 64 and 16, 16-bit / fp32), small enough to compile for two targets within CI's time.
+    fp16 compiles to the same code as bf16 but for the conversions, so it is covered once per op.
+    """
     full = which == "full"
     dt = _dtypes()
     out = []
     bf16 = dt["bfloat16"]
-    # Global attention: ViT benchmark grid (bf16, d=64; ViT-H d=80), both layouts.
+    heavy, plain = ("heads", 0.1), (None, 0.0)
+
+    def attn(d, name, flags, n=197, packed=False, tag="attn"):
+        bias, p = flags
+        return (f"{tag} N{n} d{d} {'packed' if packed else 'heads'} bias={bias or '-'} dropout={p}", name,
+                _attention_case(1 if bias != "full" else 2, 2, n, n, d, dt[name], bias, p, packed))
+
+    # Global attention: ViT-B grid (d=64) and ViT-H (d=80), bf16, packed layout as the module uses.
     for n in ([197, 577, 1025, 50, 145, 257] if full else [197]):
-        for packed in (True, False):
-            out.append((f"attn vit N{n} d64 {'packed' if packed else 'heads'}", "bfloat16",
-                        _attention_case(1, 2, n, n, 64, bf16, None, 0.0, packed)))
+        out.append(attn(64, "bfloat16", plain, n, packed=True, tag="attn vitb"))
     for n in ([257, 577] if full else []):
-        out.append((f"attn vith N{n} d80 packed", "bfloat16", _attention_case(1, 2, n, n, 80, bf16, None, 0.0, True)))
-    names = list(dt) if full else ["bfloat16", "float32"]
-    for name in names:
-        dims = ATTN_HEAD_DIMS if full else (64, 128)
-        flag_sets = [(None, 0.0), ("heads", 0.1)]
-        if full and name != "float16":
-            flag_sets += [("heads", 0.0), (None, 0.1)]
-        for d in dims:
-            for bias, p in flag_sets:
-                out.append((f"attn N197 d{d} bias={bias or '-'} dropout={p}", name,
-                            _attention_case(2, 2, 197, 197, d, dt[name], bias, p, False)))
-        if full:  # a bias per batch element too: d(bias) is not summed over the batch
-            out.append((f"attn N197 d64 bias=full dropout=0.0", name,
-                        _attention_case(2, 2, 197, 197, 64, dt[name], "full", 0.0, False)))
-    # Swin: benchmark stages (window 7 and 12, shifted except where the grid is one window).
+        out.append(attn(80, "bfloat16", plain, n, packed=True, tag="attn vith"))
+    for d in (ATTN_HEAD_DIMS if full else (64, 128)):
+        for name in (("bfloat16", "float32") if full or d in (64, 128) else ("bfloat16",)):
+            for flags in (plain, heavy):
+                out.append(attn(d, name, flags))
+    if full:
+        for d in (64, 128):
+            for flags in (("heads", 0.0), (None, 0.1), ("full", 0.0)):
+                out.append(attn(d, "bfloat16", flags))
+    if full:
+        out += [attn(64, "float16", plain), attn(64, "float16", heavy)]
+
+    # Swin: benchmark stages (window 7 and 12, shifted unless the grid is one window: timm's rule).
     swin = [(56, 96, 3, 7), (28, 192, 6, 7), (14, 384, 12, 7), (7, 768, 24, 7), (96, 128, 4, 12),
             (48, 256, 8, 12), (24, 512, 16, 12), (12, 1024, 32, 12)]
     for grid, C, heads, win in (swin if full else []):
-        shift = win // 2 if grid > win else 0  # timm's small-grid rule
+        shift = win // 2 if grid > win else 0
         out.append((f"swin grid{grid} C{C} w{win} shift{shift}", "bfloat16",
                     _window_case(1, grid, C, heads, win, shift, bf16, False)))
-    # Every window x shift, on a grid that is not a multiple of the window (padding, qkv bias).
-    for name in names:
-        for win in (WINDOWS if full else (7, 12)):
-            for shift in ((0, win // 2) if full else (win // 2,)):
-                out.append((f"swin w{win} shift{shift} padded qkv_bias d32", name,
-                            _window_case(1, 2 * win + 3, 64, 2, win, shift, dt[name], True)))
-    # Patchify: benchmark grid (ViT-B p16/p32 at 224/384/512 with CLS+pos, Swin's p4 stem).
+
+    def win(w, shift, name, qkv_bias=True):  # a grid that is not a multiple of the window: padding tokens
+        return (f"swin w{w} shift{shift} padded qkv_bias={int(qkv_bias)} d32", name,
+                _window_case(1, 2 * w + 3, 64, 2, w, shift, dt[name], qkv_bias))
+
+    for w in (WINDOWS if full else (7, 12)):
+        for shift in ((0, w // 2) if full else (w // 2,)):
+            out.append(win(w, shift, "bfloat16"))
+        out.append(win(w, w // 2, "float32"))
+    if full:
+        out.append(win(7, 3, "float16"))
+
+    # Patchify: ViT-B p16/p32 at 224/384/512 with CLS + pos, Swin's p4 stem.
     pe = [(224, 16), (384, 16), (512, 16), (224, 32), (384, 32), (512, 32)] if full else [(224, 16)]
-    for name in names:
-        for res, p in pe:
-            out.append((f"patch vitb p{p} {res}", name, _patch_case(1, 3, res, res, p, 768, dt[name], True)))
+    for res, p in pe:
+        out.append((f"patch vitb p{p} {res}", "bfloat16", _patch_case(1, 3, res, res, p, 768, bf16, True)))
+    for name in (dt if full else ["float32"]):
         out.append(("patch swin stem p4 224", name, _patch_case(1, 3, 224, 224, 4, 96, dt[name], False)))
+        if name != "bfloat16" and full:
+            out.append(("patch vitb p16 224", name, _patch_case(1, 3, 224, 224, 16, 768, dt[name], True)))
+
     # PVTv2-b2: the four stages at 224 (spatial reduction 8/4/2/1), stage 1 at 512, the linear variant.
-    pvt = [(56, 64, 1, 8), (28, 128, 2, 4), (14, 320, 5, 2), (7, 512, 8, 1)] if full else [(56, 64, 1, 8)]
-    for name in names:
-        for hw, C, heads, sr in pvt:
-            out.append((f"pvt b2 sr{sr} {hw}x{hw} C{C}", name, _pvt_case(1, hw, hw, C, heads, sr, False, dt[name])))
-        if full:
-            out.append(("pvt b2 sr8 128x128 C64", name, _pvt_case(1, 128, 128, 64, 1, 8, False, dt[name])))
-            out.append(("pvt b2_li 56x56 C64", name, _pvt_case(1, 56, 56, 64, 1, 8, True, dt[name])))
+    pvt = [(56, 64, 1, 8), (28, 128, 2, 4), (14, 320, 5, 2), (7, 512, 8, 1)]
+    for hw, C, heads, sr in (pvt if full else pvt[:1]):
+        out.append((f"pvt b2 sr{sr} {hw}x{hw} C{C}", "bfloat16", _pvt_case(1, hw, hw, C, heads, sr, False, bf16)))
+    if full:
+        out.append(("pvt b2 sr8 128x128 C64", "bfloat16", _pvt_case(1, 128, 128, 64, 1, 8, False, bf16)))
+        out.append(("pvt b2_li 56x56 C64", "bfloat16", _pvt_case(1, 56, 56, 64, 1, 8, True, bf16)))
+    for name in (("float32", "float16") if full else ()):
+        out.append(("pvt b2 sr8 56x56 C64", name, _pvt_case(1, 56, 56, 64, 1, 8, False, dt[name])))
     return out
 
 
@@ -309,6 +336,8 @@ def compile_variant(job: dict) -> dict:
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(job["module"]), job["kernel"])
+    if job.get("cache"):  # a folder of its own: a hit would skip ptxas and so its log (read per use)
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(dir=job["cache"])
     src = ASTSource(fn, job["signature"], job["constexprs"], job["attrs"])
     log = io.StringIO()
     start = time.perf_counter()
@@ -339,7 +368,7 @@ def problems(row: dict) -> List[str]:
     limit = TARGETS[row["arch"]][1]
     if row["shared"] > limit:
         out.append(f"shared memory {row['shared']} B > {limit} B per block on {row['target']}")
-    spill = (row["spill_stores"] or 0) + (row["spill_loads"] or 0)
+    spill = max(row["spill_stores"] or 0, row["spill_loads"] or 0)
     if row["spill_stores"] is None:
         out.append("no ptxas register/spill figures in the log")
     elif any(d in SIXTEEN_BIT for d in row["dtypes"]) and spill:
@@ -351,9 +380,11 @@ def problems(row: dict) -> List[str]:
     return out
 
 
-def compile_all(jobs: List[dict], workers: int) -> List[dict]:
-    """Compile in ``workers`` fresh processes with a fresh, deleted-afterwards Triton cache."""
-    cache = tempfile.mkdtemp(prefix="vitkern-compile-report-")
+def compile_all(jobs: List[dict], workers: int, cache_dir: Optional[str] = None) -> List[dict]:
+    """Compile in ``workers`` fresh processes with a fresh, deleted-afterwards Triton cache, or into
+    ``cache_dir`` (kept: the tuner's later GPU launches then find their kernels compiled; a variant
+    already there has no ptxas log, so no register and spill figures)."""
+    cache = cache_dir or tempfile.mkdtemp(prefix="vitkern-compile-report-")
     saved = {k: os.environ.get(k) for k in ("TRITON_CACHE_DIR", "TRITON_DUMP_PTXAS_LOG", "TRITON_INTERPRET")}
     os.environ.update(TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1")
     os.environ.pop("TRITON_INTERPRET", None)
@@ -362,17 +393,20 @@ def compile_all(jobs: List[dict], workers: int) -> List[dict]:
         order = sorted(range(len(jobs)), key=lambda i: -jobs[i]["config"].get("num_warps", 4))
         ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            results = dict(zip(order, pool.map(compile_variant, [jobs[i] for i in order])))
+            todo = [dict(jobs[i], cache=None if cache_dir else cache) for i in order]
+            results = dict(zip(order, pool.map(compile_variant, todo)))
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        shutil.rmtree(cache, ignore_errors=True)
+        if cache_dir is None:
+            shutil.rmtree(cache, ignore_errors=True)
     rows = []
     for i, job in enumerate(jobs):
         row = {k: job[k] for k in ("kernel", "module", "arch", "target", "config", "flags", "cases", "dtypes")}
+        row["index"] = i  # position in ``jobs`` (rows come back sorted)
         row["signature"] = ",".join(job["signature"].values())
         row["specialisation"] = {str(p[0]): a for p, a in job["attrs"].items() if a}
         row.update(results[i])
