@@ -26,7 +26,7 @@ def test_launcher_config_uses_table_entry_and_falls_back(tmp_path, monkeypatch):
     monkeypatch.setattr(_triton, "INTERPRET", False)  # the GPU branch of the config functions
     heuristic = attn_ops._fwd_config(64, torch.bfloat16, False, False)
     heuristic_d80 = attn_ops._fwd_config(80, torch.bfloat16, False, False)
-    heuristic_bwd = attn_ops._bwd_config(64, torch.bfloat16, False, False)
+    heuristic_bwd = attn_ops._bwd_configs(64, torch.bfloat16, False, False)
     entry = dict(BLOCK_M=64, BLOCK_N=32, num_warps=2, num_stages=5)
     assert entry != heuristic
     path = tmp_path / "table.json"
@@ -35,7 +35,7 @@ def test_launcher_config_uses_table_entry_and_falls_back(tmp_path, monkeypatch):
     assert attn_ops._fwd_config(64, torch.bfloat16, False, False) == entry  # timing figures are not passed on
     assert attn_ops._fwd_config(80, torch.bfloat16, False, False) == heuristic_d80  # no entry: heuristic
     assert attn_ops._fwd_config(64, torch.float16, False, False) == heuristic  # other dtype: heuristic
-    assert attn_ops._bwd_config(64, torch.bfloat16, False, False) == heuristic_bwd  # other kernel: heuristic
+    assert attn_ops._bwd_configs(64, torch.bfloat16, False, False) == heuristic_bwd  # other kernel: heuristic
     monkeypatch.setenv("VITKERN_CONFIG_TABLE", str(tmp_path / "missing.json"))
     assert attn_ops._fwd_config(64, torch.bfloat16, False, False) == heuristic
     monkeypatch.setattr(_triton, "INTERPRET", True)  # the interpreter keeps its own tiles

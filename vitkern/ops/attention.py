@@ -359,21 +359,27 @@ def _fwd_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, has_bias: bo
     return dict(BLOCK_M=128, BLOCK_N=32 if narrow else 64, num_warps=8, num_stages=2)
 
 
-def _bwd_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, has_bias: bool = False,
-                has_dropout: bool = False) -> dict:
-    """Tiles of the dQ and dK/dV kernels (BLOCK_M queries, BLOCK_N keys)."""
+def _bwd_configs(head_dim: int, dtype: torch.dtype = torch.bfloat16, has_bias: bool = False,
+                 has_dropout: bool = False) -> Tuple[dict, dict]:
+    """Tiles of the dQ kernel and of the dK/dV kernel (BLOCK_M queries, BLOCK_N keys).
+
+    A tuned entry ("attention.bwd") applies to both."""
     if _triton.INTERPRET:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+        return cfg, cfg
     tuned = configs.lookup("attention.bwd", _shape_class(dtype, head_dim, has_bias, has_dropout))
     if tuned:
-        return tuned
-    if has_bias or has_dropout or (dtype == torch.float32 and head_dim > 64):
-        # 64x64 spills here (dQ 300-900 B with bias and dropout; fp32 d128 dK/dV also needs 192 KB of
-        # shared memory, over sm_80's 163 KB); 32 query rows with 8 warps spill nothing.
-        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
-    if head_dim <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1)
+        return tuned, tuned
+    # 32 query rows with 8 warps spill nothing anywhere; 64x64 tiles spill in dQ with bias and dropout
+    # (300-900 B), in fp32 dQ on sm_80 (500 B at d64), in 16-bit d64 dK/dV on sm_80 (8 B), and fp32
+    # d128 dK/dV needs 192 KB of shared memory (over sm_80's 163 KB).
+    narrow = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
+    if has_bias or has_dropout or dtype == torch.float32:
+        return narrow, narrow
+    if head_dim <= 64:  # 64-row dQ: wgmma on sm_90a, no spill
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2), narrow
+    wide = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1)
+    return wide, wide
 
 
 def _dbias_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, has_dropout: bool = False) -> dict:
@@ -419,26 +425,26 @@ def _launch_bwd(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, dq, dk, d
     where b' and h' are 1 where the bias is broadcast over batch or heads (reduced in-kernel)."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
-    cfg = _bwd_config(D, q.dtype, bias is not None, dropout_p > 0)
+    dq_cfg, dkdv_cfg = _bwd_configs(D, q.dtype, bias is not None, dropout_p > 0)
     block_d = _block_d(D)
     delta = new_output((B, H, NQ), dtype=torch.float32, device=q.device)
-    _attn_bwd_delta_kernel[(B * H, cdiv(NQ, cfg["BLOCK_M"]))](
+    _attn_bwd_delta_kernel[(B * H, cdiv(NQ, dq_cfg["BLOCK_M"]))](
         out, dout, delta, NQ, H, *out.stride(), *dout.stride(),
-        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=block_d,
+        HEAD_DIM=D, BLOCK_M=dq_cfg["BLOCK_M"], BLOCK_D=block_d,
     )
     seed_value = _seed_value(seed)
     bias_strides = _bias_strides(bias, (B, H, NQ, NK))
     scalars = (qk_scale := scale * _LOG2E, scale, seed_value, dropout_p, 1.0 / (1.0 - dropout_p))
     strides = (*q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride())
-    flags = dict(HEAD_DIM=D, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, BLOCK_D=block_d, **cfg)
+    flags = dict(HEAD_DIM=D, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, BLOCK_D=block_d)
     bias_arg = bias if bias is not None else q
     # dQ first: it replaces delta by the corrected one that the dK/dV and d(bias) kernels then use.
-    _attn_bwd_dq_kernel[(B * H, cdiv(NQ, cfg["BLOCK_M"]))](
-        q, k, v, bias_arg, dout, lse, delta, dq, NQ, NK, H, *scalars, *strides, *dq.stride(), **flags,
+    _attn_bwd_dq_kernel[(B * H, cdiv(NQ, dq_cfg["BLOCK_M"]))](
+        q, k, v, bias_arg, dout, lse, delta, dq, NQ, NK, H, *scalars, *strides, *dq.stride(), **flags, **dq_cfg,
     )
-    _attn_bwd_dkdv_kernel[(B * H, cdiv(NK, cfg["BLOCK_N"]))](
+    _attn_bwd_dkdv_kernel[(B * H, cdiv(NK, dkdv_cfg["BLOCK_N"]))](
         q, k, v, bias_arg, dout, lse, delta, dk, dv, NQ, NK, H, *scalars, *strides, *dk.stride(), *dv.stride(),
-        **flags,
+        **flags, **dkdv_cfg,
     )
     if not bias_grad:
         return None
