@@ -39,7 +39,7 @@ with the timm module's state_dict; skipped with the reason if it is not importab
 
 Equality first, for every implementation: output and every gradient against the reference
 on upcast inputs (fp32 with TF32 off on the GPU, float64 on CPU) within 2x (forward) / 3x
-(gradients) the error of the bf16 naive reference (``tests/helpers.assert_close``). Kernel
+(gradients) the error of the bf16 naive reference (``vitkern.testing.assert_close``). Kernel
 level: ``attention_reference``; module level: the timm module with ``fused_attn=False``
 holding the same (upcast) weights.
 
@@ -67,7 +67,8 @@ GPU time (estimate, H100, cold Triton / inductor caches, default settings):
   first shape and goes dynamic at the second: ~4-8 graphs) ~30-60 s;
   timm Attention dynamic compile (fwd+bwd) ~20-30 s; Triton JIT of vitkern's 4 kernels x
   2 head dims ~15-25 s; session start (CUDA, ceilings, timm import) ~10 s
-  = ~2-2.5 min; scripts/gpu_check.sh caps this family at VK_BENCH_TIMEOUT_ATTENTION=170 s.
+  = ~2-2.5 min; scripts/gpu_check.sh gives this family a nominal VK_BENCH_TIMEOUT_ATTENTION=130 s,
+  scaled to its share of what the tuner and the GPU tests left.
   The module level runs first, then the kernel grid in the order above (ViT-B/16 first),
   so a cap cuts the least-used shapes. ``--vk-compile static`` adds ~16 + 6 compiles
   (several minutes): run it without the cap.
@@ -76,9 +77,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import gc
 import warnings
-import zlib
 from contextlib import nullcontext
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -86,8 +85,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import floors
 import harness
-from vitkern import _triton
 from vitkern.ops import attention, attention_packed
 from vitkern.ops.attention import attention_flops
 from vitkern.reference import attention_reference
@@ -114,15 +113,9 @@ class AttnCase:
         return dict(B=self.B, heads=self.heads, N=self.N, head_dim=self.head_dim, dim=self.dim)
 
 
-@dataclasses.dataclass(frozen=True)
-class Mode:
-    name: str
-    id: str
-    backward: bool
-
-
-MODES = (Mode("fwd", "fwd", backward=False), Mode("fwd+bwd", "fwd_bwd", backward=True))
-MODULE_MODE = MODES[1]  # the module level is a training step: forward + backward
+Mode = harness.Mode
+MODES = harness.MODES
+MODULE_MODE = harness.FWD_BWD  # the module level is a training step: forward + backward
 
 # implementation -> (role, layout); the order is the timing order.
 #   layout "heads": q, k, v contiguous (B, h, N, d); "packed": one (B, N, 3·h·d) qkv tensor.
@@ -143,6 +136,9 @@ SDPA_BACKENDS = {  # implementation -> torch.nn.attention.SDPBackend member
     "sdpa_cudnn": "CUDNN_ATTENTION",  # torch >= 2.5
     "sdpa_math": "MATH",
 }
+#: implementations that cannot run everywhere -> their kind (harness.skip_reason)
+KINDS = {"flex_attention": "flex", "vitkern_triton": "triton", "vitkern_triton_packed": "triton",
+         "compile_timm": "compile"}
 MODULE_IMPLS: Dict[str, str] = {
     "naive": "naive",
     "timm_sdpa": "peer",
@@ -181,18 +177,10 @@ def module_smoke_grid() -> List[AttnCase]:
 
 
 def pytest_generate_tests(metafunc):
-    full = harness.grid_choice(metafunc.config) == "full"
-    if "attn_point" in metafunc.fixturenames:
-        cases = kernel_full_grid() if full else kernel_smoke_grid()
-        # case outermost, implementation innermost: inputs and references are built once per
-        # (case, mode) and shared by the implementations.
-        points = [(c, m, i) for c in cases for m in MODES for i in KERNEL_IMPLS]
-        metafunc.parametrize("attn_point", points, ids=[f"{c.name}-{m.id}-{i}" for c, m, i in points])
-    if "attn_module_point" in metafunc.fixturenames:
-        cases = module_full_grid() if full else module_smoke_grid()
-        points = [(c, i) for c in cases for i in MODULE_IMPLS]
-        metafunc.parametrize("attn_module_point", points,
-                             ids=[f"{c.name}-{MODULE_MODE.id}-{i}" for c, i in points])
+    harness.parametrize(metafunc, "attn_point", harness.grid(metafunc.config, kernel_full_grid, kernel_smoke_grid),
+                        MODES, KERNEL_IMPLS)
+    harness.parametrize(metafunc, "attn_module_point",
+                        harness.grid(metafunc.config, module_full_grid, module_smoke_grid), [MODULE_MODE], MODULE_IMPLS)
 
 
 # --------------------------------------------------------------------------- #
@@ -337,14 +325,12 @@ class KernelState:
     def __init__(self, case: AttnCase, mode: Mode, device: torch.device, dtype: torch.dtype):
         self.case, self.mode, self.device, self.dtype = case, mode, device, dtype
         self.flex_static: Optional[Callable] = None
-        gen = torch.Generator(device=device)
-        gen.manual_seed(zlib.crc32(f"{FAMILY}/{case.name}/{mode.name}".encode()))
+        gen = harness.seeded_generator(device, FAMILY, case.name, mode.name)
         first = self._make_set(gen)
         copies = harness.rotation_count(harness.tensor_bytes(first.values()), device)
         self.sets = [first] + [self._make_set(gen) for _ in range(copies - 1)]
-        high = torch.float32 if device.type == "cuda" else torch.float64
-        self.ref_high = self._reference(first, high)
-        self.ref_same = self._reference(first, None) if dtype in (torch.float16, torch.bfloat16) else None
+        self.ref_high = self._reference(first, harness.high_dtype(device))
+        self.ref_same = self._reference(first, None) if harness.needs_same_dtype_reference(dtype) else None
         self._packed: Optional[List[dict]] = None
 
     def _make_set(self, gen: torch.Generator) -> dict:
@@ -400,18 +386,7 @@ class KernelState:
 
 
 # One (case, mode) state alive at a time (kernel or module level), so GPU memory stays bounded.
-_STATE: Dict[str, object] = {"key": None, "value": None}
-
-
-def _cached_state(key, build: Callable[[], object]):
-    if _STATE["key"] != key:
-        _STATE["key"] = _STATE["value"] = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        _STATE["value"] = build()
-        _STATE["key"] = key
-    return _STATE["value"]
+_STATE = harness.Slot()
 
 
 def _make_step(fn: Callable, names: Sequence[str], backward: bool) -> Callable[[dict], tuple]:
@@ -427,30 +402,7 @@ def _make_step(fn: Callable, names: Sequence[str], backward: bool) -> Callable[[
     return step
 
 
-def _check_equal(impl: str, out, grads: Sequence[torch.Tensor], grad_keys: Sequence[str],
-                 ref_high: Dict[str, torch.Tensor], ref_same: Optional[Dict[str, torch.Tensor]]) -> Dict[str, float]:
-    same = ref_same or {}
-    errors = {"out": harness.assert_close(f"{impl} out", out, ref_high["out"], same.get("out"))}
-    for key, g in zip(grad_keys, grads):
-        errors[key] = harness.assert_close(f"{impl} {key}", g, ref_high[key], same.get(key), grad=True)
-    return errors
-
-
-_NO_GPU_TRITON = ("no CUDA GPU: Triton kernels run on CPU only under TRITON_INTERPRET=1, whose timings are "
-                  "meaningless; equality is checked by the *_interpreter_equality tests")
-_NO_GPU_COMPILE = "no CUDA GPU: torch.compile on CPU takes minutes per shape and is not the comparison of interest"
-
-
-def _kernel_skip_reason(impl: str, settings) -> Optional[str]:
-    if settings.device.type != "cuda":
-        if impl.startswith("vitkern_triton"):
-            return _NO_GPU_TRITON
-        if impl == "flex_attention":
-            return ("no CUDA GPU: FlexAttention runs through torch.compile's Triton kernels; compiling on CPU "
-                    "takes minutes per shape and is not the comparison of interest")
-    if impl == "flex_attention" and settings.compile == "off":
-        return "--vk-compile=off"
-    return None
+_check_equal = harness.check_equal
 
 
 def _sdpa_warnings(caught) -> str:
@@ -481,7 +433,7 @@ class ModuleSet:
         self.dim, self.heads, self.device, self.dtype = dim, heads, device, dtype
         cls = _timm_attention_cls()
         gen_state = torch.random.get_rng_state()
-        torch.manual_seed(zlib.crc32(f"{FAMILY}/module/{dim}/{heads}".encode()))
+        torch.manual_seed(harness.seed_of(FAMILY, "module", dim, heads))
         base = cls(dim, num_heads=heads, qkv_bias=True)
         torch.random.set_rng_state(gen_state)
         base = base.to(device=device, dtype=dtype)
@@ -489,8 +441,7 @@ class ModuleSet:
         self.naive.fused_attn = False  # timm's unfused q·kᵀ -> softmax -> ·v path
         self.sdpa = copy.deepcopy(base)
         self.sdpa.fused_attn = True  # timm's default: F.scaled_dot_product_attention
-        high = torch.float32 if device.type == "cuda" else torch.float64
-        self.high = copy.deepcopy(base).to(high)  # the same (bf16-representable) weights, upcast
+        self.high = copy.deepcopy(base).to(harness.high_dtype(device))  # the same (bf16-representable) weights, upcast
         self.high.fused_attn = False
         self.state_dict = {k: v.detach().clone() for k, v in base.state_dict().items()}
         self.compiled: Optional[Callable] = None
@@ -547,15 +498,13 @@ class ModuleState:
     def __init__(self, case: AttnCase, ms: ModuleSet, device: torch.device, dtype: torch.dtype):
         self.case, self.device, self.dtype = case, device, dtype
         self.compiled: Optional[Callable] = None
-        gen = torch.Generator(device=device)
-        gen.manual_seed(zlib.crc32(f"{FAMILY}/{case.name}".encode()))
+        gen = harness.seeded_generator(device, FAMILY, case.name)
         first = self._make_set(gen)
         copies = harness.rotation_count(harness.tensor_bytes(first.values()), device)
         self.sets = [first] + [self._make_set(gen) for _ in range(copies - 1)]
         self.grad_keys = ["dx"] + [f"d{n}" for n in _param_keys(ms.high)]
-        high = torch.float32 if device.type == "cuda" else torch.float64
-        self.ref_high = self._reference(ms.high, first, high)
-        self.ref_same = self._reference(ms.naive, first, None) if dtype in (torch.float16, torch.bfloat16) else None
+        self.ref_high = self._reference(ms.high, first, harness.high_dtype(device))
+        self.ref_same = self._reference(ms.naive, first, None) if harness.needs_same_dtype_reference(dtype) else None
 
     def _make_set(self, gen: torch.Generator) -> dict:
         c = self.case
@@ -574,17 +523,6 @@ class ModuleState:
         return result
 
 
-def _module_skip_reason(impl: str, settings) -> Optional[str]:
-    if settings.device.type != "cuda":
-        if impl == "vitkern_triton":
-            return _NO_GPU_TRITON
-        if impl == "compile_timm":
-            return _NO_GPU_COMPILE
-    if impl == "compile_timm" and settings.compile == "off":
-        return "--vk-compile=off"
-    return None
-
-
 def _compiled_timm(compile_mode: str, ms: ModuleSet, state: ModuleState) -> Callable:
     harness.raise_recompile_limit()
     if compile_mode == "static":
@@ -597,31 +535,50 @@ def _compiled_timm(compile_mode: str, ms: ModuleSet, state: ModuleState) -> Call
     return ms.compiled
 
 
+def _note_kernel_floors(case: AttnCase, mode: Mode) -> None:
+    def naive():
+        shape = (case.B, case.heads, case.N, case.head_dim)
+        q, k, v = (floors.meta(shape, mode.backward) for _ in range(3))
+        harness.grad_step(_naive, (q, k, v), floors.meta(shape) if mode.backward else None)()
+
+    harness.note_floors(FAMILY, case.name, mode, {**case.shape(), "level": "kernel"},
+                        kernel=lambda elem: (kernel_flops(case, mode), kernel_min_bytes(case, mode, elem)),
+                        naive=naive)
+
+
+def _note_module_floors(case: AttnCase, mode: Mode, ms: "ModuleSet") -> None:
+    def naive():
+        module = floors.meta_module(ms.naive)
+        x = floors.meta((case.B, case.N, case.dim), True)
+        harness.grad_step(module, (x,), floors.meta(x.shape), module.parameters())()
+
+    harness.note_floors(FAMILY, case.name, mode, {**case.shape(), "level": "module"},
+                        kernel=lambda elem: (module_flops(case, mode), module_min_bytes(case, mode, elem)),
+                        naive=naive)
+
+
 # --------------------------------------------------------------------------- #
 # The benchmarks (module level first: it is short, and a time cap then cuts the
 # end of the kernel grid instead)
 # --------------------------------------------------------------------------- #
 def test_attention_module(benchmark, vk_settings, vk_ceilings, attn_module_point):
-    case, impl = attn_module_point
-    mode = MODULE_MODE
+    case, mode, impl = attn_module_point
     settings = vk_settings
-    common = dict(family=FAMILY, case=case.name, impl=impl, role=MODULE_IMPLS[impl], dtype=settings.dtype,
-                  mode=mode.name, shape={**case.shape(), "level": "module"})
+    common = harness.row_id(FAMILY, case.name, impl, MODULE_IMPLS[impl], settings, mode,
+                            {**case.shape(), "level": "module"})
     benchmark.group = f"{FAMILY} {case.name} {mode.name}"
-
-    reason = _module_skip_reason(impl, settings)
-    if reason is None:
-        try:
-            _timm_attention_cls()
-        except ImportError as exc:
-            reason = f"timm is not installed: {harness.first_line(exc)}"
-    if reason:
-        harness.record_skip(**common, reason=reason)
-        pytest.skip(reason)
-
+    try:
+        _timm_attention_cls()
+    except ImportError as exc:
+        harness.skip(common, f"timm is not installed: {harness.first_line(exc)}")
     ms = _module_set(case, settings.device, settings.dtype)
-    state = _cached_state(("module", case, str(settings.device), settings.dtype),
-                          lambda: ModuleState(case, ms, settings.device, settings.dtype))
+    _note_module_floors(case, mode, ms)
+    reason = harness.skip_reason(KINDS.get(impl), settings)
+    if reason:
+        harness.skip(common, reason)
+
+    state = _STATE.get(("module", case, str(settings.device), settings.dtype),
+                       lambda: ModuleState(case, ms, settings.device, settings.dtype))
     extra: Dict[str, object] = {"level": "module"}
     if impl == "naive":
         module, params_of = ms.naive, ms.naive
@@ -633,81 +590,58 @@ def test_attention_module(benchmark, vk_settings, vk_ceilings, attn_module_point
     else:
         module, why = ms.vitkern()
         if module is None:
-            harness.record_skip(**common, reason=why)
-            pytest.skip(why)
+            harness.skip(common, why)
         params_of = module
     keys = ["dx"] + [f"d{n}" for n in _param_keys(params_of)]
     params = [p for _, p in params_of.named_parameters()]
 
-    def step(a):
-        out = module(a["x"])
-        return out, torch.autograd.grad(out, [a["x"]] + params, a["grad"])
+    step = harness.x_step(module, params, True)
 
-    # 1. Equality (the first call also compiles / JITs, outside the timing).
-    try:
-        out, grads = step(state.sets[0])
-    except Exception as exc:
-        if impl == "compile_timm":
-            reason = f"torch.compile failed: {harness.first_line(exc)}"
-            harness.record_skip(**common, reason=reason)
-            pytest.skip(reason)
-        harness.record_failure(**common, reason=harness.first_line(exc))
-        raise
-    try:
+    def check(out, grads):
         missing = sorted(set(keys) ^ set(state.grad_keys))
         assert not missing, f"{impl}: parameters differ from timm's: {missing}"
-        errors = _check_equal(impl, out, grads, keys, state.ref_high, state.ref_same)
-    except AssertionError as exc:
-        harness.record_failure(**common, reason=f"equality: {exc}")
-        raise
-    del out, grads
+        return _check_equal(impl, out, grads, keys, state.ref_high, state.ref_same)
 
-    # 2. Timing and peak memory.
-    timing = harness.time_call(benchmark, step, state.sets, settings.timing, settings.device)
-    peak = harness.peak_memory_bytes(step, state.sets[0], settings.device)
-    elem = torch.empty((), dtype=settings.dtype).element_size()
-    harness.record(
-        benchmark, **common, timing=timing, flops=module_flops(case, mode),
-        min_bytes=module_min_bytes(case, mode, elem), peak_mem_bytes=peak, ceilings=vk_ceilings,
-        errors=errors, extra={**extra, "wrt": [k[1:] for k in keys]},
-    )
+    try:
+        harness.equal_then_time(
+            benchmark, settings, vk_ceilings, common, step, state.sets, check,
+            flops=module_flops(case, mode), min_bytes=module_min_bytes(case, mode, harness.element_size(settings.dtype)),
+            extra={**extra, "wrt": [k[1:] for k in keys]}, may_fail=impl == "compile_timm")
+    except harness.FirstCallFailed as exc:
+        harness.skip(common, f"torch.compile failed: {exc}")
 
 
 def test_attention(benchmark, vk_settings, vk_ceilings, attn_point):
     case, mode, impl = attn_point
     role, layout = KERNEL_IMPLS[impl]
     settings = vk_settings
-    common = dict(family=FAMILY, case=case.name, impl=impl, role=role, dtype=settings.dtype,
-                  mode=mode.name, shape={**case.shape(), "level": "kernel"})
+    common = harness.row_id(FAMILY, case.name, impl, role, settings, mode, {**case.shape(), "level": "kernel"})
     benchmark.group = f"{FAMILY} {case.name} {mode.name}"
+    _note_kernel_floors(case, mode)
 
-    reason = _kernel_skip_reason(impl, settings)
+    reason = harness.skip_reason(KINDS.get(impl), settings)
     backend = None
     if reason is None and impl in SDPA_BACKENDS:
         backend = _sdpa_backend(impl)
         if backend is None:
             reason = f"torch {torch.__version__} has no SDPBackend.{SDPA_BACKENDS[impl]}"
     if reason:
-        harness.record_skip(**common, reason=reason)
-        pytest.skip(reason)
+        harness.skip(common, reason)
 
-    state = _cached_state(("kernel", case, mode, str(settings.device), settings.dtype),
-                          lambda: KernelState(case, mode, settings.device, settings.dtype))
+    state = _STATE.get(("kernel", case, mode, str(settings.device), settings.dtype),
+                       lambda: KernelState(case, mode, settings.device, settings.dtype))
     if layout == "packed":
         arg_sets, names, grad_keys = state.packed_sets(), ("qkv",), ("dqkv",)
     else:
         arg_sets, names, grad_keys = state.sets, ("q", "k", "v"), ("dq", "dk", "dv")
     ref_high, ref_same = state.refs(layout)
-    extra: Dict[str, object] = {"level": "kernel", "layout": layout}
 
     # Candidates: (description, factory). Only FlexAttention has a fallback (static compile).
     if impl == "flex_attention":
         try:
             candidates = _flex_candidates(settings.compile, state)
         except ImportError as exc:
-            reason = f"this torch has no FlexAttention: {harness.first_line(exc)}"
-            harness.record_skip(**common, reason=reason)
-            pytest.skip(reason)
+            harness.skip(common, f"this torch has no FlexAttention: {harness.first_line(exc)}")
     elif backend is not None:
         candidates = [(f"SDPBackend.{backend.name}", lambda: _make_sdpa(backend))]
     else:
@@ -716,54 +650,35 @@ def test_attention(benchmark, vk_settings, vk_ceilings, attn_point):
                "vitkern_triton_packed": lambda: _make_vitkern_packed(case.heads)}
         candidates = [(impl, fns[impl])]
 
-    # 1. Equality (the first call also compiles / JITs, outside the timing).
-    step = out = grads = last_exc = None
+    # A peer that cannot run this shape / this torch is recorded as skipped, not a failure.
     reasons: List[str] = []
     for how, factory in candidates:
+        extra: Dict[str, object] = {"level": "kernel", "layout": layout,
+                                    "wrt": list(names) if mode.backward else []}
+        if impl == "flex_attention":
+            extra["compile"] = how
+        elif backend is not None:
+            extra["sdpa_backend"] = backend.name
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                step = _make_step(factory(), names, mode.backward)
-                out, grads = step(arg_sets[0])
-        except Exception as exc:
-            why = harness.first_line(exc)
+                harness.equal_then_time(
+                    benchmark, settings, vk_ceilings, common, _make_step(factory(), names, mode.backward), arg_sets,
+                    lambda out, grads: _check_equal(impl, out, grads, grad_keys, ref_high, ref_same),
+                    flops=kernel_flops(case, mode),
+                    min_bytes=kernel_min_bytes(case, mode, harness.element_size(settings.dtype)),
+                    extra=extra, may_fail=role == "peer")
+            return
+        except harness.FirstCallFailed as exc:
+            why = str(exc)
             if backend is not None and _sdpa_warnings(caught):
                 why += f" [{_sdpa_warnings(caught)}]"
             if impl == "flex_attention" and how == _FLEX_DYNAMIC_HOW:
                 _FLEX_DYNAMIC_FAILED[(case.head_dim, mode.backward)] = why
             reasons.append(f"{how}: {why}" if impl == "flex_attention" else why)
-            step, last_exc = None, exc
-            continue
-        if impl == "flex_attention":
-            extra["compile"] = how
-        elif backend is not None:
-            extra["sdpa_backend"] = backend.name
-        break
-    if step is None:
-        reason = "; ".join(reasons)
-        if role == "peer":  # a peer that cannot run this shape / this torch: recorded, not a failure
-            reason = (f"torch.compile(flex_attention) failed: {reason}" if impl == "flex_attention"
-                      else f"cannot run: {reason}")
-            harness.record_skip(**common, reason=reason)
-            pytest.skip(reason)
-        harness.record_failure(**common, reason=reason)
-        raise last_exc
-    try:
-        errors = _check_equal(impl, out, grads, grad_keys, ref_high, ref_same)
-    except AssertionError as exc:
-        harness.record_failure(**common, reason=f"equality: {exc}")
-        raise
-    del out, grads
-
-    # 2. Timing and peak memory.
-    timing = harness.time_call(benchmark, step, arg_sets, settings.timing, settings.device)
-    peak = harness.peak_memory_bytes(step, arg_sets[0], settings.device)
-    elem = torch.empty((), dtype=settings.dtype).element_size()
-    harness.record(
-        benchmark, **common, timing=timing, flops=kernel_flops(case, mode),
-        min_bytes=kernel_min_bytes(case, mode, elem), peak_mem_bytes=peak, ceilings=vk_ceilings,
-        errors=errors, extra={**extra, "wrt": list(names) if mode.backward else []},
-    )
+    reason = "; ".join(reasons)
+    harness.skip(common, f"torch.compile(flex_attention) failed: {reason}" if impl == "flex_attention"
+                 else f"cannot run: {reason}")
 
 
 # --------------------------------------------------------------------------- #
@@ -773,17 +688,10 @@ TINY = [AttnCase("tiny_n50_d64_bs1", 1, 2, 50, 64), AttnCase("tiny_n50_d80_bs1",
 TINY_POINTS = [(c, layout) for c in TINY for layout in ("heads", "packed")]
 
 
-def _skip_unless_interpreter():
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU every timed vitkern_triton case checks its own equality")
-    if not _triton.INTERPRET:
-        pytest.skip("TRITON_INTERPRET=1 was not set before vitkern was imported")
-
-
 @pytest.mark.parametrize("case,layout", TINY_POINTS, ids=[f"{c.name}-{lay}" for c, lay in TINY_POINTS])
 def test_vitkern_triton_interpreter_equality(case, layout):
     """Forward and dq/dk/dv (or dqkv) of backend="triton" vs the float64 reference, fp32."""
-    _skip_unless_interpreter()
+    harness.skip_unless_interpreter()
     state = KernelState(case, MODES[1], torch.device("cpu"), torch.float32)
     if layout == "packed":
         fn, sets, names, keys = _make_vitkern_packed(case.heads), state.packed_sets(), ("qkv",), ("dqkv",)
@@ -796,11 +704,7 @@ def test_vitkern_triton_interpreter_equality(case, layout):
 
 def test_vitkern_module_interpreter_equality():
     """vitkern.nn.Attention(backend="triton") with timm's weights vs the float64 timm module: out, dx, dW."""
-    _skip_unless_interpreter()
-    try:
-        _timm_attention_cls()
-    except ImportError as exc:
-        pytest.skip(f"timm is not installed: {exc}")
+    harness.skip_unless_interpreter(_timm_attention_cls)
     case = AttnCase("tiny_module_n50_dim128", 1, 2, 50, 64)
     ms = ModuleSet(case.dim, case.heads, torch.device("cpu"), torch.float32)
     module, why = ms.vitkern()

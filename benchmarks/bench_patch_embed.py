@@ -29,7 +29,7 @@ The best peer is the fastest of the four peers (neither naive nor vitkern).
 
 Every case first checks equality with the reference: output and every gradient of each
 implementation against the fp32 reference on upcast inputs (float64 on CPU), within 2x
-(forward) / 3x (gradients) the error of the bf16 naive reference (tests/helpers.assert_close).
+(forward) / 3x (gradients) the error of the bf16 naive reference (vitkern.testing.assert_close).
 
 On CPU: a smoke grid (224, patch 16 / 32 and the Swin stem, batch 2, fp32) for the eager
 implementations; ``compile_reference`` and ``vitkern_triton`` are skipped with the reason,
@@ -38,8 +38,6 @@ and vitkern's Triton kernels are checked for equality under the interpreter on t
 from __future__ import annotations
 
 import dataclasses
-import gc
-import zlib
 from contextlib import nullcontext
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -47,8 +45,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import floors
 import harness
-from vitkern import _triton
 from vitkern.ops import patch_embed
 from vitkern.reference import patch_embed_reference
 
@@ -87,21 +85,16 @@ class PECase:
                     tokens=self.tokens, cls_pos=self.cls_pos)
 
 
-@dataclasses.dataclass(frozen=True)
-class Mode:
-    name: str
-    id: str
-    backward: bool
-    dx: bool
-
-
+Mode = harness.Mode
 MODES = (
-    Mode("fwd", "fwd", backward=False, dx=False),
+    harness.FWD,
     Mode("fwd+bwd", "fwd_bwd", backward=True, dx=False),
     Mode("fwd+bwd+dx", "fwd_bwd_dx", backward=True, dx=True),
 )
 
 # implementation -> role ("naive" | "peer" | "vitkern"); the order is the timing order.
+#: implementations that cannot run everywhere -> their kind (harness.skip_reason)
+KINDS = {"compile_reference": "compile", "vitkern_triton": "triton"}
 IMPLS: Dict[str, str] = {
     "naive": "naive",
     "conv2d_nchw": "peer",
@@ -132,13 +125,7 @@ def smoke_grid() -> List[PECase]:
 
 
 def pytest_generate_tests(metafunc):
-    if "pe_point" not in metafunc.fixturenames:
-        return
-    cases = full_grid() if harness.grid_choice(metafunc.config) == "full" else smoke_grid()
-    # case outermost, implementation innermost: the per-(case, mode) inputs and references
-    # are built once and shared by the six implementations.
-    points = [(c, m, i) for c in cases for m in MODES for i in IMPLS]
-    metafunc.parametrize("pe_point", points, ids=[f"{c.name}-{m.id}-{i}" for c, m, i in points])
+    harness.parametrize(metafunc, "pe_point", harness.grid(metafunc.config, full_grid, smoke_grid), MODES, IMPLS)
 
 
 # --------------------------------------------------------------------------- #
@@ -231,22 +218,24 @@ class CaseState:
 
     def __init__(self, case: PECase, mode: Mode, device: torch.device, dtype: torch.dtype):
         self.case, self.mode, self.device, self.dtype = case, mode, device, dtype
-        self.wrt: Tuple[str, ...] = ()
-        if mode.backward:
-            self.wrt = (("x",) if mode.dx else ()) + ("weight", "bias") + \
-                (("cls_token", "pos_embed") if case.cls_pos else ())
+        self.wrt = self.wrt_names(case, mode)
         self.compiled: Optional[Callable] = None
         self._channels_last: Optional[List[dict]] = None
 
-        gen = torch.Generator(device=device)
-        gen.manual_seed(zlib.crc32(f"{case.name}/{mode.name}".encode()))
+        gen = harness.seeded_generator(device, case.name, mode.name)
         first = self._make_set(gen)
         copies = harness.rotation_count(harness.tensor_bytes(first.values()), device)
         self.sets = [first] + [self._make_set(gen) for _ in range(copies - 1)]
 
-        high = torch.float32 if device.type == "cuda" else torch.float64
-        self.ref_high = self._reference(first, high)
-        self.ref_same = self._reference(first, None) if dtype in (torch.float16, torch.bfloat16) else None
+        self.ref_high = self._reference(first, harness.high_dtype(device))
+        self.ref_same = self._reference(first, None) if harness.needs_same_dtype_reference(dtype) else None
+
+    @staticmethod
+    def wrt_names(case: PECase, mode: Mode) -> Tuple[str, ...]:
+        """The leaves the mode differentiates (x only with dx)."""
+        if not mode.backward:
+            return ()
+        return (("x",) if mode.dx else ()) + ("weight", "bias") + (("cls_token", "pos_embed") if case.cls_pos else ())
 
     def _make_set(self, gen: torch.Generator) -> dict:
         c, dev, dt = self.case, self.device, self.dtype
@@ -302,19 +291,11 @@ class CaseState:
         return self._channels_last
 
 
-_STATE: Dict[str, object] = {"key": None, "value": None}
+_STATE = harness.Slot()
 
 
 def _state(case: PECase, mode: Mode, device: torch.device, dtype: torch.dtype) -> CaseState:
-    key = (case, mode, str(device), dtype)
-    if _STATE["key"] != key:
-        _STATE["key"] = _STATE["value"] = None
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        _STATE["value"] = CaseState(case, mode, device, dtype)
-        _STATE["key"] = key
-    return _STATE["value"]  # type: ignore[return-value]
+    return _STATE.get((case, mode, str(device), dtype), lambda: CaseState(case, mode, device, dtype))
 
 
 def _make_step(fn: Callable, wrt: Tuple[str, ...]) -> Callable[[dict], tuple]:
@@ -330,24 +311,21 @@ def _make_step(fn: Callable, wrt: Tuple[str, ...]) -> Callable[[dict], tuple]:
 
 
 def _check_equal(impl: str, out, grads, state: CaseState) -> Dict[str, float]:
-    same = state.ref_same or {}
-    errors = {"out": harness.assert_close(f"{impl} out", out, state.ref_high["out"], same.get("out"))}
-    for name, g in zip(state.wrt, grads):
-        key = f"d{name}"
-        errors[key] = harness.assert_close(f"{impl} {key}", g, state.ref_high[key], same.get(key), grad=True)
-    return errors
+    return harness.check_equal(impl, out, grads, [f"d{n}" for n in state.wrt], state.ref_high, state.ref_same)
 
 
-def _skip_reason(impl: str, settings) -> Optional[str]:
-    if settings.device.type != "cuda":
-        if impl == "vitkern_triton":
-            return ("no CUDA GPU: Triton kernels run on CPU only under TRITON_INTERPRET=1, whose timings "
-                    "are meaningless; equality is checked by test_vitkern_triton_interpreter_equality")
-        if impl == "compile_reference":
-            return "no CUDA GPU: torch.compile on CPU takes minutes per shape and is not the comparison of interest"
-    if impl == "compile_reference" and settings.compile == "off":
-        return "--vk-compile=off"
-    return None
+def _note_floors(case: PECase, mode: Mode) -> None:
+    def naive():
+        wrt = CaseState.wrt_names(case, mode)
+        shapes = {"x": (case.B, case.C, case.H, case.W), "weight": (case.D, case.C, case.P, case.P),
+                  "bias": (case.D,), "cls_token": (1, 1, case.D), "pos_embed": (1, case.tokens, case.D)}
+        leaves = {n: floors.meta(shapes[n], n in wrt) if (case.cls_pos or n not in ("cls_token", "pos_embed"))
+                  else None for n in INPUTS}
+        grad = floors.meta((case.B, case.tokens, case.D)) if mode.backward else None
+        harness.grad_step(_naive, [leaves[n] for n in INPUTS], grad)()
+
+    harness.note_floors(FAMILY, case.name, mode, case.shape(),
+                        kernel=lambda elem: (flops(case, mode), min_bytes(case, mode, elem)), naive=naive)
 
 
 # --------------------------------------------------------------------------- #
@@ -356,14 +334,12 @@ def _skip_reason(impl: str, settings) -> Optional[str]:
 def test_patch_embed(benchmark, vk_settings, vk_ceilings, pe_point):
     case, mode, impl = pe_point
     settings = vk_settings
-    common = dict(family=FAMILY, case=case.name, impl=impl, role=IMPLS[impl], dtype=settings.dtype,
-                  mode=mode.name, shape=case.shape())
+    common = harness.row_id(FAMILY, case.name, impl, IMPLS[impl], settings, mode, case.shape())
     benchmark.group = f"{FAMILY} {case.name} {mode.name}"
-
-    reason = _skip_reason(impl, settings)
+    _note_floors(case, mode)
+    reason = harness.skip_reason(KINDS.get(impl), settings)
     if reason:
-        harness.record_skip(**common, reason=reason)
-        pytest.skip(reason)
+        harness.skip(common, reason)
 
     state = _state(case, mode, settings.device, settings.dtype)
     fns = {
@@ -375,35 +351,15 @@ def test_patch_embed(benchmark, vk_settings, vk_ceilings, pe_point):
     }
     fn = _compiled_reference(settings.compile, state) if impl == "compile_reference" else fns[impl]
     arg_sets = state.channels_last_sets() if impl == "conv2d_channels_last" else state.sets
-    step = _make_step(fn, state.wrt)
-
-    # 1. Equality (the first call also compiles / autotunes, outside the timing).
     try:
-        out, grads = step(arg_sets[0])
-    except Exception as exc:
-        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-        if impl == "compile_reference":
-            reason = f"torch.compile failed: {type(exc).__name__}: {first_line}"
-            harness.record_skip(**common, reason=reason)
-            pytest.skip(reason)
-        harness.record_failure(**common, reason=f"{type(exc).__name__}: {first_line}")
-        raise
-    try:
-        errors = _check_equal(impl, out, grads, state)
-    except AssertionError as exc:
-        harness.record_failure(**common, reason=f"equality: {exc}")
-        raise
-    del out, grads
-
-    # 2. Timing and peak memory.
-    timing = harness.time_call(benchmark, step, arg_sets, settings.timing, settings.device)
-    peak = harness.peak_memory_bytes(step, arg_sets[0], settings.device)
-    elem = torch.empty((), dtype=settings.dtype).element_size()
-    harness.record(
-        benchmark, **common, timing=timing, flops=flops(case, mode), min_bytes=min_bytes(case, mode, elem),
-        peak_mem_bytes=peak, ceilings=vk_ceilings, errors=errors,
-        extra={"wrt": list(state.wrt), "compile": settings.compile if impl == "compile_reference" else None},
-    )
+        harness.equal_then_time(
+            benchmark, settings, vk_ceilings, common, _make_step(fn, state.wrt), arg_sets,
+            lambda out, grads: _check_equal(impl, out, grads, state),
+            flops=flops(case, mode), min_bytes=min_bytes(case, mode, harness.element_size(settings.dtype)),
+            extra={"wrt": list(state.wrt), "compile": settings.compile if impl == "compile_reference" else None},
+            may_fail=impl == "compile_reference")
+    except harness.FirstCallFailed as exc:
+        harness.skip(common, f"torch.compile failed: {exc}")
 
 
 # --------------------------------------------------------------------------- #
@@ -418,10 +374,7 @@ TINY = [
 @pytest.mark.parametrize("case", TINY, ids=[c.name for c in TINY])
 def test_vitkern_triton_interpreter_equality(case):
     """Forward and every gradient (dx included) of backend="triton" vs the float64 reference."""
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU every timed vitkern_triton case checks its own equality")
-    if not _triton.INTERPRET:
-        pytest.skip("TRITON_INTERPRET=1 was not set before vitkern was imported")
+    harness.skip_unless_interpreter()
     mode = MODES[-1]  # fwd+bwd+dx: every gradient
     state = CaseState(case, mode, torch.device("cpu"), torch.float32)
     out, grads = _make_step(_vitkern_triton, state.wrt)(state.sets[0])

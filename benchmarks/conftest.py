@@ -2,7 +2,7 @@
 
 Fixtures for every ``bench_*.py``: ``vk_settings`` (grid, rounds, compile mode),
 ``vk_ceilings`` (the card's measured copy bandwidth and matmul throughput, once per
-session). At session end the rows the files recorded through :mod:`harness` are
+session; None on CPU, where they mean nothing). At session end the rows the files recorded through :mod:`harness` are
 written to ``<results dir>/<family>.json`` and ``<results dir>/summary.md``.
 """
 from __future__ import annotations
@@ -60,6 +60,9 @@ def vk_settings(request) -> BenchSettings:
 
 @pytest.fixture(scope="session")
 def vk_ceilings() -> Optional[harness.Ceilings]:
+    if harness.bench_device().type != "cuda":
+        harness.SESSION["ceilings_note"] = harness.CPU_CEILINGS_NOTE
+        return None
     try:
         ceilings = harness.measure_ceilings()
     except Exception as exc:  # noqa: BLE001 - e.g. out of memory: no roofline, still benchmark
@@ -87,7 +90,15 @@ def pytest_sessionfinish(session, exitstatus):
     harness.SESSION["written"] = [str(p) for p in written]
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's tables, so the floors are the last thing shown
 def pytest_terminal_summary(terminalreporter):
+    if harness.FLOORS:
+        terminalreporter.section("vitkern static floors (bf16; bound = floor naive / floor vitkern)")
+        for family in dict.fromkeys(f["family"] for f in harness.FLOORS.values()):
+            terminalreporter.write_line(f"{family}:")
+            rows = [r for r in harness.RESULTS if r["family"] == family]
+            for line in harness.floors_table([f for f in harness.FLOORS.values() if f["family"] == family], rows):
+                terminalreporter.write_line(line)
     written = harness.SESSION.get("written")
     error = harness.SESSION.get("write_error")
     if not written and not error:

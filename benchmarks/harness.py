@@ -1,49 +1,50 @@
-"""Shared machinery for vitkern's pytest-benchmark suites (every kernel family).
+"""The benchmark scaffold shared by every kernel family (``benchmarks/bench_<family>.py``).
 
-A benchmark file (``benchmarks/bench_<family>.py``) uses this module to
+A family file holds only its cases, its implementations (naive, peers, vitkern) and how to
+build their inputs and references; this module does the rest:
 
-* time a call on the GPU honestly: :func:`time_call` runs a step through
-  ``benchmark.pedantic`` with warm-up rounds, CUDA events around every call and a
-  synchronisation inside the timed call, and rotates among several copies of the
-  inputs whose total size exceeds twice the L2 cache (:func:`rotation_count`), so
-  no round reads inputs that the previous one left in L2; the median is reported;
-* measure the peak memory of one call (:func:`peak_memory_bytes`);
-* compare against the card's real ceilings (:func:`measure_ceilings`, measured once per
-  session by the ``vk_ceilings`` fixture: a large device-to-device copy and a large
-  bf16 matmul) through the roofline fraction (:func:`roofline_fraction`);
-* check equality with the naive reference under the test suite's rule
-  (:func:`load_test_helpers` loads ``tests/helpers.py``, whose ``assert_close`` is used as is);
-* record one row per (case, implementation, mode) (:func:`record`, :func:`record_skip`,
-  :func:`record_failure`) in ``benchmark.extra_info`` and in :data:`RESULTS`;
-  ``benchmarks/conftest.py`` writes them at session end with :func:`write_results`:
-  ``<results_dir>/<family>.json`` and ``<results_dir>/summary.md``.
+* the grid and its parametrisation: :class:`Mode` (``FWD``, ``FWD_BWD``), :func:`grid`
+  (full on a GPU, smoke on CPU), :func:`points` (case outermost, implementation innermost, so
+  one (case, mode)'s inputs and references serve every implementation), :class:`Slot` (one
+  such state alive at a time, so GPU memory stays bounded);
+* skips: :func:`skip_reason` (what cannot run here: Triton timings under the interpreter,
+  ``torch.compile`` and FlexAttention on CPU, ``--vk-compile=off``), :func:`skip` (recorded
+  and skipped), :func:`skip_unless_interpreter` for the CPU equality tests;
+* the protocol, :func:`equal_then_time`: the first call (which also compiles, outside the
+  timing), equality of the output and every gradient with the reference under
+  :mod:`vitkern.testing`'s rule (:func:`check_equal`), then :func:`time_call` (warm-up, CUDA
+  events around every call, inputs rotated over copies exceeding 2x L2 so L2 does not
+  flatter, median) and the peak memory of one call, recorded by :func:`record`;
+* the static floors (:func:`note_floors`, ``floors.py``): per (case, mode) vitkern's and
+  naive's FLOPs and minimum bytes and their floor times on an H200 / H100;
+* the card's measured ceilings (:func:`measure_ceilings`, GPU only) for the roofline fraction;
+* results: ``<results_dir>/<family>.json`` and ``summary.md`` (:func:`write_results`).
 
-On a CPU-only machine the same code runs (host clock instead of CUDA events, no peak
-memory), so the smoke grid exercises everything but the CUDA calls.
+On a CPU-only machine the same code runs (host clock instead of CUDA events, no peak memory,
+no ceilings), so the smoke grid exercises everything but the CUDA calls.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as _dt
-import importlib.util
+import gc
 import json
 import math
 import os
-import platform
-import re
 import statistics
-import subprocess
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+import floors as _floors
+from vitkern import _timing, _triton
+from vitkern.testing import assert_close, rel_err  # noqa: F401 - the policy, re-exported for bench files
+
 SCHEMA = "vitkern-bench/1"
-DEFAULT_L2_BYTES = 50 * 1024 * 1024  # H100's L2, assumed when the device does not say
 
 #: Every row recorded in this process (all families), in recording order.
 RESULTS: List[Dict[str, Any]] = []
@@ -69,28 +70,16 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def device_name(device: Optional[torch.device] = None) -> str:
-    device = device or bench_device()
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return _timing.device_name(device or bench_device())
 
 
 def device_slug(device: Optional[torch.device] = None) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'; 'cpu' on CPU."""
-    device = device or bench_device()
-    if device.type != "cuda":
-        return "cpu"
-    slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-    return slug or "cuda"
+    return _timing.device_slug(device or bench_device())
 
 
 def l2_cache_bytes(device: Optional[torch.device] = None) -> int:
-    device = device or bench_device()
-    if device.type == "cuda":
-        size = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
-        if size:
-            return int(size)
-    return DEFAULT_L2_BYTES
+    return _timing.l2_cache_bytes(device or bench_device())
 
 
 def rotation_count(bytes_per_set: int, device: Optional[torch.device] = None,
@@ -112,9 +101,7 @@ def tensor_bytes(tensors: Iterable[Any]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+synchronize = _timing.synchronize
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
@@ -194,47 +181,6 @@ def exact_fp32():
                     pass
 
 
-def _rel_err_on_device(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """tests/helpers.rel_err, computed where the tensors live (float64) instead of on the CPU.
-
-    The benchmarks compare tensors of up to 200 M elements; copying each to the host in
-    float64 would dominate the run. Same formula: ||a - e|| / ||e||.
-    """
-    a = actual.detach()
-    e = expected.detach()
-    if e.device != a.device:
-        e = e.to(a.device)
-    a = a.to(torch.float64)
-    e = e.to(torch.float64)
-    return ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
-
-
-_HELPERS = None
-
-
-def load_test_helpers():
-    """tests/helpers.py (the correctness policy's ``assert_close``), loaded from the repo path.
-
-    Loaded under a private module name so its ``rel_err`` can be computed on the device
-    (see :func:`_rel_err_on_device`) without touching the copy the test suite imports;
-    ``assert_close``'s budget logic (2x forward / 3x gradients of the same-dtype
-    reference's error, fp32 rtol) is used unchanged.
-    """
-    global _HELPERS
-    if _HELPERS is None:
-        path = REPO_ROOT / "tests" / "helpers.py"
-        spec = importlib.util.spec_from_file_location("_vitkern_bench_test_helpers", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.rel_err = _rel_err_on_device
-        _HELPERS = module
-    return _HELPERS
-
-
-def assert_close(name, actual, reference_high, reference_same_dtype=None, *, grad=False) -> float:
-    return load_test_helpers().assert_close(name, actual, reference_high, reference_same_dtype, grad=grad)
-
-
 # --------------------------------------------------------------------------- #
 # Timing
 # --------------------------------------------------------------------------- #
@@ -256,24 +202,11 @@ class RotatingTimer:
         self.cuda = device.type == "cuda"
         self.calls = 0
         self.samples_ms: List[float] = []
-        if self.cuda:
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._end = torch.cuda.Event(enable_timing=True)
 
     def __call__(self) -> None:
         args = self.arg_sets[self.calls % len(self.arg_sets)]
         self.calls += 1
-        if self.cuda:
-            self._start.record()
-            out = self.step(args)
-            self._end.record()
-            self._end.synchronize()
-            self.samples_ms.append(self._start.elapsed_time(self._end))
-        else:
-            t0 = time.perf_counter()
-            out = self.step(args)
-            self.samples_ms.append((time.perf_counter() - t0) * 1e3)
-        del out
+        self.samples_ms.append(_timing.time_one(lambda: self.step(args), self.device))
 
 
 @dataclasses.dataclass
@@ -361,28 +294,6 @@ def time_call(benchmark, step: Callable[[Any], Any], arg_sets: Sequence[Any],
     )
 
 
-def median_time_ms(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int) -> float:
-    """Median device time of ``fn()`` (CUDA events per call), host time on CPU."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    samples = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return float(statistics.median(samples))
-
-
 def peak_memory_bytes(step: Callable[[Any], Any], args: Any,
                       device: Optional[torch.device] = None) -> Optional[int]:
     """Peak memory allocated during one call of ``step(args)``, above what was held before.
@@ -420,31 +331,35 @@ class Ceilings:
         return dataclasses.asdict(self)
 
 
+#: Why the CPU smoke run has no ceilings (and so no roofline fraction).
+CPU_CEILINGS_NOTE = ("not measured on CPU: the smoke shapes live in the CPU's caches, so a DRAM-sized copy "
+                     "understates the bandwidth they see, and a matmul on a shared 2-core host is no stable peak; "
+                     "fractions against such figures came out above 100 %")
+
+
 def measure_ceilings(device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> Ceilings:
     """The card's measured ceilings: a 1 GiB device-to-device copy and an 8192^3 matmul.
 
     Medians of 10 CUDA-event-timed repetitions after 3 warm-ups; random data (power draw
-    depends on it). On CPU, smaller sizes (128 MiB, 1024^3) so the smoke run stays fast.
+    depends on it). GPU only: raises ValueError with :data:`CPU_CEILINGS_NOTE` on CPU.
     """
     device = device or bench_device()
+    if device.type != "cuda":
+        raise ValueError(CPU_CEILINGS_NOTE)
     dtype = dtype or bench_dtype(device)
-    cuda = device.type == "cuda"
-    copy_bytes = (1 << 30) if cuda else (128 << 20)
-    n = 8192 if cuda else 1024
-    reps, warmup = (10, 3) if cuda else (5, 1)
+    copy_bytes, n, reps, warmup = 1 << 30, 8192, 10, 3
 
     src = torch.rand(copy_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    t_copy = median_time_ms(lambda: dst.copy_(src), device, reps, warmup)
+    t_copy = _timing.median_ms(lambda: dst.copy_(src), device, reps, warmup)
     del src, dst
 
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     c = torch.empty(n, n, dtype=dtype, device=device)
-    t_mm = median_time_ms(lambda: torch.mm(a, b, out=c), device, reps, warmup)
+    t_mm = _timing.median_ms(lambda: torch.mm(a, b, out=c), device, reps, warmup)
     del a, b, c
-    if cuda:
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()
     return Ceilings(
         device=device_name(device),
         dtype=dtype_name(dtype),
@@ -472,6 +387,264 @@ def roofline_fraction(flops: float, min_bytes: float, seconds: float,
 
 
 # --------------------------------------------------------------------------- #
+# Grid scaffolding
+# --------------------------------------------------------------------------- #
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """``name`` goes into the results, ``id`` into test ids; ``dx``: the input's gradient too
+    (patch_embed times the image gradient separately, every other family always has it)."""
+
+    name: str
+    id: str
+    backward: bool
+    dx: bool = True
+
+
+FWD = Mode("fwd", "fwd", backward=False, dx=False)
+FWD_BWD = Mode("fwd+bwd", "fwd_bwd", backward=True)
+MODES = (FWD, FWD_BWD)
+
+
+def grid(config, full: Callable[[], List[Any]], smoke: Callable[[], List[Any]]) -> List[Any]:
+    """The family's full grid on a GPU (or ``--vk-grid full``), its smoke grid otherwise."""
+    return full() if grid_choice(config) == "full" else smoke()
+
+
+def points(cases: Sequence[Any], modes: Sequence[Mode], impls: Iterable[str], prefix: str = ""):
+    """(case, mode, impl) triples, case outermost and implementation innermost, and their test ids
+    ``<prefix><case>-<mode>-<impl>``: one (case, mode)'s inputs and references serve every
+    implementation before the next is built."""
+    impls = list(impls)
+    pts = [(c, m, i) for c in cases for m in modes for i in impls]
+    return pts, [f"{prefix}{c.name}-{m.id}-{i}" for c, m, i in pts]
+
+
+def parametrize(metafunc, fixture: str, cases: Sequence[Any], modes: Sequence[Mode], impls: Iterable[str],
+                prefix: str = "") -> None:
+    """Parametrise ``fixture`` (when the test uses it) with :func:`points`."""
+    if fixture in metafunc.fixturenames:
+        pts, ids = points(cases, modes, impls, prefix)
+        metafunc.parametrize(fixture, pts, ids=ids)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Slot:
+    """Holds one value (a case's inputs and references) at a time: asking for another key drops
+    the old value, frees its memory, then builds the new one."""
+
+    def __init__(self):
+        self.key: Any = None
+        self.value: Any = None
+
+    def get(self, key, build: Callable[[], Any]):
+        if self.key != key:
+            self.clear()
+            self.value = build()
+            self.key = key
+        return self.value
+
+    def clear(self) -> None:
+        self.key = self.value = None
+        free_memory()
+
+
+def high_dtype(device: torch.device) -> torch.dtype:
+    """The reference's dtype: fp32 (with TF32 off, see :func:`exact_fp32`) on a GPU, float64 on CPU."""
+    return torch.float32 if device.type == "cuda" else torch.float64
+
+
+def needs_same_dtype_reference(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def seed_of(*parts: Any) -> int:
+    """A seed from a case's identity, so every run draws the same inputs and weights."""
+    import zlib
+
+    return zlib.crc32("/".join(str(p) for p in parts).encode())
+
+
+def seeded_generator(device: torch.device, *parts: Any) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed_of(*parts))
+    return gen
+
+
+# --------------------------------------------------------------------------- #
+# Skips
+# --------------------------------------------------------------------------- #
+#: What cannot run without a GPU, per kind of implementation.
+NO_GPU = {
+    "triton": ("no CUDA GPU: Triton kernels run on CPU only under TRITON_INTERPRET=1, whose timings are "
+               "meaningless; equality is checked by the *_interpreter_equality tests"),
+    "compile": "no CUDA GPU: torch.compile on CPU takes minutes per shape and is not the comparison of interest",
+    "flex": ("no CUDA GPU: FlexAttention's fused kernels come from torch.compile (Triton) and it has no CPU "
+             "backward; compiling on CPU takes minutes per shape and is not the comparison of interest"),
+}
+
+
+def skip_reason(kind: Optional[str], settings) -> Optional[str]:
+    """Why an implementation of ``kind`` ('triton' | 'compile' | 'flex' | None) cannot run here."""
+    if kind is None:
+        return None
+    if settings.device.type != "cuda":
+        return NO_GPU[kind]
+    if kind in ("compile", "flex") and settings.compile == "off":
+        return "--vk-compile=off"
+    return None
+
+
+def skip(common: Dict[str, Any], reason: str):
+    """Record the row as skipped with ``reason`` and skip the test."""
+    record_skip(**common, reason=reason)
+    pytest.skip(reason)
+
+
+def skip_unless_interpreter(needs: Callable[[], None] = lambda: None) -> None:
+    """For the CPU equality tests of vitkern's kernels: skip on a GPU (the timed rows check equality
+    there), without TRITON_INTERPRET, or when ``needs()`` raises ImportError (timm, FlexAttention)."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU every timed vitkern_triton case checks its own equality")
+    if not _triton.INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1 was not set before vitkern was imported")
+    try:
+        needs()
+    except ImportError as exc:
+        pytest.skip(f"missing: {exc}")
+
+
+def row_id(family: str, case: str, impl: str, role: str, settings, mode: Mode,
+           shape: Dict[str, Any]) -> Dict[str, Any]:
+    """The identity of one result row (the ``common`` keyword arguments of record / record_skip)."""
+    return dict(family=family, case=case, impl=impl, role=role, dtype=settings.dtype, mode=mode.name,
+                shape=dict(shape))
+
+
+# --------------------------------------------------------------------------- #
+# The protocol: equality first, then timing
+# --------------------------------------------------------------------------- #
+def check_equal(impl: str, out: torch.Tensor, grads: Sequence[torch.Tensor], keys: Sequence[str],
+                ref_high: Dict[str, torch.Tensor], ref_same: Optional[Dict[str, torch.Tensor]],
+                special: Optional[Dict[str, Callable[[str, torch.Tensor], Dict[str, float]]]] = None
+                ) -> Dict[str, float]:
+    """The output and each gradient (``keys[i]`` names ``grads[i]``) against the high-precision
+    reference, within the budget of :func:`vitkern.testing.assert_close`; a key in ``special`` is
+    checked by its own function instead (returning its errors). Returns every error."""
+    same = ref_same or {}
+    errors = {"out": assert_close(f"{impl} out", out, ref_high["out"], same.get("out"))}
+    for key, g in zip(keys, grads):
+        if special and key in special:
+            errors.update(special[key](impl, g))
+            continue
+        errors[key] = assert_close(f"{impl} {key}", g, ref_high[key], same.get(key), grad=True)
+    return errors
+
+
+class FirstCallFailed(Exception):
+    """The first call of a peer that may legitimately fail (a compile) raised; ``__cause__`` says why."""
+
+
+def equal_then_time(benchmark, settings, ceilings, common: Dict[str, Any], step: Callable[[Any], Any],
+                    arg_sets: Sequence[Any], check: Callable[[Any, Any], Dict[str, float]], *,
+                    flops: float, min_bytes: float, extra: Optional[Dict[str, Any]] = None,
+                    may_fail: bool = False) -> Dict[str, Any]:
+    """One row: ``step(arg_sets[0])`` (which also compiles / JITs / autotunes, outside the timing),
+    ``check(out, grads)`` (equality; a failure is recorded and re-raised), then the timing over the
+    rotated ``arg_sets``, the peak memory of one call, and :func:`record`.
+
+    An exception of the first call is recorded as a failure and re-raised, or with ``may_fail``
+    (a peer that may not compile) raised as :class:`FirstCallFailed` for the caller to record.
+    """
+    t0 = time.perf_counter()
+    try:
+        out, grads = step(arg_sets[0])
+    except Exception as exc:
+        if may_fail:
+            raise FirstCallFailed(first_line(exc)) from exc
+        record_failure(**common, reason=first_line(exc))
+        raise
+    first_call_s = time.perf_counter() - t0
+    try:
+        errors = check(out, grads)
+    except AssertionError as exc:
+        record_failure(**common, reason=f"equality: {exc}")
+        raise
+    del out, grads
+    timing = time_call(benchmark, step, arg_sets, settings.timing, settings.device)
+    peak = peak_memory_bytes(step, arg_sets[0], settings.device)
+    return record(benchmark, **common, timing=timing, flops=flops, min_bytes=min_bytes, peak_mem_bytes=peak,
+                  ceilings=ceilings, errors=errors,
+                  extra={"first_call_s": round(first_call_s, 3), **(extra or {})})
+
+
+def x_step(fn: Callable[..., torch.Tensor], params: Sequence[torch.Tensor], backward: bool,
+           *args: Any) -> Callable[[Dict[str, torch.Tensor]], Tuple[torch.Tensor, Sequence[torch.Tensor]]]:
+    """The timed call of a module-level row, on an argument set ``{"x": ..., "grad": ...}``:
+    ``fn(x, *args)`` under ``torch.no_grad()`` (inference), or with ``backward`` forward +
+    ``torch.autograd.grad`` for x and ``params`` (no ``.grad`` accumulation is timed)."""
+    params = list(params)
+    if not backward:
+        def step(a):
+            with torch.no_grad():
+                return fn(a["x"], *args), ()
+    else:
+        def step(a):
+            out = fn(a["x"], *args)
+            return out, torch.autograd.grad(out, [a["x"]] + params, a["grad"])
+    return step
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# --------------------------------------------------------------------------- #
+# Static floors (floors.py): once per (family, case, mode)
+# --------------------------------------------------------------------------- #
+#: (family, case, mode) -> floors record (floors.case_floors plus the case's shape).
+FLOORS: Dict[Tuple[str, str, str], Dict[str, Any]] = {}
+
+
+def note_floors(family: str, case: str, mode: Mode, shape: Dict[str, Any], *,
+                kernel: Callable[[int], Tuple[int, int]], naive: Callable[[], Any]) -> None:
+    """Record the static floors of one (case, mode), once: ``kernel(elem)`` gives vitkern's
+    (FLOPs, minimum bytes) at element size ``elem``; ``naive()`` runs the naive reference (forward,
+    and the backward the mode times) on meta tensors built with :func:`floors.meta_like` /
+    :func:`floors.meta_module`. Any error is recorded in place of the naive cost."""
+    key = (family, case, mode.name)
+    if key in FLOORS:
+        return
+    k_flops, k_bytes = kernel(element_size(_floors.FLOOR_DTYPE))
+    kernel_cost = _floors.Cost(int(k_flops), int(k_bytes))
+    try:
+        naive_cost, by_op = _floors.count(naive)
+    except Exception as exc:  # noqa: BLE001 - an op without a meta kernel: say so, keep the kernel floor
+        FLOORS[key] = {"family": family, "case": case, "mode": mode.name, "shape": dict(shape),
+                       "vitkern": dataclasses.asdict(kernel_cost), "naive_error": first_line(exc)}
+        return
+    rec = _floors.case_floors(kernel_cost, naive_cost)
+    rec.update(family=family, case=case, mode=mode.name, shape=dict(shape), naive_bytes_by_op=by_op)
+    FLOORS[key] = rec
+
+
+def grad_step(fn: Callable[..., torch.Tensor], inputs: Sequence[Optional[torch.Tensor]],
+              grad: Optional[torch.Tensor], params: Iterable[torch.Tensor] = ()) -> Callable[[], Any]:
+    """``fn(*inputs)`` and, with ``grad``, ``torch.autograd.grad`` for the inputs and ``params`` that
+    require grad (as the timed steps do): the naive call whose cost :func:`note_floors` counts."""
+    def run():
+        out = fn(*inputs)
+        if grad is not None:
+            wrt = [t for t in list(inputs) + list(params) if t is not None and t.requires_grad]
+            torch.autograd.grad(out, wrt, grad, allow_unused=True)
+    return run
+
+
+# --------------------------------------------------------------------------- #
 # Results collector
 # --------------------------------------------------------------------------- #
 ROLES = ("naive", "peer", "vitkern")
@@ -479,7 +652,7 @@ ROLES = ("naive", "peer", "vitkern")
 #: row's peak / the naive row's peak of the same case and mode; < 1 = less memory). The Swin
 #: issue's target is vitkern's peak memory against timm's naive path; PVT's issue asks for peak
 #: memory too (its naive path materialises the N x Nk score matrix).
-PEAK_RATIO_FAMILIES = ("swin", "pvt")
+PEAK_RATIO_FAMILIES = ("window_attention", "sr_attention")
 
 
 def _base_row(family, case, impl, role, dtype, mode, shape) -> Dict[str, Any]:
@@ -545,69 +718,13 @@ def record_failure(*, family: str, case: str, impl: str, role: str, dtype, mode:
 # --------------------------------------------------------------------------- #
 # Environment
 # --------------------------------------------------------------------------- #
-def _dist_version(name: str) -> Optional[str]:
-    try:
-        from importlib.metadata import version
-
-        return version(name)
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _git(*args: str) -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10)
-    except Exception:  # noqa: BLE001 - no git on the machine
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def git_commit() -> Dict[str, Any]:
-    """The commit measured: $VITKERN_COMMIT if set (copies without .git), else git's HEAD."""
-    env_commit = os.environ.get("VITKERN_COMMIT")
-    if env_commit:
-        return {"commit": env_commit, "dirty": None, "source": "VITKERN_COMMIT"}
-    head = _git("rev-parse", "HEAD")
-    if head is None:
-        return {"commit": "unknown", "dirty": None, "source": "git (no repository or no commit)"}
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": head, "dirty": bool(status) if status is not None else None, "source": "git"}
-
-
 def environment(device: Optional[torch.device] = None) -> Dict[str, Any]:
     device = device or bench_device()
-    env: Dict[str, Any] = {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "device": device_name(device),
-        "device_slug": device_slug(device),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": None,
-        "triton": _dist_version("triton") or _dist_version("pytorch-triton"),
-        "pytest_benchmark": _dist_version("pytest-benchmark"),
-        "timm": _dist_version("timm"),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
-        "run_id": os.environ.get("VK_BENCH_RUN_ID") or None,
-        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
-        **git_commit(),
-    }
-    try:
-        if torch.backends.cudnn.is_available():
-            env["cudnn"] = torch.backends.cudnn.version()
-    except Exception:  # noqa: BLE001
-        pass
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(
-            capability=f"{props.major}.{props.minor}",
-            sm_count=props.multi_processor_count,
-            total_memory_gib=round(props.total_memory / 2 ** 30, 1),
-            l2_cache_bytes=l2_cache_bytes(device),
-        )
-    else:
-        env.update(cpu_threads=torch.get_num_threads())
+    env = _timing.environment(device)
+    env.update(device=env["device_name"], pytest_benchmark=_timing.dist_version("pytest-benchmark"),
+               triton_interpret=os.environ.get("TRITON_INTERPRET", "0"),
+               run_id=os.environ.get("VK_BENCH_RUN_ID") or None,
+               cudnn_benchmark=bool(torch.backends.cudnn.benchmark))
     return env
 
 
@@ -659,7 +776,10 @@ def write_results(results_dir: Path, rows: Optional[List[Dict[str, Any]]] = None
             "family": family,
             "environment": env,
             "ceilings": SESSION.get("ceilings"),
+            "ceilings_note": SESSION.get("ceilings_note"),
             "settings": SESSION.get("settings"),
+            "floor_devices": [dataclasses.asdict(d) for d in _floors.DEVICES],
+            "floors": [f for f in FLOORS.values() if f["family"] == family],
             "rows": family_rows,
         }
         path = results_dir / f"{family}.json"
@@ -696,6 +816,55 @@ def _fmt_x(ratio: Optional[float]) -> str:
 
 def _fmt_pct(frac: Optional[float]) -> str:
     return "–" if frac is None else f"{100 * frac:.1f}%"
+
+
+def _fmt_sig(value: Optional[float], digits: int = 3) -> str:
+    """``digits`` significant digits (CPU rates are tiny; a fixed 0.1 would print 0.0)."""
+    if value is None:
+        return "–"
+    if value == 0:
+        return "0"
+    return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
+
+
+def _fmt_roof(frac: Optional[float]) -> str:
+    """A fraction over 100 % means the ceiling or the floor is wrong: flagged, not hidden."""
+    return _fmt_pct(frac) + (" (!)" if frac is not None and frac > 1.0 else "")
+
+
+def _floor_of(floors_by_key: Dict[Any, Dict[str, Any]], case: str, mode: str, device: str):
+    rec = floors_by_key.get((case, mode))
+    if not rec or "devices" not in rec:
+        return None
+    return rec["devices"].get(device)
+
+
+def floors_table(floors: List[Dict[str, Any]], rows: Optional[List[Dict[str, Any]]] = None) -> List[str]:
+    """One markdown row per (case, mode): FLOPs and bytes of vitkern and naive, floors on each device,
+    and with ``rows`` the measured speedup of the best vitkern row over naive beside the bounds."""
+    names = [d.name for d in _floors.DEVICES]
+    measured: Dict[Tuple[str, str], Optional[float]] = {}
+    for g in analyse(rows or []):
+        measured[(g["case"], g["mode"])] = _speedups(g["best_ours"], g)[0] if g["best_ours"] else None
+    lines = ["| case | mode | GFLOP vitkern / naive | MB vitkern / naive | "
+             + " | ".join(f"{n} floor µs vitkern / naive | {n} bound ×" for n in names)
+             + (" | measured vs naive |" if rows is not None else " |"),
+             "|---|---|---:|---:|" + "---:|---:|" * len(names) + ("---:|" if rows is not None else "")]
+    for rec in floors:
+        k = rec["vitkern"]
+        tail = f" {_fmt_x(measured.get((rec['case'], rec['mode'])))} |" if rows is not None else ""
+        if "naive" not in rec:
+            lines.append(f"| {rec['case']} | {rec['mode']} | {k['flops'] / 1e9:.3g} / – | {k['bytes'] / 1e6:.3g} / – | "
+                         + " | ".join("– | –" for _ in names) + f" |{tail} (naive not counted: {rec.get('naive_error')})")
+            continue
+        n = rec["naive"]
+        cells = []
+        for name in names:
+            d = rec["devices"][name]
+            cells.append(f"{_fmt_sig(d['vitkern_us'])} / {_fmt_sig(d['naive_us'])} | {_fmt_x(d['speedup_bound'])}")
+        lines.append(f"| {rec['case']} | {rec['mode']} | {k['flops'] / 1e9:.3g} / {n['flops'] / 1e9:.3g} | "
+                     f"{k['bytes'] / 1e6:.3g} / {n['bytes'] / 1e6:.3g} | " + " | ".join(cells) + " |" + tail)
+    return lines
 
 
 def _fmt_mib(nbytes: Optional[int]) -> str:
@@ -781,6 +950,13 @@ def render_summary(docs: List[Dict[str, Any]], env: Dict[str, Any]) -> str:
         lines.append(f"- measured ceilings: copy {ceil['copy_bytes_per_s'] / 1e9:.0f} GB/s (read + write, "
                      f"{ceil['copy_bytes'] >> 20} MiB), {ceil['dtype']} matmul "
                      f"{ceil['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s ({ceil['matmul_n']}³)")
+    else:
+        note = SESSION.get("ceilings_note") or next((d.get("ceilings_note") for d in docs if d.get("ceilings_note")),
+                                                    None) or SESSION.get("ceilings_error") or "not measured"
+        lines.append(f"- ceilings: {note}; so no roofline fraction (the static floors below are the card's figures)")
+    lines.append("- static floors (bf16): " + "; ".join(f"{d.name} {d.bytes_per_s / 1e12:g} TB/s and "
+                                                        f"{d.flops_per_s / 1e12:g} TFLOP/s ({d.source})"
+                                                        for d in _floors.DEVICES))
     if env.get("device_slug") == "cpu":
         lines += ["- **CPU smoke run**: host-clock times of a tiny fp32 grid; they say nothing about GPU speed.",
                   "", "Times are medians of host-clock timings of one call each.", ""]
@@ -791,7 +967,10 @@ def render_summary(docs: List[Dict[str, Any]], env: Dict[str, Any]) -> str:
         "*vs naive* / *vs best peer* = that time ÷ this row's time (> 1 = faster; best peer = fastest non-naive, "
         "non-vitkern implementation). *roofline* = max(FLOPs / matmul ceiling, minimum bytes / copy ceiling) ÷ time. "
         "*peak MiB* = memory allocated by one call above what was held before. *max rel err* = the largest relative "
-        "error (output and gradients) against the high-precision reference.",
+        "error (output and gradients) against the high-precision reference. *floor* = max(FLOPs / peak FLOP/s, "
+        "minimum bytes / bandwidth) on that card, for vitkern's fused kernel and for the naive reference's op "
+        "sequence (its N×N scores, copies and masks counted on the meta device); *bound* = floor naive ÷ floor "
+        "vitkern, the largest speedup over naive physics allows, beside the measured *vs naive*.",
         "",
     ]
     for doc in sorted(docs, key=lambda d: d.get("family", "")):
@@ -801,15 +980,18 @@ def render_summary(docs: List[Dict[str, Any]], env: Dict[str, Any]) -> str:
         if not same_run(fam_env, env):
             lines += ["Measured in an earlier run:"] + _env_lines(fam_env) + [""]
         groups = analyse(doc.get("rows", []))
+        floors_by_key = {(f["case"], f["mode"]): f for f in doc.get("floors") or []}
+        first_dev = _floors.DEVICES[0].name
         peak_ratio = family in PEAK_RATIO_FAMILIES
         if peak_ratio:
             lines += ["*peak vs naive* = peak memory of that row ÷ the naive row's (same case and mode; "
                       "< 1 = less memory).", ""]
         # Overview: one line per (case, mode).
         lines += [
-            "| case | mode | naive ms | best peer | peer ms | vitkern | vitkern ms | vs naive | vs best peer | roofline |"
+            f"| case | mode | naive ms | best peer | peer ms | vitkern | vitkern ms | vs naive | bound ({first_dev}) | "
+            "vs best peer | roofline |"
             + (" naive peak MiB | vitkern peak MiB | peak vs naive |" if peak_ratio else ""),
-            "|---|---|---:|---|---:|---|---:|---:|---:|---:|" + ("---:|---:|---:|" if peak_ratio else ""),
+            "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if peak_ratio else ""),
         ]
         for g in groups:
             ours, peer, naive = g["best_ours"], g["best_peer"], g["naive"]
@@ -823,11 +1005,15 @@ def render_summary(docs: List[Dict[str, Any]], env: Dict[str, Any]) -> str:
                 f"| {g['case']} | {g['mode']} | {_fmt_ms(naive['median_ms']) if naive else '–'} | "
                 f"{peer['impl'] if peer else '–'} | {_fmt_ms(peer['median_ms']) if peer else '–'} | "
                 f"{ours_name} | {_fmt_ms(ours['median_ms']) if ours else '–'} | {_fmt_x(vs_naive)} | "
-                f"{_fmt_x(vs_peer)} | {_fmt_pct(ours.get('roofline_fraction')) if ours else '–'} |"
+                f"{_fmt_x((_floor_of(floors_by_key, g['case'], g['mode'], first_dev) or {}).get('speedup_bound'))} | "
+                f"{_fmt_x(vs_peer)} | {_fmt_roof(ours.get('roofline_fraction')) if ours else '–'} |"
                 + (f" {_fmt_mib(naive.get('peak_mem_bytes')) if naive else '–'} | "
                    f"{_fmt_mib(ours.get('peak_mem_bytes')) if ours else '–'} | {_fmt_x(_peak_ratio(ours, g))} |"
                    if peak_ratio else ""))
         lines.append("")
+        if floors_by_key:
+            lines += ["Static floors (bf16, whatever dtype the rows ran in) beside the measured speedup of the best "
+                      "vitkern row:", ""] + floors_table(list(floors_by_key.values()), doc.get("rows", [])) + [""]
         not_timed: Dict[str, List[str]] = {}
         for row in doc.get("rows", []):
             if row.get("status") != "ok":
@@ -862,8 +1048,8 @@ def render_summary(docs: List[Dict[str, Any]], env: Dict[str, Any]) -> str:
                     gb = row.get("gbytes_per_s")
                     lines.append(
                         f"| {g['mode']} | {row['impl']} | {_fmt_ms(row['median_ms'])} | {_fmt_x(vs_naive)} | "
-                        f"{_fmt_x(vs_peer)} | {_fmt_pct(row.get('roofline_fraction'))} | "
-                        f"{'–' if tf is None else f'{tf:.1f}'} | {'–' if gb is None else f'{gb:.0f}'} | "
+                        f"{_fmt_x(vs_peer)} | {_fmt_roof(row.get('roofline_fraction'))} | "
+                        f"{_fmt_sig(tf)} | {_fmt_sig(gb)} | "
                         f"{_fmt_mib(row.get('peak_mem_bytes'))} | "
                         + (f"{_fmt_x(_peak_ratio(row, g))} | " if peak_ratio else "")
                         + f"{'–' if err is None else f'{err:.2e}'} |")

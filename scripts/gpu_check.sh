@@ -1,77 +1,53 @@
 #!/usr/bin/env bash
-# One-shot check on a GPU machine: install, environment, full test suite, benchmark suite.
+# One short GPU run: install, tune, the GPU-only tests, the four benchmark families.
 #
 #   bash scripts/gpu_check.sh OUTDIR
 #
-# Written for the project's H100/H200 image (runs as root; python3 = torch 2.11 + Triton 3.6 +
-# timm + pytest-benchmark preinstalled; no network). What lands in OUTDIR (at most 8 files,
-# 2 folder levels; the device tool returns nothing deeper or more):
-#   OUTDIR/tests.log               environment, install, `pytest tests` output
-#   OUTDIR/bench.log               `pytest --benchmark` output (pytest-benchmark's tables), every family
-#   OUTDIR/pytest_benchmark.json   pytest-benchmark's own JSON (every round's stats + extra_info), the
-#                                  families' runs merged into one file
-#   OUTDIR/results/<family>.json   vitkern's rows per kernel family (one file per family)
-#   OUTDIR/results/summary.md      readable tables: time, speedups, roofline fraction, peak memory
-# With the four kernel families (patch_embed, attention, swin, pvt) that is exactly 8 files
-# (3 + 4 family JSONs + summary.md): add no more without dropping one.
+# TIME PLAN. A lent GPU gives 15 min of device time in all (starting the machine takes 1-2 of
+# them) and at most 10 min to one command. This script is that one command and stays within
+# VK_TOTAL_TIMEOUT = 540 s (9 min), leaving ~1 min of the command limit and ~4 min of the
+# device time for start-up, the transfer of OUTDIR and one short rerun of a single step.
+# The steps run in this order, each under its own cap (SIGINT at the cap, SIGKILL 10 s later):
 #
-# Each benchmark family runs as its own pytest invocation under its own time cap, so a slow
-# family cannot eat another's time; all write into OUTDIR/results (summary.md is rebuilt from
-# every family JSON there) and share VK_BENCH_RUN_ID, so the summary treats them as one run.
+#   step                                   cap        expected on an H100/H200 (16-core host)
+#   1 install (pip -e, no deps, no build)  60 s       ~15 s
+#   2 environment (versions, GPU)          30 s       ~5 s
+#   3 tuner  vitkern.tools.tune            150 s      what its --budget-s allows (140 s)
+#   4 GPU tests  -m gpu, bf16 only         180 s      ~1-2 min (Triton JIT dominates; -n 16)
+#   5 benchmarks, one pytest per family    the rest   every second steps 1-4 left, shared in
+#                                                     proportion to the nominal caps below
+#   (background, steps 3-4) vitkern.tools.compile_report --jobs 4: the static compile report
+#   on 4 of the 16 cores (1 on a smaller machine), stopped when step 4 ends; its last lines
+#   go to the log.
 #
-# Every step runs even when an earlier one failed; the exit status is non-zero if any failed.
+# Nominal caps of the families (their share of what is left; 480 s in all):
+#   patch_embed 120 s, attention 130 s, window_attention 130 s, sr_attention 100 s.
+# With the tuner and the tests at their caps, the families share ~280 s (~58 % of nominal);
+# each family's pytest gets $VK_BENCH_DEADLINE (the Unix time of its cap), so the long compiles
+# (FlexAttention, torch.compile) that come last in each family record themselves as skipped
+# for the time cap instead of being cut off silently.
 #
-# Time budget: the whole script stays within VK_TOTAL_TIMEOUT (default 560 s = 9.3 min; the
-# device tool allows 10). The capped steps (tests, then one pytest per family) have nominal caps;
-# when a step starts it gets its nominal cap scaled by (time left before the deadline, less 10 s
-# kill grace per step left and 10 s for the final merge) / (sum of the nominal caps of the steps
-# left). Time an earlier step did not use thus flows to the later ones in proportion, and the
-# caps can never add up past the deadline, however many families VK_BENCH_FAMILIES lists (a
-# single family gets nearly the whole budget). VK_TOTAL_TIMEOUT=0: the nominal caps as they are.
-# Each family's pytest also gets VK_BENCH_DEADLINE (Unix time of its cap), so a bench file can
-# record rows it cannot finish (e.g. FlexAttention compiles) as skipped with that reason.
-# Estimates for an H100, cold Triton / inductor caches:
-#   install (pure Python, editable)            ~15 s
-#   environment print (nvidia-smi, imports)    ~10 s
-#   test suite                                 ~1-2 min, nominal VK_TESTS_TIMEOUT=120 s (0: skip the tests)
-#   benchmarks, one pytest per family, nominal VK_BENCH_TIMEOUT_<FAMILY> (VK_BENCH_TIMEOUT, if set,
-#   is every family's nominal cap; a family without one gets 120 s):
-#     patch_embed (14 shapes x 3 modes x 6 implementations = 252 timed cases): ceilings ~2 s;
-#       per case ~0.15 s timed (20..200 rounds) + ~0.1 s warm-up/equality/peak memory = ~65 s;
-#       Triton JIT of vitkern's kernels per shape ~40-80 s; cuDNN autotuning ~20 s; torch.compile
-#       (one dynamic-shape compile per patch size x mode, ~9 graphs) ~40 s
-#       = ~2.5-3.5 min, nominal VK_BENCH_TIMEOUT_PATCH_EMBED=120 s
-#     attention (module level 6 shapes x 4 implementations, kernel level 8 shapes x 2 modes x
-#       9 implementations = 168 timed cases): ~35 s timing; FlexAttention and timm-module
-#       torch.compile ~50-80 s; Triton JIT ~15-25 s; start-up ~10 s
-#       = ~2-2.5 min, nominal VK_BENCH_TIMEOUT_ATTENTION=130 s
-#     swin (12 Swin-T/B stage shapes x 2 modes: block level 3 implementations, attention part 3 +
-#       2 FlexAttention = 192 timed cases): ~55 s timing, ~15 s inputs and fp32 references, Triton
-#       JIT ~20-40 s, start-up ~10 s = ~1.7-2 min before FlexAttention, whose 48 static compiles
-#       (~5-15 s each) run last and stop ~30 s before the cap (the rest recorded as skipped)
-#       = ~1.7 min + FlexAttention as time allows, nominal VK_BENCH_TIMEOUT_SWIN=130 s
-#     pvt (7 PVTv2-b2 shapes x 2 modes x 3 implementations = 42 timed rows, then 14 compile_timm
-#       rows): ~15 s timing, ~10 s inputs and fp32 references, Triton JIT ~20-40 s (less when the
-#       test suite warmed the cache), start-up ~10 s = ~1-1.3 min before torch.compile of timm's
-#       module (10 dynamic compiles, ~8-30 s each, stage 1 first), which runs last and stops
-#       ~30 s before the cap (the rest recorded as skipped)
-#       = ~1-1.3 min + compiles as time allows, nominal VK_BENCH_TIMEOUT_PVT=100 s
-#   nominal sum 120 + 120 + 130 + 130 + 100 = 600 s; install + environment (~25 s), 5 x 10 s kill
-#   grace and 10 s for the final merge leave ~475 s, so each step gets ~79 % of its nominal cap
-#   plus what the steps before it left unused: typical ~8.5-9 min (most families use their whole
-#   share); worst case 560 s + however much install, environment and the final merge overrun
-#   their share.
-#   A new family: give it a nominal cap in bench_cap (or just list it: 120 s); the budget
-#   rescales every step's share, so the total stays within VK_TOTAL_TIMEOUT.
-# A step that reaches its cap gets SIGINT: pytest stops after the current test and still writes
-# what it measured (results/*.json, summary.md, its pytest-benchmark JSON).
+# GPU tests: only what a GPU alone can show. CPU CI runs every test under Triton's interpreter
+# (fp32 / fp16); here the selection is the `gpu`-marked tests in bf16 (VK_GPU_TESTS: default
+# `-m gpu -k "not torch.float16"`: the benchmark shapes of every family, so each kernel runs
+# once per specialisation the benchmarks use, with the real launch configurations), with
+# pytest-xdist on 16 workers when it is installed (serially otherwise), failures listed (-rfEs).
+# Their Triton JIT also fills the kernel cache the benchmarks then reuse.
 #
-# Environment knobs: PYTHON (default python3), VK_TOTAL_TIMEOUT, VK_TESTS_TIMEOUT,
-# VK_BENCH_TIMEOUT_PATCH_EMBED, VK_BENCH_TIMEOUT_ATTENTION, VK_BENCH_TIMEOUT_SWIN,
-# VK_BENCH_TIMEOUT_PVT, VK_BENCH_TIMEOUT (default nominal cap of every family), VK_BENCH_FAMILIES
-# (default "patch_embed attention swin pvt"), VK_BENCH_ARGS (extra pytest arguments
-# for every family, e.g. "-k bs64" or "--vk-rounds 50"; a family with nothing selected is not
-# a failure), VITKERN_COMMIT (the commit to record when the copy has no .git).
+# FILES (at most 8 come back; each is written as its step goes, so whatever finished is there
+# even when a later step, or the whole command, is cut off):
+#   OUTDIR/gpu_check.log          install, environment, tuner, GPU tests, compile-report tail, summary
+#   OUTDIR/bench.log              the benchmark families' pytest output (floors, tables)
+#   OUTDIR/tune/<gpu-slug>.json   the tuner's table (copied from vitkern/configs/<gpu-slug>.json)
+#   OUTDIR/results/summary.md     time, speedups, floors, roofline fraction, peak memory
+#   OUTDIR/results/<family>.json  one per family: patch_embed, attention, window_attention, sr_attention
+#
+# Knobs: PYTHON (python3), VK_TOTAL_TIMEOUT (540), VK_TUNE_TIMEOUT (150), VK_TESTS_TIMEOUT (180;
+# 0 skips the tests), VK_GPU_TESTS (the selection above), VK_BENCH_FAMILIES (the four),
+# VK_BENCH_TIMEOUT_<FAMILY> (nominal caps), VK_BENCH_ARGS (extra pytest arguments for every
+# family, e.g. "-k bs64"), VITKERN_COMMIT (the commit to record when the copy has no .git).
+# Without a GPU every step still runs (the tuner prints its candidates, the GPU tests skip, the
+# benchmarks run their CPU smoke grid), which is how this script is checked on CPU.
 set -u
 
 if [ $# -ne 1 ]; then
@@ -84,204 +60,181 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO" || exit 2
 
 PY=${PYTHON:-python3}
-TOTAL_TIMEOUT=${VK_TOTAL_TIMEOUT:-560}
-TESTS_TIMEOUT=${VK_TESTS_TIMEOUT:-120}
-BENCH_FAMILIES=${VK_BENCH_FAMILIES:-patch_embed attention swin pvt}
-KILL_GRACE=10  # timeout's -k: SIGKILL this long after the SIGINT
-FINAL_TAIL=10  # the pytest-benchmark JSON merge and the summary at the end
-bench_cap() {  # family -> seconds
-    local var
-    var="VK_BENCH_TIMEOUT_$(echo "$1" | tr '[:lower:]' '[:upper:]')"
-    if [ -n "${!var:-}" ]; then
-        echo "${!var}"
-        return
-    fi
-    case "$1" in
-        patch_embed) echo "${VK_BENCH_TIMEOUT:-120}" ;;
-        attention) echo "${VK_BENCH_TIMEOUT:-130}" ;;
-        swin) echo "${VK_BENCH_TIMEOUT:-130}" ;;
-        pvt) echo "${VK_BENCH_TIMEOUT:-100}" ;;
-        *) echo "${VK_BENCH_TIMEOUT:-120}" ;;
-    esac
-}
-share_cap() {  # nominal  sum-of-nominals-of-the-steps-left-including-this  steps-left -> seconds
-    local nominal=$1 sum=$2 steps=$3 left
-    if [ "$TOTAL_TIMEOUT" -le 0 ] || [ "$sum" -le 0 ]; then
-        echo "$nominal"
-        return
-    fi
-    left=$(( start + TOTAL_TIMEOUT - $(date +%s) - steps * KILL_GRACE - FINAL_TAIL ))
-    echo $(( left > 0 ? left * nominal / sum : 0 ))
-}
+TOTAL_TIMEOUT=${VK_TOTAL_TIMEOUT:-540}
+TUNE_TIMEOUT=${VK_TUNE_TIMEOUT:-150}
+TESTS_TIMEOUT=${VK_TESTS_TIMEOUT:-180}
+GPU_TESTS=${VK_GPU_TESTS:-'-m gpu -k "not torch.float16"'}  # quotes kept: the step evals it
+BENCH_FAMILIES=${VK_BENCH_FAMILIES:-patch_embed attention window_attention sr_attention}
+KILL_GRACE=10
+LOG="$OUT/gpu_check.log"
 export PYTHONUNBUFFERED=1
-# One id for this script's benchmark runs: summary.md then presents the families as one run.
+# One id for this script's benchmark runs: summary.md presents the families as one run.
 export VK_BENCH_RUN_ID=${VK_BENCH_RUN_ID:-gpu_check-$(date -u +%Y%m%dT%H%M%SZ)-$$}
 # Imports keep working from the checkout even if the editable install fails.
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
+start=$(date +%s)
 failed=()
-note_failure() {  # name rc
-    echo "=== $1 FAILED (exit $2)"
+note_failure() {  # what rc
+    echo "=== $1 FAILED (exit $2)" | tee -a "$LOG"
     failed+=("$1 (exit $2)")
 }
-
-run_capped() {  # seconds command...  (SIGINT at the cap so pytest writes its results)
-    local secs=$1
+left_s() {  # seconds before the whole script's deadline
+    echo $(( start + TOTAL_TIMEOUT - $(date +%s) ))
+}
+capped() {  # cap-seconds command... ; the cap is cut to what the total budget still allows
+    local secs=$1 left
     shift
-    if command -v timeout >/dev/null 2>&1; then
-        timeout -s INT -k 10 "$secs" "$@"
-    else
-        "$@"
+    left=$(( $(left_s) - KILL_GRACE ))
+    [ "$secs" -gt "$left" ] && secs=$left
+    if [ "$secs" -lt 5 ]; then
+        echo "=== not run: no time left in the ${TOTAL_TIMEOUT}s budget" | tee -a "$LOG"
+        return 124
     fi
+    timeout -s INT -k "$KILL_GRACE" "$secs" "$@"
+}
+step() {  # title
+    echo "=== [$(( $(date +%s) - start ))s] $1" | tee -a "$LOG"
 }
 
-start=$(date +%s)
-# Nominal caps of the capped steps, for the budget's shares (share_cap).
-fam_nominal_sum=0
-fam_count=0
-for fam in $BENCH_FAMILIES; do
-    fam_nominal_sum=$(( fam_nominal_sum + $(bench_cap "$fam") ))
-    fam_count=$(( fam_count + 1 ))
-done
-{
-    echo "=== gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) in $REPO"
-    echo "=== install: $PY -m pip install --no-deps --no-build-isolation -e ."
-} | tee "$OUT/tests.log"
+echo "=== gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) in $REPO (budget ${TOTAL_TIMEOUT}s)" | tee "$LOG"
 
-# 1. Install (editable, no dependencies: the image has them, and there is no network).
-pip_log=$(mktemp)
-"$PY" -m pip install --no-deps --no-build-isolation -e . >"$pip_log" 2>&1
+# 1. Install (editable, no dependencies: the image has them and there is no network).
+step "install: $PY -m pip install --no-deps --no-build-isolation -e ."
+capped 60 "$PY" -m pip install --no-deps --no-build-isolation -e . >>"$LOG" 2>&1
 rc=$?
-cat "$pip_log" >>"$OUT/tests.log"
-tail -n 2 "$pip_log"
-rm -f "$pip_log"
+tail -n 1 "$LOG"
 [ $rc -eq 0 ] || note_failure install $rc
 
 # 2. Environment.
+step "environment"
 {
-    echo "=== environment"
-    nvidia-smi || echo "nvidia-smi not available"
-    "$PY" - <<'EOF'
-import importlib.metadata as md, platform, subprocess
-import torch
-print("python", platform.python_version(), "|", platform.platform())
-print("torch", torch.__version__, "| CUDA", torch.version.cuda, "| cuDNN", torch.backends.cudnn.version())
-for name in ("triton", "pytest", "pytest-benchmark", "timm", "numpy", "vitkern"):
-    try:
-        print(name, md.version(name))
-    except Exception as exc:
-        print(name, "not installed", f"({type(exc).__name__})")
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    print("device", torch.cuda.get_device_name(0), f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs",
-          f"{p.total_memory / 2**30:.1f} GiB", "L2", getattr(p, "L2_cache_size", "?"))
-else:
-    print("NO CUDA DEVICE VISIBLE to torch")
-try:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-except Exception:
-    head = ""
-print("git HEAD", head or "unknown (set VITKERN_COMMIT to record it)")
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || echo "no nvidia-smi"
+    capped 30 "$PY" - <<'EOF'
+import importlib.util, platform, torch
+from vitkern import _timing
+dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+env = _timing.environment(dev)
+for key in ("device_name", "device_slug", "capability", "sm_count", "python", "torch", "cuda", "cudnn", "triton",
+            "timm", "commit", "dirty"):
+    print(f"{key}: {env.get(key)}")
+print("pytest-xdist:", "yes" if importlib.util.find_spec("xdist") else "no (tests run serially)")
 EOF
-} 2>&1 | tee -a "$OUT/tests.log"
-rc=${PIPESTATUS[0]}
-[ "$rc" -eq 0 ] || note_failure environment "$rc"
+} >>"$LOG" 2>&1
+SLUG=$("$PY" -c "import torch; from vitkern import _timing; print(_timing.device_slug(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))" 2>/dev/null || echo unknown)
+CORES=$(nproc 2>/dev/null || echo 16)
+XDIST=""  # 16 test workers on the 16-core GPU host, fewer on a smaller machine
+"$PY" -c "import xdist" 2>/dev/null && XDIST="-n $(( CORES < 16 ? CORES : 16 ))"
+REPORT_JOBS=$(( CORES >= 16 ? 4 : 1 ))
+tail -n 14 "$LOG"
 
-# 3. Test suite.
-if [ "$TESTS_TIMEOUT" -le 0 ]; then
-    echo "=== tests: skipped (VK_TESTS_TIMEOUT=0)" | tee -a "$OUT/tests.log"
+# Background: the static compile report on 4 cores while the tuner and the tests run.
+report_dir=$(mktemp -d)
+( timeout -s INT -k 5 $(( TUNE_TIMEOUT + TESTS_TIMEOUT )) \
+    "$PY" -m vitkern.tools.compile_report --out "$report_dir" --jobs "$REPORT_JOBS" >"$report_dir/stdout.log" 2>&1
+  echo "exit $?" >>"$report_dir/stdout.log" ) &
+report_pid=$!
+
+# 3. Tuner: times the candidate configs on this GPU and writes the table the launchers read.
+step "tuner: $PY -m vitkern.tools.tune --out vitkern/configs/$SLUG.json --budget-s $(( TUNE_TIMEOUT - 10 )) (cap ${TUNE_TIMEOUT}s)"
+capped "$TUNE_TIMEOUT" "$PY" -m vitkern.tools.tune --out "vitkern/configs/$SLUG.json" \
+    --budget-s $(( TUNE_TIMEOUT - 10 )) >>"$LOG" 2>&1
+rc=$?
+[ $rc -eq 0 ] || note_failure "tuner" $rc
+if [ -f "vitkern/configs/$SLUG.json" ]; then
+    mkdir -p "$OUT/tune" && cp "vitkern/configs/$SLUG.json" "$OUT/tune/$SLUG.json"
+    echo "=== tune table: $OUT/tune/$SLUG.json" | tee -a "$LOG"
 else
-    cap=$(share_cap "$TESTS_TIMEOUT" $(( TESTS_TIMEOUT + fam_nominal_sum )) $(( fam_count + 1 )))
-    echo "=== tests: $PY -m pytest tests -q -rs (cap ${cap}s: nominal ${TESTS_TIMEOUT}s, budget" \
-        "${TOTAL_TIMEOUT}s, $(( $(date +%s) - start ))s used)" | tee -a "$OUT/tests.log"
-    if [ "$cap" -lt 15 ]; then
-        echo "=== tests: not run, no time left in the budget" | tee -a "$OUT/tests.log"
-        failed+=("tests (no time left in VK_TOTAL_TIMEOUT=${TOTAL_TIMEOUT}s)")
-    else
-        run_capped "$cap" "$PY" -m pytest tests -q -rs 2>&1 | tee -a "$OUT/tests.log" | tail -n 25
-        rc=${PIPESTATUS[0]}
-        [ $rc -eq 0 ] || note_failure tests $rc
-    fi
+    echo "=== no tune table written (vitkern/configs/$SLUG.json)" | tee -a "$LOG"
 fi
 
-# 4. Benchmarks: one capped pytest per family, all into OUTDIR/results.
-pb_dir=$(mktemp -d)
-echo "=== benchmarks: families ${BENCH_FAMILIES} (run id ${VK_BENCH_RUN_ID})" | tee "$OUT/bench.log"
-fam_left=$fam_count
+# 4. GPU tests.
+if [ "$TESTS_TIMEOUT" -le 0 ]; then
+    step "GPU tests: skipped (VK_TESTS_TIMEOUT=0)"
+else
+    step "GPU tests: $PY -m pytest tests $GPU_TESTS ${XDIST:-(serial)} -q -rfEs (cap ${TESTS_TIMEOUT}s)"
+    # shellcheck disable=SC2086  # the selection and -n are split on purpose
+    eval capped "$TESTS_TIMEOUT" "$PY" -m pytest tests $GPU_TESTS $XDIST -q -rfEs -p no:cacheprovider >>"$LOG" 2>&1
+    rc=$?
+    tail -n 15 "$LOG"
+    case $rc in
+        0 | 5) ;;  # 5: nothing selected or collected
+        *) note_failure "GPU tests" $rc ;;
+    esac
+fi
+
+# The compile report stops here at the latest; its last lines go to the log.
+kill -INT "$report_pid" 2>/dev/null
+wait "$report_pid" 2>/dev/null
+{
+    echo "=== compile report (background; vitkern.tools.compile_report --jobs $REPORT_JOBS), last lines:"
+    tail -n 12 "$report_dir/stdout.log" 2>/dev/null
+} >>"$LOG"
+rm -rf "$report_dir"
+
+# 5. Benchmarks: one capped pytest per family, sharing what is left in proportion to the nominal caps.
+nominal() {
+    local var="VK_BENCH_TIMEOUT_$(echo "$1" | tr '[:lower:]' '[:upper:]')"
+    if [ -n "${!var:-}" ]; then echo "${!var}"; return; fi
+    case "$1" in
+        patch_embed) echo 120 ;; attention) echo 130 ;; window_attention) echo 130 ;; sr_attention) echo 100 ;;
+        *) echo 120 ;;
+    esac
+}
+nominal_left=0
+fams_left=0
+for fam in $BENCH_FAMILIES; do
+    nominal_left=$(( nominal_left + $(nominal "$fam") ))
+    fams_left=$(( fams_left + 1 ))
+done
+echo "=== benchmarks: ${BENCH_FAMILIES} (run id ${VK_BENCH_RUN_ID})" >"$OUT/bench.log"
 for fam in $BENCH_FAMILIES; do
     file="benchmarks/bench_${fam}.py"
-    nominal=$(bench_cap "$fam")
-    cap=$(share_cap "$nominal" "$fam_nominal_sum" "$fam_left")
-    fam_nominal_sum=$(( fam_nominal_sum - nominal ))
-    fam_left=$(( fam_left - 1 ))
+    nom=$(nominal "$fam")
+    spare=$(( $(left_s) - fams_left * KILL_GRACE - 5 ))
+    cap=$(( spare > 0 ? spare * nom / nominal_left : 0 ))
+    nominal_left=$(( nominal_left - nom ))
+    fams_left=$(( fams_left - 1 ))
+    step "benchmarks $fam: $PY -m pytest --benchmark $file (cap ${cap}s)"
     if [ ! -f "$file" ]; then
-        echo "=== benchmarks $fam: $file missing" | tee -a "$OUT/bench.log"
-        failed+=("benchmarks $fam ($file missing)")
+        note_failure "benchmarks $fam ($file missing)" 2
         continue
     fi
-    echo "=== benchmarks $fam: $PY -m pytest --benchmark $file (cap ${cap}s: nominal ${nominal}s," \
-        "$(( $(date +%s) - start ))s of the ${TOTAL_TIMEOUT}s budget used)" | tee -a "$OUT/bench.log"
     if [ "$cap" -lt 15 ]; then
-        echo "=== benchmarks $fam: not run, no time left in the budget" | tee -a "$OUT/bench.log"
-        failed+=("benchmarks $fam (no time left in VK_TOTAL_TIMEOUT=${TOTAL_TIMEOUT}s)")
+        note_failure "benchmarks $fam (no time left)" 124
         continue
     fi
     fam_start=$(date +%s)
     # shellcheck disable=SC2086  # VK_BENCH_ARGS is split on purpose
-    VK_BENCH_DEADLINE=$(( fam_start + cap )) \
-    run_capped "$cap" "$PY" -m pytest --benchmark "$file" -q -rfEs \
-        --vk-results-dir "$OUT/results" \
-        --benchmark-json "$pb_dir/$fam.json" \
-        --benchmark-columns=min,median,iqr,rounds \
-        ${VK_BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log" | grep -E "passed|failed|error|skipped|wrote|FAILED|ERROR" | tail -n 30
-    rc=${PIPESTATUS[0]}
-    echo "=== benchmarks $fam: exit $rc after $(( $(date +%s) - fam_start )) s" | tee -a "$OUT/bench.log"
+    VK_BENCH_DEADLINE=$(( fam_start + cap )) capped "$cap" "$PY" -m pytest --benchmark "$file" -q -rfEs \
+        -p no:cacheprovider --vk-results-dir "$OUT/results" --benchmark-columns=min,median,iqr,rounds \
+        ${VK_BENCH_ARGS:-} >>"$OUT/bench.log" 2>&1
+    rc=$?
+    echo "=== benchmarks $fam: exit $rc after $(( $(date +%s) - fam_start )) s" | tee -a "$OUT/bench.log" "$LOG" >/dev/null
+    grep -E "passed|failed|error" "$OUT/bench.log" | tail -n 1
     case $rc in
-        0 | 5) ;;  # 5: nothing selected (a -k filter in VK_BENCH_ARGS that matches another family only)
-        124 | 130 | 137) note_failure "benchmarks $fam (cap ${cap}s reached; partial results kept)" "$rc" ;;
-        *) note_failure "benchmarks $fam" "$rc" ;;
+        0 | 5) ;;
+        124 | 130 | 137) note_failure "benchmarks $fam (cap ${cap}s reached; partial results kept)" $rc ;;
+        *) note_failure "benchmarks $fam" $rc ;;
     esac
 done
-# pytest-benchmark's JSON: the families' files merged into one (keeps OUTDIR at <= 8 files).
-"$PY" - "$pb_dir" "$OUT/pytest_benchmark.json" <<'EOF' 2>&1 | tee -a "$OUT/bench.log"
-import json, pathlib, sys
-parts = sorted(pathlib.Path(sys.argv[1]).glob("*.json"))
-merged = None
-for path in parts:
-    try:
-        doc = json.loads(path.read_text())
-    except Exception as exc:  # a run killed while writing
-        print(f"pytest-benchmark JSON {path.name} unreadable: {type(exc).__name__}: {exc}")
-        continue
-    if merged is None:
-        merged = doc
-        merged.setdefault("benchmarks", [])
-    else:
-        merged["benchmarks"].extend(doc.get("benchmarks", []))
-if merged is None:
-    print("no pytest-benchmark JSON to merge")
-else:
-    pathlib.Path(sys.argv[2]).write_text(json.dumps(merged, indent=1))
-    print(f"merged {len(parts)} pytest-benchmark JSON files ({len(merged['benchmarks'])} benchmarks) "
-          f"into {sys.argv[2]}")
-EOF
-rm -rf "$pb_dir"
 
-# 5. Summary: the header and each family's overview table (the per-case tables stay in the file).
-echo "=== $OUT/results/summary.md (overview; per-case tables in the file)"
-if [ -f "$OUT/results/summary.md" ]; then
-    awk '/^## /{detail=0} /^### /{detail=1} !detail' "$OUT/results/summary.md"
-else
-    echo "(missing)"
-    failed+=("summary.md missing")
-fi
-
-echo "=== files in $OUT"
-(cd "$OUT" && find . -type f | sort)
-echo "=== done in $(( $(date +%s) - start )) s"
+# 6. Summary: the overview tables (the per-case tables stay in the file).
+{
+    echo "=== results/summary.md overview"
+    if [ -f "$OUT/results/summary.md" ]; then
+        awk '/^## /{detail=0} /^### /{detail=1} !detail' "$OUT/results/summary.md"
+    else
+        echo "(missing)"
+    fi
+    echo "=== files in $OUT"
+    (cd "$OUT" && find . -type f | sort)
+    echo "=== done in $(( $(date +%s) - start )) s"
+} >>"$LOG"
+tail -n 4 "$LOG"
 if [ ${#failed[@]} -gt 0 ]; then
-    echo "=== FAILED: ${failed[*]}"
+    echo "=== FAILED: ${failed[*]}" | tee -a "$LOG"
     exit 1
 fi
-echo "=== all steps passed"
+echo "=== all steps passed" | tee -a "$LOG"
 exit 0

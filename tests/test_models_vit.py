@@ -115,6 +115,28 @@ def _assert_grads_close(g, g_ref):
         assert_close(f"grad {name}", g[name], gr, grad=True)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("kwargs", [pytest.param(dict(pool="cls"), id="cls"),
+                                    pytest.param(dict(pool="mean", num_blks=0, use_bias=True), id="mean-no-blocks")])
+def test_empty_batch_gives_empty_logits_and_zero_gradients(kwargs, backend):
+    """As timm's ViT: a batch of 0 gives (0, num_classes) logits; the image gradient is empty and
+    every parameter's gradient is zero (the chapter's code gives the same)."""
+    ref = _build("torch", HIGH, **kwargs).eval()
+    _randomise(ref)
+    model = _build(backend, torch.float32, **kwargs).eval()
+    model.load_state_dict(ref.state_dict(), strict=True)
+    x = _images(0, kwargs)
+    grad = torch.randn(0, ref.num_classes, dtype=HIGH, device=DEVICE)
+    out_ref, g_ref = _run(vit_reference_forward, ref, x, grad)
+    with poison_outputs():
+        out, g = _run(_model_forward, model, x.float(), grad)
+    assert out.shape == out_ref.shape == (0, ref.num_classes) and out.dtype == torch.float32
+    assert g.keys() == g_ref.keys()
+    for name, gr in g_ref.items():
+        assert g[name] is not None and g[name].shape == gr.shape, name
+        assert torch.equal(g[name], gr.float()), name
+
+
 def test_uses_one_fused_patch_embed_and_packed_attention(monkeypatch):
     """The stem is ONE patch_embed call with the CLS token and the position embedding; every block
     calls attention_packed on a (B, N, 3D) tensor with scale 1/sqrt(D/h)."""

@@ -85,7 +85,7 @@ def _assert_grads_close(g, g_ref):
         assert g[name] is not None, f"{name}: no gradient"
         if name == "param k_norm.bias":
             assert gr.double().norm().item() <= 1e-12 * scale, "k_norm.bias: the reference gradient is not ~0"
-            err = g[name].double().norm().item() / scale
+            err = g[name].double().norm().item() / (scale or 1.0)  # all zero for an empty input
             assert err <= 1e-5, f"grad {name}: should be ~0, norm {err:.3e} of the largest gradient's"
             continue
         assert_close(f"grad {name}", g[name], gr, grad=True)
@@ -149,6 +149,32 @@ def test_attn_mask_matches_timm(make_mask, qk_norm, backend, dtype):
 def test_is_causal_matches_timm(n, backend, dtype):
     """is_causal=True: an explicit causal additive mask, through the module's own backend."""
     _compare_with_timm(dict(dim=32, num_heads=2), n, backend, dtype, is_causal=True)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["packed", "qk_norm"])
+def test_is_causal_is_the_ops_flag_not_a_dense_bias(qk_norm, monkeypatch):
+    """is_causal=True reaches the op as is_causal (the kernels mask in place and skip key blocks past
+    the diagonal); no N x N bias is built."""
+    calls = []
+    for name in ("attention_packed", "attention"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, **kw: calls.append(kw) or _real(*a, **kw))
+    kwargs = dict(dim=32, num_heads=2, qk_norm=qk_norm, norm_layer=LN if qk_norm else None)
+    mod = Attention(**kwargs, backend="triton").to(DEVICE).eval()
+    mod(torch.randn(2, 10, 32, device=DEVICE), is_causal=True)
+    assert len(calls) == 1 and calls[0]["is_causal"] is True and calls[0]["attn_bias"] is None
+    _compare_with_timm(kwargs, 50, "triton", torch.float32, is_causal=True)
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["packed", "qk_norm"])
+@pytest.mark.parametrize("batch,n", [(0, 10), (2, 0)], ids=["batch0", "n0"])
+def test_empty_input_gives_what_timm_gives(batch, n, qk_norm, backend, dtype):
+    """Empty in, empty out (forward and every gradient), as timm's module (SDPA) does."""
+    kwargs = dict(dim=32, num_heads=2, qkv_bias=True, qk_norm=qk_norm, norm_layer=LN if qk_norm else None)
+    for is_causal in (False, True):
+        out = _compare_with_timm(kwargs, n, backend, dtype, batch=batch, is_causal=is_causal)
+        assert out.shape == (batch, n, 32)
 
 
 @pytest.mark.parametrize("backend,dtype", [
@@ -221,7 +247,7 @@ def test_packed_path_calls_the_op_on_the_qkv_output(monkeypatch):
     mod.eval()(x)
     (_, qkv_out, _, _), (kind, qkv, heads, kw) = calls
     assert kind == "packed" and qkv is qkv_out and heads == 4
-    assert kw == dict(scale=mod.scale, attn_bias=None, dropout_p=0.0, backend="triton")
+    assert kw == dict(scale=mod.scale, attn_bias=None, dropout_p=0.0, is_causal=False, backend="triton")
     calls.clear()
     mod.train()(x)
     assert calls[1][3]["dropout_p"] == 0.25
@@ -232,7 +258,7 @@ def test_packed_path_calls_the_op_on_the_qkv_output(monkeypatch):
     mod(x)
     (_, qkv_out, _, _), (kind, (q, k, v), _, kw) = calls
     assert kind == "attention" and q.shape == k.shape == v.shape == (2, 4, 10, 8)
-    assert kw == dict(scale=mod.scale, attn_bias=None, dropout_p=0.0, backend="triton")
+    assert kw == dict(scale=mod.scale, attn_bias=None, dropout_p=0.0, is_causal=False, backend="triton")
     # v is a strided view into the qkv output (no copy); q and k are the norms' outputs
     assert v.untyped_storage().data_ptr() == qkv_out.untyped_storage().data_ptr()
     assert v.data_ptr() == qkv_out.data_ptr() + 2 * 32 * qkv_out.element_size()

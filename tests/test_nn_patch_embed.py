@@ -251,6 +251,46 @@ def test_imports_without_timm():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
 
 
+# ----------------------------------------------------------------------------- empty batch
+@pytest.mark.timm
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES[:2])
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("layernorm", "nhwc-layernorm", "floor-strict",
+                                                                "dynamic-pad-strict")], ids=lambda c: c[0])
+def test_empty_batch_matches_timm(case, backend, dtype):
+    """B = 0 as timm's module: an empty output of the right shape, an empty input gradient and
+    zero parameter gradients (compared with timm's)."""
+    _, kwargs, in_hw, _ = case
+    _, _, out = _compare_with_timm(kwargs, in_hw, backend, dtype, batch=0)
+    assert out.shape[0] == 0 and out.dim() >= 3
+
+
+@pytest.mark.timm
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_converted_timm_vit_with_an_empty_batch_gives_empty_logits(backend):
+    """A timm ViT converted by vitkern.optimize returns (0, num_classes) for a batch of 0, as timm's
+    does, with zero parameter gradients (timm's in float64 as the reference)."""
+    import copy
+
+    import vitkern
+    from timm.models.vision_transformer import VisionTransformer
+
+    ref = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+                            num_classes=5).to(DEVICE, torch.float64).eval()
+    _randomise(ref)
+    model = vitkern.optimize(copy.deepcopy(ref).float(), backend=backend)
+    assert isinstance(model.patch_embed, PatchEmbed)
+    x = torch.randn(0, 3, 32, 32, dtype=torch.float64, device=DEVICE)
+    grad = torch.randn(0, 5, dtype=torch.float64, device=DEVICE)
+    out_ref, g_ref = _run(ref, x, grad)
+    with poison_outputs():
+        out, g = _run(model, x.float(), grad)
+    assert out.shape == out_ref.shape == (0, 5)
+    assert g.keys() == g_ref.keys()
+    for name, gr in g_ref.items():
+        assert g[name] is not None and g[name].shape == gr.shape, name
+        assert torch.equal(g[name], gr.float()), name
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_bad_input():
     strict = PatchEmbed(img_size=(16, 24), patch_size=8, embed_dim=8, backend="torch")

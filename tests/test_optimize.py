@@ -30,7 +30,7 @@ from helpers import assert_close, rel_err
 import vitkern
 import vitkern.nn as vnn
 from vitkern.convert import OptimizeWarning, convert
-from vitkern.nn.swin import WindowAttention as VWindowAttention
+from vitkern.nn.window_attention import WindowAttention as VWindowAttention
 
 timm = pytest.importorskip("timm")
 from timm.layers import Attention as TimmAttention  # noqa: E402

@@ -147,6 +147,94 @@ def test_deterministic_bit_for_bit():
         assert torch.equal(runs[0][1][name], runs[1][1][name]), name
 
 
+FAR = 2**31 - 8  # still an int32 stride; twice it wraps to -16 in int32
+
+
+def _far_view(values, strides, guard=64):
+    """A leaf equal to ``values`` with ``strides`` (some near 2^31), in a buffer of several GB of which
+    only the view and the NaN guard just before it are ever written (untouched pages cost no memory):
+    an offset wrapped in int32 reads NaN or zeros instead of the element."""
+    span = 1 + sum((n - 1) * s for n, s in zip(values.shape, strides))
+    store = torch.empty(guard + span, dtype=values.dtype, device=values.device)
+    store[guard - 64:guard] = float("nan")
+    view = store[guard:].as_strided(values.shape, strides)
+    view.copy_(values)
+    return view.detach().requires_grad_(values.requires_grad)
+
+
+@pytest.mark.parametrize("far", ["grad_out", "x", "weight", "patch_rows"])
+def test_offsets_are_int64(far):
+    """An index times a stride must not wrap in int32: a batch stride near 2^31 read another batch
+    in the bias/CLS/pos gradient sum; pixel and weight offsets (i * stride) and the patch-row offset
+    (row * Ph * stride) must not wrap either. Reached cheaply with huge strides over untouched memory."""
+    dtype, D = torch.float16, 8
+    if far == "patch_rows":  # two patch rows: row 1 starts at Ph * 2^30 (> 2^31) elements
+        base = _make_inputs(1, 1, 4, 2, (2, 2), D, True, True, True, dtype)
+    else:
+        base = _make_inputs(3, 2, 3, 3, (3, 3), D, True, True, True, dtype)
+    B, tokens = base["x"].shape[0], base["pos_embed"].shape[1]
+    g = torch.randn(B, tokens, D).to(dtype)
+    kin, g_kernel = _leaves(base), g
+    if far == "grad_out":
+        g_kernel = _far_view(g, (FAR, D, 1))
+    elif far == "x":
+        kin["x"] = _far_view(kin["x"], (6, 3, FAR, 1))
+    elif far == "weight":
+        kin["weight"] = _far_view(kin["weight"], (6, 3, FAR, 1))
+    else:  # the wrapped offset lands 2^31 elements early: inside the buffer, on untouched zeros
+        kin["x"] = _far_view(kin["x"], (8, 8, 2**30 + 8, 1), guard=2**31)
+    out, grads = _run(_triton, kin, g_kernel)
+    ref_out, ref_grads = _run(patch_embed_reference, _leaves(base, HIGH), g.to(HIGH))
+    same_out, same_grads = _run(patch_embed_reference, _leaves(base), g)
+    assert_close("out", out, ref_out, same_out)
+    for name in base:
+        assert_close(f"d{name}", grads[name], ref_grads[name], same_grads[name], grad=True)
+
+
+def test_bias_and_cls_token_strides_are_taken():
+    """A strided bias (every other element of a NaN buffer) and an expanded stride-0 CLS token (one
+    value broadcast to D) were read as if contiguous: a wrong answer and an out-of-bounds read."""
+    base = _make_inputs(2, 3, 16, 16, (8, 8), 24, True, True, True, torch.float32)
+    base["cls_token"] = torch.randn(1, 1, 1)  # the leaf; the op gets its (1, 1, D) stride-0 expansion
+    g = torch.randn(2, 5, 24)
+
+    def run(fn, inputs, grad_out, strided=False):
+        args = dict(inputs)
+        if strided:
+            buf = torch.full((2 * 24 + 8,), float("nan"))
+            args["bias"] = buf[1:49:2].copy_(inputs["bias"].detach())
+            args["bias"].requires_grad_(True)
+            inputs = {**inputs, "bias": args["bias"]}
+        args["cls_token"] = inputs["cls_token"].expand(1, 1, 24)
+        out = fn(args["x"], args["weight"], args["bias"], cls_token=args["cls_token"], pos_embed=args["pos_embed"])
+        return out, dict(zip(inputs, torch.autograd.grad(out, list(inputs.values()), grad_out)))
+
+    out, grads = run(_triton, _leaves(base), g, strided=True)
+    ref_out, ref_grads = run(patch_embed_reference, _leaves(base, HIGH), g.to(HIGH))
+    assert_close("out", out, ref_out)
+    for name in base:
+        assert grads[name].shape == base[name].shape, name
+        assert_close(f"d{name}", grads[name], ref_grads[name], grad=True)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("with_cls", [True, False])
+def test_empty_batch_gives_empty_tokens_and_zero_weight_gradients(backend, with_cls):
+    """As Conv2d (and timm's ViT): B = 0 in, (0, T+N, D) out; dx empty, every other gradient zero."""
+    base = _make_inputs(0, 3, 16, 24, (8, 8), 24, True, with_cls, True, torch.float32)
+    kin, rin = _leaves(base), _leaves(base, HIGH)
+    g = torch.randn(0, 6 + int(with_cls), 24)
+    with poison_outputs():
+        out, grads = _run(lambda *a, **k: patch_embed(*a, **k, backend=backend), kin, g)
+    ref_out, ref_grads = _run(patch_embed_reference, rin, g.to(HIGH))
+    assert out.shape == ref_out.shape == (0, 6 + int(with_cls), 24) and out.dtype == torch.float32
+    assert set(grads) == set(ref_grads) == {n for n, t in base.items() if t is not None}
+    for name in grads:
+        assert grads[name].shape == base[name].shape and grads[name].dtype == base[name].dtype, name
+        assert torch.equal(grads[name], ref_grads[name].float()), name
+        assert name == "x" or grads[name].numel() > 0, name
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("res,patch,batch", [(224, 16, 8), (384, 32, 4), (224, 4, 2)])
 def test_vit_shapes_bf16_on_gpu(res, patch, batch):
@@ -175,7 +263,8 @@ def _ok():
     (lambda a: a.update(weight=torch.randn(8, 3, 16)), r"weight must be 4-D"),
     (lambda a: a.update(x=torch.randn(2, 3, 30, 32)), r"divisible by the patch size"),
     (lambda a: a.update(x=torch.randn(2, 4, 32, 32)), r"weight has 3 input channels .* x has C=4"),
-    (lambda a: a.update(x=torch.randn(0, 3, 32, 32)), r"empty batch"),
+    (lambda a: a.update(x=torch.randn(2, 3, 0, 32)), r"x must have H >= 1 and W >= 1 .* got shape \(2, 3, 0, 32\)"),
+    (lambda a: a.update(x=torch.randn(2, 3, 32, 0)), r"x must have H >= 1 and W >= 1 .* got shape \(2, 3, 32, 0\)"),
     (lambda a: a.update(x=torch.randint(0, 9, (2, 3, 32, 32))), r"x.dtype must be one of"),
     (lambda a: a.update(bias=torch.randn(8, dtype=torch.float16)), r"bias.dtype is torch.float16"),
     (lambda a: a.update(bias=torch.randn(9)), r"bias must have shape \(8,\)"),
@@ -232,11 +321,12 @@ def test_autocast_casts_like_conv2d():
 # --------------------------------------------------------------------------- #
 # torch.library registration: opcheck, torch.compile, FLOP counting
 # --------------------------------------------------------------------------- #
-def test_custom_ops_pass_opcheck():
-    base = _leaves(_make_inputs(2, 3, 16, 24, (8, 8), 24, True, True, True, torch.float32))
+@pytest.mark.parametrize("batch", [2, 0], ids=["b2", "empty-batch"])
+def test_custom_ops_pass_opcheck(batch):
+    base = _leaves(_make_inputs(batch, 3, 16, 24, (8, 8), 24, True, True, True, torch.float32))
     args = (base["x"], base["weight"], base["bias"], base["cls_token"], base["pos_embed"])
     torch.library.opcheck(torch.ops.vitkern.patch_embed_fwd.default, args)
-    g = torch.randn(2, 7, 24, device=DEVICE)
+    g = torch.randn(batch, 7, 24, device=DEVICE)
     plain = tuple(a.detach() for a in args[:2])
     torch.library.opcheck(torch.ops.vitkern.patch_embed_bwd.default, (g, *plain, True, True, True, True))
     torch.library.opcheck(torch.ops.vitkern.patch_embed_bwd.default, (g, *plain, True, False, True, False))

@@ -103,9 +103,10 @@ def test_token_grid_is_read_in_place_and_its_gradient_needs_no_copy():
     assert dx.stride() == x.stride()
 
 
+@pytest.mark.parametrize("D", [40, 96], ids=["d40", "d96-wider-than-a-gemm-tile"])  # the norm needs whole rows
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_patch_embed_layernorm_matches_conv_then_layernorm(dtype):
-    B, C, H, W, D, P = 2, 24, 12, 16, 40, 4
+def test_patch_embed_layernorm_matches_conv_then_layernorm(dtype, D):
+    B, C, H, W, P = 2, 24, 12, 16, 4
     base = dict(x=torch.randn(B, C, H, W), w=torch.randn(D, C, P, P) * (C * P * P) ** -0.5, b=torch.randn(D),
                 lw=1 + 0.2 * torch.randn(D), lb=0.2 * torch.randn(D))
     base = {n: t.to(DEVICE, dtype) for n, t in base.items()}
@@ -136,6 +137,74 @@ def test_deterministic_bit_for_bit():
     assert torch.equal(runs[0][0], runs[1][0])
     for name in runs[0][1]:
         assert torch.equal(runs[0][1][name], runs[1][1][name]), name
+
+
+def test_layernorm_weight_and_bias_strides_are_taken():
+    """The SR LayerNorm's weight and bias, every other element of a NaN buffer, were read as if
+    contiguous."""
+    B, H, W, C, heads, sr = 2, 8, 8, 32, 2, 4
+    params = _params(C, sr, False, True, torch.float32)
+    x = torch.randn(B, H * W, C, device=DEVICE)
+    g = torch.randn(B, H * W, C, device=DEVICE)
+
+    def strided(t):
+        buf = torch.full((2 * t.numel() + 1,), float("nan"), dtype=t.dtype, device=t.device)
+        return buf[1::2].copy_(t.detach()).requires_grad_(True)
+
+    xk, pk = _leaves(x, params)
+    pk.update(norm_weight=strided(pk["norm_weight"]), norm_bias=strided(pk["norm_bias"]))
+    assert pk["norm_weight"].stride() == (2,)
+    out, grads = _run(_triton, xk, pk, (H, W), heads, sr, False, g)
+    ref_out, ref_grads = _run(sr_attention_reference, *_leaves(x, params, HIGH), (H, W), heads, sr, False, g.to(HIGH))
+    assert_close("out", out, ref_out)
+    for name in grads:
+        assert_close(f"d{name}", grads[name], ref_grads[name], grad=True)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("sr_ratio,linear_attn", [(2, False), (1, True), (1, False)], ids=["sr2", "linear", "sr1"])
+def test_empty_batch_gives_empty_output_and_zero_weight_gradients(sr_ratio, linear_attn, backend):
+    """As timm's module: B = 0 in, (0, N, C) out; dx empty, every weight gradient zero."""
+    C, heads, feat = 32, 2, (4, 6)
+    params = _params(C, sr_ratio, linear_attn, True, torch.float32)
+    x = torch.randn(0, 24, C, device=DEVICE)
+    g = torch.randn(0, 24, C, device=DEVICE)
+    fn = lambda *a, **k: sr_attention(*a, backend=backend, **k)  # noqa: E731
+    with poison_outputs():
+        out, grads = _run(fn, *_leaves(x, params), feat, heads, sr_ratio, linear_attn, g)
+    ref_out, ref_grads = _run(sr_attention_reference, *_leaves(x, params, HIGH), feat, heads, sr_ratio,
+                              linear_attn, g.to(HIGH))
+    assert out.shape == ref_out.shape == (0, 24, C)
+    assert set(grads) == set(ref_grads)
+    for name in grads:
+        expected = x if name == "x" else params[name]
+        assert grads[name].shape == expected.shape and grads[name].dtype == expected.dtype, name
+        assert torch.equal(grads[name], ref_grads[name].float()), name
+
+
+@pytest.mark.parametrize("batch", [2, 0], ids=["b2", "empty-batch"])
+def test_patch_embed_layernorm_empty_batch(batch):
+    """The fused patchify + LayerNorm op itself: empty in, empty out, zero gradients, fake consistent."""
+    params = _params(32, 2, False, True, torch.float32)
+    image = torch.randn(batch, 32, 4, 6, device=DEVICE)
+    torch.library.opcheck(torch.ops.vitkern.patch_embed_layernorm_fwd.default,
+                          (image.requires_grad_(), params["sr_weight"].requires_grad_(), params["sr_bias"],
+                           params["norm_weight"], params["norm_bias"], 1e-5))
+    ins = [t.detach().clone().requires_grad_(True) for t in (image, params["sr_weight"], params["sr_bias"],
+                                                               params["norm_weight"], params["norm_bias"])]
+    with poison_outputs():
+        out = patch_embed_layernorm(*ins)
+    ref_ins = [t.detach().double().requires_grad_(True) for t in ins]
+    ref = F.layer_norm(patch_embed_reference(*ref_ins[:3]), (32,), ref_ins[3], ref_ins[4], 1e-5)
+    g = torch.randn_like(out)
+    assert out.shape == ref.shape == (batch, 6, 32)
+    grads = torch.autograd.grad(out, ins, g)
+    ref_grads = torch.autograd.grad(ref, ref_ins, g.double())
+    for name, a, r in zip(["dx", "dweight", "dbias", "dln_weight", "dln_bias"], grads, ref_grads):
+        if batch:
+            assert_close(name, a, r, grad=True)
+        else:
+            assert torch.equal(a, r.float()), name
 
 
 @pytest.mark.gpu
@@ -173,8 +242,6 @@ def test_bad_input_raises_clear_error():
         sr_attention(x, (4, 4), num_heads=2, sr_ratio=2, **{**params, "kv_bias": params["kv_bias"].half()})
     with pytest.raises(ValueError, match=r"sr_weight: expected shape \(32, 32, 2, 2\)"):
         sr_attention(x, (4, 4), num_heads=2, sr_ratio=2, **{**params, "sr_weight": torch.randn(32, 32, 3, 3)})
-    with pytest.raises(ValueError, match=r"empty batch"):
-        sr_attention(x[:0], (4, 4), num_heads=2, sr_ratio=2, **params)
     with pytest.raises(ValueError, match=r"ln_weight must have shape \(8,\)"):
         patch_embed_layernorm(torch.randn(1, 3, 8, 8), torch.randn(8, 3, 4, 4), None, torch.ones(7), torch.zeros(8))
 

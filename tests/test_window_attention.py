@@ -7,6 +7,7 @@ GPU: the same plus bf16 and Swin-T stage shapes.
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch
 import vitkern
 from vitkern.backends import BackendUnavailableError
 from vitkern.ops import window_attention
+from vitkern.ops.window_attention import window_dropout_keep_mask
 from vitkern.reference import window_attention_reference
 from vitkern.testing import poison_outputs
 
@@ -157,7 +159,12 @@ def _ok():
     (lambda a: a.update(table=torch.randn(169, 2, device="meta")), {}, r"rel_pos_bias_table is on meta"),
     (lambda a: a.update(qkv=torch.randint(0, 3, (1, 14, 14, 96))), {}, r"qkv.dtype must be one of"),
     (lambda a: None, {"window_size": "7"}, r"window_attention: window_size: expected an int or an \(h, w\) pair of ints, got '7'"),
-    (lambda a: a.update(qkv=torch.randn(0, 14, 14, 96)), {}, r"empty dimension"),
+    (lambda a: a.update(qkv=torch.randn(1, 0, 14, 96)), {}, r"token grid \(H, W\) must be non-empty"),
+    (lambda a: a.update(table=torch.randn(169, 2, dtype=torch.float64)), {},
+     r"rel_pos_bias_table.dtype must be qkv.dtype \(torch.float32\), got torch.float64"),
+    (lambda a: a.update(qkv=torch.randn(1, 14, 14, 96, dtype=torch.float16)), {},
+     r"rel_pos_bias_table.dtype must be qkv.dtype \(torch.float16\), got torch.float32"),
+    (lambda a: None, {"dropout_p": 1.0}, r"dropout_p must be a float in \[0, 1\), got 1.0"),
 ])
 def test_bad_input_raises_clear_error(change, kw, match, backend):
     args = _ok()
@@ -190,6 +197,12 @@ def test_custom_ops_pass_opcheck():
                           (base["qkv"], base["table"], base["qkv_bias"], 2, [7, 7], [3, 3], 0.25, -100.0))
     torch.library.opcheck(torch.ops.vitkern.window_attention_fwd.default,
                           (base["qkv"], base["table"], None, 2, [7, 7], [0, 0], 0.25, -100.0))
+    seed = torch.tensor([1234], dtype=torch.int64)
+    torch.library.opcheck(torch.ops.vitkern.window_attention_fwd.default,
+                          (base["qkv"], base["table"], base["qkv_bias"], 2, [7, 7], [3, 3], 0.25, -100.0, 0.2, seed))
+    empty = _leaves(_inputs(0, 10, 13, 32, 2, 7, 3, True, torch.float32))
+    torch.library.opcheck(torch.ops.vitkern.window_attention_fwd.default,
+                          (empty["qkv"], empty["table"], empty["qkv_bias"], 2, [7, 7], [3, 3], 0.25, -100.0))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
@@ -215,3 +228,197 @@ def test_flop_counter_counts_the_custom_ops_on_meta():
     with FlopCounterMode(display=False) as counter:
         out.backward(torch.randn_like(out))
     assert counter.get_total_flops() == 10 * per
+
+
+# --------------------------------------------------------------------------- #
+# Regressions: int64 offsets, strided qkv_bias, empty batches, padding-gradient buffer
+# --------------------------------------------------------------------------- #
+def _compare(ins, heads, window, shift, grad_out):
+    """Triton vs the float64 reference on these leaves (forward and every gradient)."""
+    out, grads = _run(_triton, ins, heads, window, shift, grad_out)
+    hi = {n: (None if t is None else t.detach().to(HIGH).requires_grad_(True)) for n, t in ins.items()}
+    ref_out, ref_grads = _run(window_attention_reference, hi, heads, window, shift, grad_out.to(HIGH))
+    assert_close("out", out, ref_out)
+    for name in grads:
+        assert_close(f"d{name}", grads[name], ref_grads[name], grad=True)
+
+
+def test_int64_offsets_image_stride_past_int32():
+    """Image 2's offset 2 * s_b passes 2**31 although s_b itself fits in int32 (Triton passes it as i32):
+    every address (the table-gradient kernel's image loop included) must be computed in int64."""
+    B, H, W, C, heads = 3, 4, 6, 16, 1
+    s_b = 2**30 + 1024
+    storage = torch.empty(2 * s_b + H * W * 3 * C, device=DEVICE)  # untouched pages: ~no memory
+    qkv = storage.as_strided((B, H, W, 3 * C), (s_b, W * 3 * C, 3 * C, 1))
+    with torch.no_grad():
+        qkv.copy_(torch.randn(B, H, W, 3 * C, device=DEVICE))
+    ins = dict(qkv=qkv.requires_grad_(True), table=torch.randn(49, heads, device=DEVICE).requires_grad_(True),
+               qkv_bias=torch.randn(3 * C, device=DEVICE).requires_grad_(True))
+    _compare(ins, heads, 4, 0, torch.randn(B, H, W, C, device=DEVICE))  # no shift: padding keys count
+
+
+@pytest.mark.parametrize("layout", ["stride-2", "expanded"])
+def test_strided_and_expanded_qkv_bias(layout):
+    """qkv_bias is read through its strides (here with NaN wherever a dense read would land)."""
+    B, H, W, C, heads = 1, 9, 10, 32, 2
+    if layout == "stride-2":
+        buf = torch.full((2 * 3 * C,), float("nan"), device=DEVICE)
+        buf[::2] = torch.randn(3 * C, device=DEVICE)
+        leaf = buf[::2].requires_grad_(True)
+        qkv_bias = leaf
+    else:
+        buf = torch.full((3 * C,), float("nan"), device=DEVICE)
+        buf[0] = torch.randn(())
+        leaf = buf[:1].requires_grad_(True)
+        qkv_bias = leaf.expand(3 * C)  # stride 0
+    qkv = torch.randn(B, H, W, 3 * C, device=DEVICE, requires_grad=True)
+    table = torch.randn(169, heads, device=DEVICE, requires_grad=True)
+    g = torch.randn(B, H, W, C, device=DEVICE)
+    out = _triton(qkv, table, num_heads=heads, window_size=7, shift_size=3, qkv_bias=qkv_bias)
+    grads = torch.autograd.grad(out, [qkv, table, leaf], g)
+    hi = [t.detach().to(HIGH).requires_grad_(True) for t in (qkv, table, leaf)]
+    hi_bias = hi[2] if layout == "stride-2" else hi[2].expand(3 * C)
+    ref = window_attention_reference(hi[0], hi[1], num_heads=heads, window_size=7, shift_size=3, qkv_bias=hi_bias)
+    assert_close("out", out, ref)
+    for name, a, r in zip(["dqkv", "dtable", "dqkv_bias"], grads, torch.autograd.grad(ref, hi, g.to(HIGH))):
+        assert_close(name, a, r, grad=True)
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        raise AssertionError(f"a kernel was launched for an empty batch (grid {grid})")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_batch_empty_in_empty_out(backend, monkeypatch):
+    for name in dir(wa):
+        if name.endswith("_kernel"):
+            monkeypatch.setattr(wa, name, _NoLaunch())
+    ins = _leaves(_inputs(0, 10, 13, 32, 2, 7, 3, True, torch.float32))
+    out = window_attention(ins["qkv"], ins["table"], num_heads=2, window_size=7, shift_size=3,
+                           qkv_bias=ins["qkv_bias"], backend=backend)
+    assert out.shape == (0, 10, 13, 32) and out.dtype == torch.float32
+    out.backward(torch.randn_like(out))
+    assert ins["qkv"].grad.shape == (0, 10, 13, 96)
+    for name in ("table", "qkv_bias"):  # no image: no gradient, as the reference's autograd says
+        assert ins[name].grad.shape == ins[name].shape and not ins[name].grad.any(), name
+
+
+@pytest.mark.parametrize("B,H,W", [
+    pytest.param(2, 9, 14, id="rows-padded"), pytest.param(2, 14, 9, id="cols-padded"),
+    pytest.param(2, 9, 10, id="both-padded"), pytest.param(2, 14, 14, id="unpadded"),
+    pytest.param(2, 16, 18, id="one-padded-column-of-windows"),
+])
+def test_qkv_bias_gradient_from_padding_windows(B, H, W):
+    """d(qkv_bias) is summed over the padded windows only (every other window has no padding token)."""
+    window = 4 if (H, W) == (16, 18) else 7
+    _check(B, H, W, 32, 2, window, window // 2, True, torch.float32)
+
+
+def test_padding_gradient_buffer_holds_padded_windows_only(monkeypatch):
+    g = wa._Geometry(torch.empty(2, 16, 18, 96, device="meta"), 2, (4, 4), (2, 2))
+    key_blocks = math.ceil(g.n_tok / g.block_n)
+    shapes = []
+    real = wa.new_output
+
+    def spy(shape, **kw):
+        shapes.append(tuple(shape))
+        return real(shape, **kw)
+
+    monkeypatch.setattr(wa, "new_output", spy)
+    zeros = torch.zeros
+
+    def zeros_spy(*a, **kw):  # the buffer was once zero-filled with torch.zeros
+        if a and isinstance(a[0], (tuple, list)):
+            shapes.append(tuple(a[0]))
+        return zeros(*a, **kw)
+
+    monkeypatch.setattr(torch, "zeros", zeros_spy)
+    ins = _leaves(_inputs(2, 16, 18, 32, 2, 4, 2, True, torch.float32))
+    _run(_triton, ins, 2, 4, 2, torch.randn(2, 16, 18, 32, device=DEVICE))
+    slots = [s for s in shapes if len(s) == 3 and s[1:] == (2, g.block_d)]
+    # 4 x 5 windows; only the last column pads (18 -> 20): 4 padded windows x 2 images x 2 heads
+    assert slots == [(2 * 4 * 2 * key_blocks, 2, g.block_d)], shapes
+    assert (g.n_win, g.pad_windows) == (20, 4)
+    # Swin-T stage 1 at 1536 px, B = 64: 55 x 55 windows of which 109 hold padding (was a slot for all
+    # 3025: 149 MB of fp32, now 5.4 MB).
+    big = wa._Geometry(torch.empty(64, 384, 384, 3 * 96, device="meta"), 3, (7, 7), (3, 3))
+    assert (big.n_win, big.pad_windows) == (3025, 109)
+
+
+# --------------------------------------------------------------------------- #
+# Attention dropout: in-kernel random numbers, as the attention kernels'
+# --------------------------------------------------------------------------- #
+def _seed_after(manual_seed: int) -> int:
+    torch.manual_seed(manual_seed)  # the op draws its seed from torch's default generator
+    return int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).item())
+
+
+@pytest.mark.parametrize("tiles", ["one-tile", "gpu-tiles"])
+def test_dropout_equals_reference_with_the_kernels_mask(tiles, monkeypatch):
+    """Forward and every gradient equal the reference that applies the kernels' mask: the forward
+    and all backward kernels (dQ, dK/dV, table gradient) draw the same numbers."""
+    if tiles == "gpu-tiles":  # several query and key blocks per window: block offsets enter the draws
+        monkeypatch.setattr(wa, "_tiles", wa._gpu_tiles)
+    B, H, W, C, heads, window, shift, p = 2, 6, 11, 32, 2, (4, 9), (2, 4), 0.3
+    base = _inputs(B, H, W, C, heads, window, shift, True, torch.float32)
+    g = torch.randn(B, H, W, C, device=DEVICE)
+    kin = _leaves(base, pad=True)
+    torch.manual_seed(1234)
+    with poison_outputs():
+        out, grads = _run(_triton, kin, heads, window, shift, g, dropout_p=p)
+    mask = window_dropout_keep_mask(_seed_after(1234), B, (H, W), heads, window, p, device=DEVICE).to(HIGH)
+    torch.testing.assert_close(mask.unique(), torch.tensor([0.0, 1 / (1 - p)], dtype=HIGH, device=DEVICE))
+    ref_out, ref_grads = _run(window_attention_reference, _leaves(base, HIGH), heads, window, shift, g.to(HIGH),
+                              dropout_mask=mask)
+    assert_close("out", out, ref_out)
+    for name in grads:
+        assert_close(f"d{name}", grads[name], ref_grads[name], grad=True)
+    no_drop = window_attention_reference(*(base[n].to(HIGH) for n in ("qkv", "table")), num_heads=heads,
+                                         window_size=window, shift_size=shift, qkv_bias=base["qkv_bias"].to(HIGH))
+    assert (out - no_drop).abs().max() > 0.1  # dropout is live
+
+
+def test_dropout_reproducible_under_seed_and_varies_without():
+    base = _inputs(1, 9, 10, 32, 2, 7, 3, True, torch.float32)
+    run = lambda: _triton(base["qkv"], base["table"], num_heads=2, window_size=7, shift_size=3,  # noqa: E731
+                          qkv_bias=base["qkv_bias"], dropout_p=0.5)
+    torch.manual_seed(7)
+    a = run()
+    torch.manual_seed(7)
+    b = run()
+    c = run()
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_window_dropout_keep_rate_and_unbiased_scaling(p):
+    mask = window_dropout_keep_mask(99, 2, (14, 14), 2, (7, 7), p, device=DEVICE)
+    assert mask.shape == (2, 4, 2, 49, 49)
+    n = mask.numel()
+    keep = (mask > 0).double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(keep - (1 - p)) < 5 * sigma, f"keep rate {keep:.4f} vs {1 - p}"
+    assert abs(mask.double().mean().item() - 1.0) < 5 * sigma / (1 - p)  # E[mask] = 1: unbiased
+    # Different images, windows, heads and query rows draw different numbers.
+    assert not torch.equal(mask[0], mask[1]) and not torch.equal(mask[0, 0], mask[0, 1])
+    assert not torch.equal(mask[0, 0, 0], mask[0, 0, 1]) and not torch.equal(mask[0, 0, 0, 0], mask[0, 0, 0, 1])
+
+
+def test_torch_backend_dropout_is_live_and_seeded():
+    base = _inputs(1, 9, 10, 32, 2, 7, 3, True, torch.float64)
+    run = lambda p: window_attention(base["qkv"], base["table"], num_heads=2, window_size=7,  # noqa: E731
+                                     shift_size=3, qkv_bias=base["qkv_bias"], dropout_p=p, backend="torch")
+    torch.manual_seed(3)
+    a = run(0.4)
+    torch.manual_seed(3)
+    assert torch.equal(a, run(0.4)) and not torch.allclose(a, run(0.0))
+
+
+def test_autocast_casts_the_bias_table_with_qkv():
+    args = _ok()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = window_attention(args["qkv"], args["table"], num_heads=2, window_size=7, shift_size=3,
+                               qkv_bias=args["qkv_bias"], backend="torch")
+    assert out.dtype == torch.bfloat16

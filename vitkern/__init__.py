@@ -20,7 +20,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("backends", "cli", "convert", "models", "nn", "ops", "profile", "profiler", "reference", "testing")
+_SUBMODULES = ("backends", "cli", "convert", "models", "nn", "ops", "profiler", "reference", "testing", "tools")
 _FUNCTIONS = {"optimize": "vitkern.convert"}
 
 

@@ -31,7 +31,7 @@ except Exception as exc:  # ImportError, or a broken install
             return _MissingKernel
         return _MissingKernel(fn)
 
-    triton = types.SimpleNamespace(jit=_jit, cdiv=lambda a, b: -(-a // b), next_power_of_2=None)
+    triton = types.SimpleNamespace(jit=_jit)
     tl = types.SimpleNamespace(constexpr=object)
 
 # Triton decides at kernel-definition time (our import) whether kernels run in the

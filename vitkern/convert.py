@@ -58,9 +58,9 @@ Notes:
 * Call ``optimize`` before ``torch.compile`` (a compiled graph keeps the modules it traced).
 * A model whose root module is itself replaceable (e.g. a lone timm ``Attention``) cannot be
   changed in place: the replacement is returned, so write ``model = vitkern.optimize(model)``.
-* Training with attention dropout > 0: the fused ops draw their own random numbers, so a
-  training step equals timm's in distribution, not bit for bit (Swin falls back to timm's
-  unfused math in that case and is bit-compatible, see :mod:`vitkern.nn.swin`).
+* Training with attention dropout > 0: the fused ops (global and Swin window attention) draw
+  their own random numbers in-kernel, so a training step equals timm's in distribution, not bit
+  for bit.
 * An explicit backend that cannot run a call (e.g. ``"triton"`` on CPU without
   ``TRITON_INTERPRET=1``) raises at forward time with the reason; ``"auto"`` always falls back.
 * timm is only looked up in ``sys.modules``: a model can only hold timm modules if timm was

@@ -61,17 +61,24 @@ def attention_reference(
     scale: Optional[float] = None,
     attn_bias: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
+    is_causal: bool = False,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale + attn_bias) v, non-causal.
+    """softmax(q k^T * scale + attn_bias [+ causal mask]) v.
 
     q (B, h, Nq, d), k and v (B, h, Nk, d); attn_bias broadcastable to
     (B, h, Nq, Nk); scale defaults to d ** -0.5, as in SDPA. dropout_p > 0 drops
     attention probabilities (and rescales the kept ones by 1/(1-p)), as SDPA does.
+    is_causal: query i sees keys j <= i (top-left aligned, SDPA's ``is_causal``); unlike
+    SDPA it may be combined with attn_bias.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = (q.shape[-1] ** -0.5 if q.shape[-1] else 1.0) if scale is None else scale
     scores = (q * scale) @ k.transpose(-2, -1)  # (B, h, Nq, Nk)
     if attn_bias is not None:
         scores = scores + attn_bias
+    if is_causal:
+        nq, nk = scores.shape[-2:]
+        hidden = torch.ones(nq, nk, dtype=torch.bool, device=scores.device).triu_(1)
+        scores = scores.masked_fill(hidden, float("-inf"))
     probs = scores.softmax(dim=-1)
     if dropout_p > 0:
         probs = F.dropout(probs, p=dropout_p)
@@ -176,6 +183,8 @@ def window_attention_reference(
     scale: Optional[float] = None,
     qkv_bias: Optional[torch.Tensor] = None,
     mask_value: float = -100.0,
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Swin (shifted-)window multi-head attention, before the output projection.
 
@@ -194,6 +203,11 @@ def window_attention_reference(
     of different regions of the padded grid, regions as timm paints them) is applied
     only when some shift is non-zero and padded keys are not masked; merge windows,
     crop the padding, roll back by +shift.
+
+    dropout_p > 0 drops attention probabilities with ``F.dropout`` on the (B, nW, heads, n, n)
+    probabilities (the elements, in order, of timm's (B*nW, heads, n, n) ``attn_drop`` input).
+    dropout_mask (B, nW, heads, n, n), instead, multiplies the probabilities by given factors
+    (for tests: the Triton kernels' mask, :func:`vitkern.ops.window_attention.window_dropout_keep_mask`).
     """
     if qkv.dim() != 4:
         raise ValueError(f"qkv: expected rank 4 (B, H, W, 3C), got rank {qkv.dim()} with shape {tuple(qkv.shape)}")
@@ -242,7 +256,14 @@ def window_attention_reference(
     if sh or sw:
         mask = _shift_mask((hp, wp), window, shift, mask_value, bias.dtype, qkv.device)
         bias = bias + mask[:, None]
-    out = attention_reference(q, k, v, scale=scale, attn_bias=bias)  # (B, nW, heads, n, d)
+    if dropout_mask is None:
+        out = attention_reference(q, k, v, scale=scale, attn_bias=bias, dropout_p=dropout_p)  # (B, nW, heads, n, d)
+    else:
+        if tuple(dropout_mask.shape) != (B, nwh * nww, num_heads, n, n):
+            raise ValueError(f"dropout_mask: expected shape (B, nW, heads, n, n) = {(B, nwh * nww, num_heads, n, n)}, "
+                             f"got {tuple(dropout_mask.shape)}")
+        probs = ((q * scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+        out = (probs * dropout_mask) @ v
 
     # 4. merge heads and windows, crop the padding, undo the shift.
     out = out.permute(0, 1, 3, 2, 4).reshape(B, nwh, nww, mh, mw, C)
@@ -342,7 +363,7 @@ def sr_attention_reference(
     else:
         src = x
     kv = F.linear(src, kv_weight, kv_bias)  # (B, Nk, 2C)
-    kv = kv.reshape(B, -1, 2, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    kv = kv.reshape(B, kv.shape[1], 2, num_heads, head_dim).permute(2, 0, 3, 1, 4)  # Nk explicit: B may be 0
     out = attention_reference(q, kv[0], kv[1], scale=scale, dropout_p=dropout_p)  # (B, heads, N, d)
     out = out.transpose(1, 2).reshape(B, N, C)
     return F.linear(out, proj_weight, proj_bias)

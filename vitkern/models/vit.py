@@ -262,15 +262,15 @@ class ViT(nn.Module):
 # Reference: the chapter's code, transcribed with plain PyTorch ops
 # --------------------------------------------------------------------------- #
 def _transpose_qkv(X: Tensor, num_heads: int) -> Tensor:
-    """d2l: (B, N, D) -> (B·h, N, D/h)."""
-    X = X.reshape(X.shape[0], X.shape[1], num_heads, -1).permute(0, 2, 1, 3)
+    """d2l: (B, N, D) -> (B·h, N, D/h). (Sizes spelt out where d2l writes -1: B may be 0.)"""
+    X = X.reshape(X.shape[0], X.shape[1], num_heads, X.shape[2] // num_heads).permute(0, 2, 1, 3)
     return X.reshape(-1, X.shape[2], X.shape[3])
 
 
 def _transpose_output(X: Tensor, num_heads: int) -> Tensor:
     """d2l: (B·h, N, D/h) -> (B, N, D)."""
-    X = X.reshape(-1, num_heads, X.shape[1], X.shape[2]).permute(0, 2, 1, 3)
-    return X.reshape(X.shape[0], X.shape[1], -1)
+    X = X.reshape(X.shape[0] // num_heads, num_heads, X.shape[1], X.shape[2]).permute(0, 2, 1, 3)
+    return X.reshape(X.shape[0], X.shape[1], num_heads * X.shape[3])
 
 
 def _reference_mha(mha: MultiHeadAttention, X: Tensor, training: bool) -> Tensor:

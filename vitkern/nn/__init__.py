@@ -9,7 +9,7 @@
 """
 from vitkern.nn.attention import Attention
 from vitkern.nn.patch_embed import PatchEmbed
-from vitkern.nn.pvt import SRAttention
-from vitkern.nn.swin import SwinTransformerBlock
+from vitkern.nn.sr_attention import SRAttention
+from vitkern.nn.window_attention import SwinTransformerBlock
 
 __all__ = ["Attention", "PatchEmbed", "SRAttention", "SwinTransformerBlock"]

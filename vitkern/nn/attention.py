@@ -23,10 +23,9 @@ Masks (SDPA semantics, as timm's fused path):
   is passed to the op as ``attn_bias`` (and gets a gradient if it requires one);
 * a boolean ``attn_mask`` means True = attend; it is turned explicitly into an additive
   bias (0 where True, -inf where False) in the activations' dtype;
-* ``is_causal=True``: the fused kernels have no causal mode (no block skipping), so the
-  causal mask is built explicitly as an additive bias (-inf above the diagonal) and
-  handed to the module's backend like any other bias - exact, just not faster than a
-  full attention. Passing both ``attn_mask`` and ``is_causal=True`` raises, as SDPA does.
+* ``is_causal=True`` is passed to the op as ``is_causal``: the kernels mask in place and
+  skip the key blocks past the diagonal (no N×N bias is built). Passing both
+  ``attn_mask`` and ``is_causal=True`` raises, as SDPA does.
 
 Attention dropout: ``attn_drop.p`` is passed to the op in training mode and 0 in eval
 mode (as timm passes it to SDPA); its random numbers come from torch's default
@@ -124,13 +123,11 @@ class Attention(nn.Module):
                              f"was built with dim={dim}")
 
     @staticmethod
-    def _attn_bias(attn_mask: Optional[Tensor], is_causal: bool, n: int, like: Tensor) -> Optional[Tensor]:
-        """SDPA's attn_mask / is_causal as an additive bias (or None)."""
-        if is_causal:
-            if attn_mask is not None:
-                raise ValueError("Attention: attn_mask must be None when is_causal=True "
-                                 "(as in F.scaled_dot_product_attention)")
-            return torch.full((n, n), float("-inf"), dtype=like.dtype, device=like.device).triu_(1)
+    def _attn_bias(attn_mask: Optional[Tensor], is_causal: bool, like: Tensor) -> Optional[Tensor]:
+        """SDPA's attn_mask as an additive bias (or None); the causal mask is the op's is_causal."""
+        if is_causal and attn_mask is not None:
+            raise ValueError("Attention: attn_mask must be None when is_causal=True "
+                             "(as in F.scaled_dot_product_attention)")
         if attn_mask is None:
             return None
         if not isinstance(attn_mask, Tensor):
@@ -150,19 +147,21 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x)  # (B, N, 3·h·d), [q | k | v] with heads contiguous inside each
-        bias = self._attn_bias(attn_mask, is_causal, N, qkv)
+        bias = self._attn_bias(attn_mask, is_causal, qkv)
         dropout_p = self.attn_drop.p if self.training else 0.0
 
         if isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity):
             x = _ops.attention_packed(qkv, self.num_heads, scale=self.scale, attn_bias=bias,
-                                      dropout_p=dropout_p, backend=self.backend)  # (B, N, h·d)
+                                      dropout_p=dropout_p, is_causal=is_causal,
+                                      backend=self.backend)  # (B, N, h·d)
         else:
             parts = qkv.view(B, N, 3, self.num_heads, self.head_dim)
             q = self.q_norm(parts[:, :, 0])  # (B, N, h, d): the norm works on the last dim in any layout
             k = self.k_norm(parts[:, :, 1])
             v = parts[:, :, 2]
             out = _ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.scale,
-                                 attn_bias=bias, dropout_p=dropout_p, backend=self.backend)  # (B, h, N, d)
+                                 attn_bias=bias, dropout_p=dropout_p, is_causal=is_causal,
+                                 backend=self.backend)  # (B, h, N, d)
             x = out.transpose(1, 2).reshape(B, N, self.attn_dim)
 
         x = self.norm(x)

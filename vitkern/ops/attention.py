@@ -1,6 +1,6 @@
 """Fused global attention (FlashAttention-style), forward and backward.
 
-out = softmax(q kᵀ · scale + attn_bias) v, non-causal, any Nq and Nk.
+out = softmax(q kᵀ · scale + attn_bias [+ causal mask]) v, any Nq and Nk (0 included).
 
 Forward: one program per (batch·head, block of queries) walks the keys in blocks
 with an online softmax (running max and sum), so the Nq×Nk scores never reach
@@ -14,10 +14,12 @@ fixed order, no atomics):
   2. dQ: one program per query block, looping over key blocks; on the way it sums the
      delta that makes rowsum(dS) = 0 exactly (see _attn_bwd_dq_kernel), corrects dq and stores it
   3. dK, dV: one program per key block, looping over query blocks
-  4. only when the bias needs a gradient: d(bias) per (query block, key block) tile,
-     dS recomputed and summed over the batches and heads the bias is broadcast over
-     (no (B, h, Nq, Nk) buffer; a bias broadcast along queries or keys is summed
-     along them afterwards from the (b', h', Nq, Nk) gradient)
+  4. only when the bias needs a gradient: d(bias) per tile of the bias's own shape,
+     dS recomputed and summed over every dimension the bias is broadcast over (batch,
+     heads, queries, keys), so the gradient buffer is the size of the bias
+Causal (IS_CAUSAL, top-left aligned as SDPA): the mask is applied to the score tile
+and the loops stop (or start) at the diagonal, so fully masked key blocks are never
+read. The flag is a constexpr: the non-causal kernels are unchanged.
 Steps 2-4 each recompute q kᵀ; that costs FLOPs but needs no atomics.
 
 Layouts: every kernel takes (batch, head, token, dim) strides, so views of a
@@ -66,13 +68,14 @@ def _keep_scale(seed, bh, q_idx, k_idx, NQ, NK, dropout_p, inv_keep):
 def _load_rows(base, rows, dims, s_n, s_d, n_rows, HEAD_DIM: tl.constexpr):
     """A (rows, head_dim) tile of one (batch, head), zeros outside the tensor."""
     mask = (rows < n_rows)[:, None] & (dims < HEAD_DIM)[None, :]
-    return tl.load(base + rows[:, None].to(tl.int64) * s_n + dims[None, :] * s_d, mask=mask, other=0.0)
+    return tl.load(base + rows[:, None].to(tl.int64) * s_n + dims[None, :].to(tl.int64) * s_d, mask=mask,
+                   other=0.0)
 
 
 @triton.jit
 def _store_rows(base, tile, rows, dims, s_n, s_d, n_rows, HEAD_DIM: tl.constexpr):
     mask = (rows < n_rows)[:, None] & (dims < HEAD_DIM)[None, :]
-    tl.store(base + rows[:, None].to(tl.int64) * s_n + dims[None, :] * s_d,
+    tl.store(base + rows[:, None].to(tl.int64) * s_n + dims[None, :].to(tl.int64) * s_d,
              tile.to(base.dtype.element_ty), mask=mask)
 
 
@@ -89,6 +92,24 @@ def _scores_log2(q, k, bias_base, rows, cols, NQ, NK, sbias_m, sbias_n, qk_scale
 
 
 @triton.jit
+def _causal_mask(s, rows, cols):
+    """SDPA's is_causal, top-left aligned for any Nq, Nk: query i sees keys j <= i."""
+    return tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+
+
+@triton.jit
+def _causal_key_end(NK, q_block, BLOCK_M: tl.constexpr):
+    """End of the keys the query block q_block can see under the causal mask: later blocks are skipped."""
+    return tl.minimum(NK, (q_block + 1) * BLOCK_M)
+
+
+@triton.jit
+def _causal_query_start(k_start, BLOCK_M: tl.constexpr):
+    """First query block (its first row) that sees any key >= k_start under the causal mask."""
+    return (k_start // BLOCK_M) * BLOCK_M
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr,
     NQ, NK, HEADS, qk_scale, seed, dropout_p, inv_keep,
@@ -98,7 +119,7 @@ def _attn_fwd_kernel(
     sbias_b, sbias_h, sbias_m, sbias_n,
     so_b, so_h, so_n, so_d,
     HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr = False,
 ):
     bh = tl.program_id(0).to(tl.int64)
     b = bh // HEADS
@@ -113,11 +134,16 @@ def _attn_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running row max (base 2)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running row sum of exp2(s - m_i)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start in range(0, NK, BLOCK_N):
+    key_end = NK
+    if IS_CAUSAL:
+        key_end = _causal_key_end(NK, tl.program_id(1), BLOCK_M)
+    for start in range(0, key_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, cols, dims, sk_n, sk_d, NK, HEAD_DIM)
         s = _scores_log2(q, k, bias_base, rows, cols, NQ, NK, sbias_m, sbias_n, qk_scale, HAS_BIAS)
         s = tl.where((cols < NK)[None, :], s, float("-inf"))  # padded keys out before the row max
+        if IS_CAUSAL:
+            s = _causal_mask(s, rows, cols)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row whose keys so far are all -inf (masked by the bias) keeps m = -inf; subtract 0
         # instead so exp2 gives 0 rather than exp2(-inf - -inf) = NaN.
@@ -131,8 +157,14 @@ def _attn_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    _store_rows(out_ptr + b * so_b + h * so_h, acc / l_i[:, None], rows, dims, so_n, so_d, NQ, HEAD_DIM)
-    tl.store(lse_ptr + bh * NQ + rows, m_i + tl.math.log2(l_i), mask=rows < NQ)  # base-2 logsumexp
+    # A row whose every key is masked (l = 0) gets output 0, as SDPA gives, not 0/0; its lse = +inf makes
+    # every recomputed probability exp2(s - lse) 0 in the backward, so its gradients are 0 too (not NaN
+    # spread into every key's dK, dV).
+    empty_row = l_i == 0.0
+    _store_rows(out_ptr + b * so_b + h * so_h, acc / tl.where(empty_row, 1.0, l_i)[:, None], rows, dims,
+                so_n, so_d, NQ, HEAD_DIM)
+    lse = tl.where(empty_row, float("inf"), m_i + tl.math.log2(l_i))  # base-2 logsumexp
+    tl.store(lse_ptr + bh * NQ + rows, lse, mask=rows < NQ)
 
 
 @triton.jit
@@ -166,7 +198,7 @@ def _attn_bwd_dkdv_kernel(
     sdk_b, sdk_h, sdk_n, sdk_d,
     sdv_b, sdv_h, sdv_n, sdv_d,
     HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr = False,
 ):
     """dK, dV of one key block, summed over all query blocks in order."""
     bh = tl.program_id(0).to(tl.int64)
@@ -182,7 +214,10 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for start in range(0, NQ, BLOCK_M):
+    query_start = 0
+    if IS_CAUSAL:
+        query_start = _causal_query_start(tl.program_id(1) * BLOCK_N, BLOCK_M)
+    for start in range(query_start, NQ, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < NQ
         q = _load_rows(q_base, rows, dims, sq_n, sq_d, NQ, HEAD_DIM)
@@ -190,6 +225,8 @@ def _attn_bwd_dkdv_kernel(
         lse = tl.load(lse_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
         s = _scores_log2(q, k, bias_base, rows, cols, NQ, NK, sbias_m, sbias_n, qk_scale, HAS_BIAS)
+        if IS_CAUSAL:
+            s = _causal_mask(s, rows, cols)
         valid = row_ok[:, None] & (cols < NK)[None, :]
         p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)  # softmax probabilities
         dp = tl.dot(do, tl.trans(v))
@@ -217,7 +254,7 @@ def _attn_bwd_dq_kernel(
     sdo_b, sdo_h, sdo_n, sdo_d,
     sdq_b, sdq_h, sdq_n, sdq_d,
     HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr = False,
 ):
     """dQ of one query block, summed over all key blocks in order."""
     bh = tl.program_id(0).to(tl.int64)
@@ -242,11 +279,16 @@ def _attn_bwd_dq_kernel(
     pk = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     ds_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     p_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start in range(0, NK, BLOCK_N):
+    key_end = NK
+    if IS_CAUSAL:
+        key_end = _causal_key_end(NK, tl.program_id(1), BLOCK_M)
+    for start in range(0, key_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, cols, dims, sk_n, sk_d, NK, HEAD_DIM)
         v = _load_rows(v_base, cols, dims, sv_n, sv_d, NK, HEAD_DIM)
         s = _scores_log2(q, k, bias_base, rows, cols, NQ, NK, sbias_m, sbias_n, qk_scale, HAS_BIAS)
+        if IS_CAUSAL:
+            s = _causal_mask(s, rows, cols)
         valid = row_ok[:, None] & (cols < NK)[None, :]
         p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
@@ -276,45 +318,74 @@ def _attn_bwd_dbias_kernel(
     sdo_b, sdo_h, sdo_n, sdo_d,
     HEAD_DIM: tl.constexpr, HAS_DROPOUT: tl.constexpr, SUM_BATCH: tl.constexpr, SUM_HEADS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SUM_ROWS: tl.constexpr = False, SUM_COLS: tl.constexpr = False, IS_CAUSAL: tl.constexpr = False,
 ):
-    """d(bias) tile = dS summed over the batches and heads the bias is broadcast over.
+    """d(bias) = dS summed over every dimension the bias is broadcast over, straight into the bias's shape.
 
-    One program per (bias batch, bias head, query block, key block) recomputes dS for
-    each (batch, head) it covers, in order: deterministic, and no (B, h, Nq, Nk) buffer.
+    One program per (bias batch, bias head, query block, key block) of the bias's own shape: a bias
+    broadcast over queries (SUM_ROWS) or keys (SUM_COLS) has one block along that dimension, and its
+    program walks all of them. For each (batch, head, query block, key block) it covers, in a fixed
+    order, it recomputes dS and adds it to one tile, reduced along rows / keys at the end:
+    deterministic, and no (B, h, Nq, Nk) or (b', h', Nq, Nk) buffer.
     """
     pid = tl.program_id(0)
     bias_b = pid // BIAS_HEADS
     bias_h = pid % BIAS_HEADS
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    own_rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    own_cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < NQ
-    valid = row_ok[:, None] & (cols < NK)[None, :]
     b_lo = 0 if SUM_BATCH else bias_b
     b_hi = BATCH if SUM_BATCH else bias_b + 1
     h_lo = 0 if SUM_HEADS else bias_h
     h_hi = HEADS if SUM_HEADS else bias_h + 1
+    # One iteration (this program's block) along a dimension the bias has, all blocks along a broadcast one.
+    m_lo = 0 if SUM_ROWS else tl.program_id(1) * BLOCK_M
+    m_hi = NQ if SUM_ROWS else m_lo + 1
+    n_lo = 0 if SUM_COLS else tl.program_id(2) * BLOCK_N
+    n_hi = NK if SUM_COLS else n_lo + 1
+    if IS_CAUSAL:
+        if not SUM_COLS:  # query blocks that see none of this key block contribute nothing
+            m_lo = tl.maximum(m_lo, _causal_query_start(n_lo, BLOCK_M))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for b in range(b_lo, b_hi):
         for h in range(h_lo, h_hi):
             b64 = tl.cast(b, tl.int64)
             h64 = tl.cast(h, tl.int64)
             bh = b64 * HEADS + h64
-            q = _load_rows(q_ptr + b64 * sq_b + h64 * sq_h, rows, dims, sq_n, sq_d, NQ, HEAD_DIM)
-            do = _load_rows(dout_ptr + b64 * sdo_b + h64 * sdo_h, rows, dims, sdo_n, sdo_d, NQ, HEAD_DIM)
-            k = _load_rows(k_ptr + b64 * sk_b + h64 * sk_h, cols, dims, sk_n, sk_d, NK, HEAD_DIM)
-            v = _load_rows(v_ptr + b64 * sv_b + h64 * sv_h, cols, dims, sv_n, sv_d, NK, HEAD_DIM)
-            lse = tl.load(lse_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
-            delta = tl.load(delta_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
-            s = _scores_log2(q, k, bias_ptr + b64 * sbias_b + h64 * sbias_h, rows, cols, NQ, NK,
-                             sbias_m, sbias_n, qk_scale, True)
-            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v))
-            if HAS_DROPOUT:
-                dp = dp * _keep_scale(seed, bh, rows, cols, NQ, NK, dropout_p, inv_keep)
-            acc += p * (dp - delta[:, None])
-    out = dbias_ptr + (tl.cast(pid, tl.int64) * NQ + rows[:, None].to(tl.int64)) * NK + cols[None, :]
-    tl.store(out, acc, mask=valid)
+            for m_start in range(m_lo, m_hi, BLOCK_M):
+                rows = m_start + tl.arange(0, BLOCK_M)
+                row_ok = rows < NQ
+                q = _load_rows(q_ptr + b64 * sq_b + h64 * sq_h, rows, dims, sq_n, sq_d, NQ, HEAD_DIM)
+                do = _load_rows(dout_ptr + b64 * sdo_b + h64 * sdo_h, rows, dims, sdo_n, sdo_d, NQ, HEAD_DIM)
+                lse = tl.load(lse_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
+                delta = tl.load(delta_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
+                n_end = n_hi
+                if IS_CAUSAL:
+                    n_end = tl.minimum(n_hi, m_start + BLOCK_M)  # key blocks past the diagonal are skipped
+                for n_start in range(n_lo, n_end, BLOCK_N):
+                    cols = n_start + tl.arange(0, BLOCK_N)
+                    valid = row_ok[:, None] & (cols < NK)[None, :]
+                    k = _load_rows(k_ptr + b64 * sk_b + h64 * sk_h, cols, dims, sk_n, sk_d, NK, HEAD_DIM)
+                    v = _load_rows(v_ptr + b64 * sv_b + h64 * sv_h, cols, dims, sv_n, sv_d, NK, HEAD_DIM)
+                    s = _scores_log2(q, k, bias_ptr + b64 * sbias_b + h64 * sbias_h, rows, cols, NQ, NK,
+                                     sbias_m, sbias_n, qk_scale, True)
+                    if IS_CAUSAL:
+                        s = _causal_mask(s, rows, cols)
+                    p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+                    dp = tl.dot(do, tl.trans(v))
+                    if HAS_DROPOUT:
+                        dp = dp * _keep_scale(seed, bh, rows, cols, NQ, NK, dropout_p, inv_keep)
+                    acc += p * (dp - delta[:, None])  # 0 outside the tensor and where masked
+    pid64 = tl.cast(pid, tl.int64)
+    if SUM_ROWS and SUM_COLS:  # dbias (b', h', 1, 1)
+        tl.store(dbias_ptr + pid64, tl.sum(tl.sum(acc, 1), 0))
+    elif SUM_ROWS:  # dbias (b', h', 1, Nk)
+        tl.store(dbias_ptr + pid64 * NK + own_cols, tl.sum(acc, 0), mask=own_cols < NK)
+    elif SUM_COLS:  # dbias (b', h', Nq, 1)
+        tl.store(dbias_ptr + pid64 * NQ + own_rows, tl.sum(acc, 1), mask=own_rows < NQ)
+    else:  # dbias (b', h', Nq, Nk)
+        out = dbias_ptr + (pid64 * NQ + own_rows[:, None].to(tl.int64)) * NK + own_cols[None, :]
+        tl.store(out, acc, mask=(own_rows < NQ)[:, None] & (own_cols < NK)[None, :])
 
 
 @triton.jit
@@ -405,26 +476,42 @@ def _seed_value(seed: Optional[Tensor]) -> int:
     return int(seed.item()) if seed is not None and seed.numel() else 0
 
 
-def _launch_fwd(q, k, v, bias, scale, dropout_p, seed, out) -> Tensor:
+def _is_empty(q: Tensor, k: Tensor) -> bool:
+    """Nothing to compute (SDPA returns empty, or zeros when Nk = 0): no zero-size launch."""
+    return q.numel() == 0 or k.shape[2] == 0
+
+
+def _launch_fwd(q, k, v, bias, scale, dropout_p, seed, out, is_causal: bool = False) -> Tensor:
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     lse = new_output((B, H, NQ), dtype=torch.float32, device=q.device)
+    if _is_empty(q, k):  # no keys: out = 0 and lse = log(0), as SDPA and the reference give
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return lse
     cfg = _fwd_config(D, q.dtype, bias is not None, dropout_p > 0)
     grid = (B * H, cdiv(NQ, cfg["BLOCK_M"]))
     _attn_fwd_kernel[grid](
         q, k, v, bias if bias is not None else q, out, lse,
         NQ, NK, H, scale * _LOG2E, _seed_value(seed), dropout_p, 1.0 / (1.0 - dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias, (B, H, NQ, NK)), *out.stride(),
-        HEAD_DIM=D, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, BLOCK_D=_block_d(D), **cfg,
+        HEAD_DIM=D, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, BLOCK_D=_block_d(D),
+        IS_CAUSAL=is_causal, **cfg,
     )
     return lse
 
 
-def _launch_bwd(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, dq, dk, dv, bias_grad: bool):
-    """Fills dq, dk, dv (views). With bias_grad, returns d(bias) in fp32, shaped (b', h', Nq, Nk)
-    where b' and h' are 1 where the bias is broadcast over batch or heads (reduced in-kernel)."""
+def _launch_bwd(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, dq, dk, dv, bias_grad: bool,
+                is_causal: bool = False):
+    """Fills dq, dk, dv (views). With bias_grad, returns d(bias) in fp32, shaped (b', h', Nq', Nk')
+    with 1 wherever the bias is broadcast (over batch, heads, queries or keys: reduced in-kernel)."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
+    if _is_empty(q, k):  # every gradient is empty, or zero (no keys: the output is constant 0)
+        for t in (dq, dk, dv):
+            t.zero_()
+        return new_output(_dbias_shape(bias, B, H, NQ, NK), dtype=torch.float32, device=q.device).zero_() \
+            if bias_grad else None
     dq_cfg, dkdv_cfg = _bwd_configs(D, q.dtype, bias is not None, dropout_p > 0)
     block_d = _block_d(D)
     delta = new_output((B, H, NQ), dtype=torch.float32, device=q.device)
@@ -436,7 +523,8 @@ def _launch_bwd(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, dq, dk, d
     bias_strides = _bias_strides(bias, (B, H, NQ, NK))
     scalars = (qk_scale := scale * _LOG2E, scale, seed_value, dropout_p, 1.0 / (1.0 - dropout_p))
     strides = (*q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride())
-    flags = dict(HEAD_DIM=D, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, BLOCK_D=block_d)
+    flags = dict(HEAD_DIM=D, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, BLOCK_D=block_d,
+                 IS_CAUSAL=is_causal)
     bias_arg = bias if bias is not None else q
     # dQ first: it replaces delta by the corrected one that the dK/dV and d(bias) kernels then use.
     _attn_bwd_dq_kernel[(B * H, cdiv(NQ, dq_cfg["BLOCK_M"]))](
@@ -448,30 +536,28 @@ def _launch_bwd(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, dq, dk, d
     )
     if not bias_grad:
         return None
-    bias_batch, bias_heads, _, _ = shape = _dbias_shape(bias, B, H, NQ, NK)
+    bias_batch, bias_heads, bias_nq, bias_nk = shape = _dbias_shape(bias, B, H, NQ, NK)
     dbias = new_output(shape, dtype=torch.float32, device=q.device)
     cfg = _dbias_config(D, q.dtype, dropout_p > 0)
-    _attn_bwd_dbias_kernel[(bias_batch * bias_heads, cdiv(NQ, cfg["BLOCK_M"]), cdiv(NK, cfg["BLOCK_N"]))](
+    grid = (bias_batch * bias_heads, cdiv(bias_nq, cfg["BLOCK_M"]), cdiv(bias_nk, cfg["BLOCK_N"]))
+    _attn_bwd_dbias_kernel[grid](
         q, k, v, bias, dout, lse, delta, dbias, NQ, NK, H, B, bias_heads, qk_scale, seed_value, dropout_p,
         1.0 / (1.0 - dropout_p), *strides,
         HEAD_DIM=D, HAS_DROPOUT=dropout_p > 0, SUM_BATCH=bias_batch == 1, SUM_HEADS=bias_heads == 1,
-        BLOCK_D=block_d, **cfg,
+        BLOCK_D=block_d, SUM_ROWS=bias_nq == 1, SUM_COLS=bias_nk == 1, IS_CAUSAL=is_causal, **cfg,
     )
     return dbias
 
 
 def _dbias_shape(bias: Tensor, B: int, H: int, NQ: int, NK: int) -> Tuple[int, int, int, int]:
-    """(b', h', Nq, Nk): the kernel reduces over batch / heads where the bias is broadcast."""
+    """The bias's own shape as 4-D: the kernel reduces over every dimension it is broadcast along."""
     shape4 = (1,) * (4 - bias.dim()) + tuple(bias.shape)
-    return (B if shape4[0] != 1 else 1, H if shape4[1] != 1 else 1, NQ, NK)
+    return tuple(n if s != 1 else 1 for s, n in zip(shape4, (B, H, NQ, NK)))
 
 
 def _reduce_bias_grad(dbias: Tensor, bias: Tensor) -> Tensor:
-    """Sum the (b', h', Nq, Nk) gradient over query rows / keys the bias is broadcast along."""
-    shape4 = (1,) * (4 - bias.dim()) + tuple(bias.shape)
-    dims = [i for i in (2, 3) if shape4[i] == 1 and dbias.shape[i] != 1]
-    grad = dbias.sum(dim=dims, keepdim=True) if dims else dbias
-    return grad.reshape(bias.shape).to(bias.dtype)
+    """The kernel's gradient is already reduced to the bias's shape: reshape and cast."""
+    return dbias.reshape(bias.shape).to(bias.dtype)
 
 
 def dropout_keep_mask(seed: int, shape, dropout_p: float, device="cpu") -> Tensor:
@@ -500,17 +586,17 @@ def _split_heads(t: Tensor, num_heads: int) -> Tuple[Tensor, Tensor, Tensor]:
 @torch.library.custom_op("vitkern::attention_fwd", mutates_args=())
 def _attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor], scale: float, dropout_p: float,
-    seed: Optional[Tensor],
+    seed: Optional[Tensor], is_causal: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """Returns (out laid out as (B, Nq, h, d) — the caller views it as (B, h, Nq, d) — and lse)."""
     B, H, NQ, D = q.shape
     out = new_output((B, NQ, H, D), dtype=q.dtype, device=q.device)
-    lse = _launch_fwd(q, k, v, attn_bias, scale, dropout_p, seed, out.transpose(1, 2))
+    lse = _launch_fwd(q, k, v, attn_bias, scale, dropout_p, seed, out.transpose(1, 2), is_causal)
     return out, lse
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, attn_bias, scale, dropout_p, seed):
+def _(q, k, v, attn_bias, scale, dropout_p, seed, is_causal=False):
     B, H, NQ, D = q.shape
     return q.new_empty((B, NQ, H, D)), q.new_empty((B, H, NQ), dtype=torch.float32)
 
@@ -518,18 +604,19 @@ def _(q, k, v, attn_bias, scale, dropout_p, seed):
 @torch.library.custom_op("vitkern::attention_bwd", mutates_args=())
 def _attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, attn_bias: Optional[Tensor],
-    scale: float, dropout_p: float, seed: Optional[Tensor], bias_grad: bool,
+    scale: float, dropout_p: float, seed: Optional[Tensor], bias_grad: bool, is_causal: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dv, dbias); dbias is fp32 (b', h', Nq, Nk) when bias_grad, else empty."""
+    """Returns (dq, dk, dv, dbias); dbias is fp32 in the bias's own 4-D shape when bias_grad, else empty."""
     dq = new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = new_output(k.shape, dtype=k.dtype, device=k.device)
     dv = new_output(v.shape, dtype=v.dtype, device=v.device)
-    dbias = _launch_bwd(dout, q, k, v, out, lse, attn_bias, scale, dropout_p, seed, dq, dk, dv, bias_grad)
+    dbias = _launch_bwd(dout, q, k, v, out, lse, attn_bias, scale, dropout_p, seed, dq, dk, dv, bias_grad,
+                        is_causal)
     return dq, dk, dv, dbias if dbias is not None else q.new_empty(0, dtype=torch.float32)
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, attn_bias, scale, dropout_p, seed, bias_grad):
+def _(dout, q, k, v, out, lse, attn_bias, scale, dropout_p, seed, bias_grad, is_causal=False):
     B, H, NQ, _ = q.shape
     dbias_shape = _dbias_shape(attn_bias, B, H, NQ, k.shape[2]) if bias_grad else (0,)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
@@ -537,10 +624,10 @@ def _(dout, q, k, v, out, lse, attn_bias, scale, dropout_p, seed, bias_grad):
 
 
 def _fwd_setup(ctx, inputs, output):
-    q, k, v, attn_bias, scale, dropout_p, seed = inputs
+    q, k, v, attn_bias, scale, dropout_p, seed, is_causal = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, attn_bias, seed)
-    ctx.scale, ctx.dropout_p = scale, dropout_p
+    ctx.scale, ctx.dropout_p, ctx.is_causal = scale, dropout_p, is_causal
     ctx.mark_non_differentiable(lse)
 
 
@@ -549,9 +636,9 @@ def _fwd_backward(ctx, dout, _dlse):
     bias_grad = attn_bias is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = torch.ops.vitkern.attention_bwd(
         dout.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, attn_bias, ctx.scale, ctx.dropout_p, seed,
-        bias_grad)
+        bias_grad, ctx.is_causal)
     dbias = _reduce_bias_grad(dbias, attn_bias) if bias_grad else None
-    return dq, dk, dv, dbias, None, None, None
+    return dq, dk, dv, dbias, None, None, None, None
 
 
 _attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
@@ -560,18 +647,19 @@ _attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 @torch.library.custom_op("vitkern::attention_packed_fwd", mutates_args=())
 def _attention_packed_fwd(
     qkv: Tensor, num_heads: int, attn_bias: Optional[Tensor], scale: float, dropout_p: float,
-    seed: Optional[Tensor],
+    seed: Optional[Tensor], is_causal: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """qkv (B, N, 3·h·d) -> (out (B, N, h·d), lse (B, h, N))."""
     q, k, v = _split_heads(qkv, num_heads)
     B, H, N, D = q.shape
     out = new_output((B, N, H * D), dtype=qkv.dtype, device=qkv.device)
-    lse = _launch_fwd(q, k, v, attn_bias, scale, dropout_p, seed, out.view(B, N, H, D).transpose(1, 2))
+    lse = _launch_fwd(q, k, v, attn_bias, scale, dropout_p, seed, out.view(B, N, H, D).transpose(1, 2),
+                      is_causal)
     return out, lse
 
 
 @_attention_packed_fwd.register_fake
-def _(qkv, num_heads, attn_bias, scale, dropout_p, seed):
+def _(qkv, num_heads, attn_bias, scale, dropout_p, seed, is_causal=False):
     B, N, C3 = qkv.shape
     return qkv.new_empty((B, N, C3 // 3)), qkv.new_empty((B, num_heads, N), dtype=torch.float32)
 
@@ -579,7 +667,7 @@ def _(qkv, num_heads, attn_bias, scale, dropout_p, seed):
 @torch.library.custom_op("vitkern::attention_packed_bwd", mutates_args=())
 def _attention_packed_bwd(
     dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, attn_bias: Optional[Tensor],
-    scale: float, dropout_p: float, seed: Optional[Tensor], bias_grad: bool,
+    scale: float, dropout_p: float, seed: Optional[Tensor], bias_grad: bool, is_causal: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """Returns (dqkv (B, N, 3·h·d) written in place by the kernels, dbias as in attention_bwd)."""
     q, k, v = _split_heads(qkv, num_heads)
@@ -588,22 +676,22 @@ def _attention_packed_bwd(
     dq, dk, dv = _split_heads(dqkv, num_heads)
     as_heads = lambda t: t.view(B, N, H, D).transpose(1, 2)  # noqa: E731
     dbias = _launch_bwd(as_heads(dout), q, k, v, as_heads(out), lse, attn_bias, scale, dropout_p, seed,
-                        dq, dk, dv, bias_grad)
+                        dq, dk, dv, bias_grad, is_causal)
     return dqkv, dbias if dbias is not None else qkv.new_empty(0, dtype=torch.float32)
 
 
 @_attention_packed_bwd.register_fake
-def _(dout, qkv, out, lse, num_heads, attn_bias, scale, dropout_p, seed, bias_grad):
+def _(dout, qkv, out, lse, num_heads, attn_bias, scale, dropout_p, seed, bias_grad, is_causal=False):
     B, N, _ = qkv.shape
     dbias_shape = _dbias_shape(attn_bias, B, num_heads, N, N) if bias_grad else (0,)
     return qkv.new_empty(qkv.shape), qkv.new_empty(dbias_shape, dtype=torch.float32)
 
 
 def _packed_setup(ctx, inputs, output):
-    qkv, num_heads, attn_bias, scale, dropout_p, seed = inputs
+    qkv, num_heads, attn_bias, scale, dropout_p, seed, is_causal = inputs
     out, lse = output
     ctx.save_for_backward(qkv, out, lse, attn_bias, seed)
-    ctx.num_heads, ctx.scale, ctx.dropout_p = num_heads, scale, dropout_p
+    ctx.num_heads, ctx.scale, ctx.dropout_p, ctx.is_causal = num_heads, scale, dropout_p, is_causal
     ctx.mark_non_differentiable(lse)
 
 
@@ -612,9 +700,9 @@ def _packed_backward(ctx, dout, _dlse):
     bias_grad = attn_bias is not None and ctx.needs_input_grad[2]
     dqkv, dbias = torch.ops.vitkern.attention_packed_bwd(
         dout.contiguous() if dout.stride(-1) != 1 else dout, qkv, out, lse, ctx.num_heads, attn_bias,
-        ctx.scale, ctx.dropout_p, seed, bias_grad)
+        ctx.scale, ctx.dropout_p, seed, bias_grad, ctx.is_causal)
     dbias = _reduce_bias_grad(dbias, attn_bias) if bias_grad else None
-    return dqkv, None, dbias, None, None, None
+    return dqkv, None, dbias, None, None, None, None
 
 
 _attention_packed_fwd.register_autograd(_packed_backward, setup_context=_packed_setup)
@@ -655,7 +743,9 @@ except ImportError:  # pragma: no cover
 # --------------------------------------------------------------------------- #
 # Validation, backend predicates, public ops
 # --------------------------------------------------------------------------- #
-def _validate(q, k, v, attn_bias, dropout_p, op="attention") -> None:
+def _validate(q, k, v, attn_bias, dropout_p, op="attention", is_causal=False) -> None:
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"{op}: is_causal must be a bool, got {is_causal!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -674,8 +764,6 @@ def _validate(q, k, v, attn_bias, dropout_p, op="attention") -> None:
         raise ValueError(f"{op}: k and v must have head_dim {D} like q; got k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape[2] != v.shape[2]:
         raise ValueError(f"{op}: k and v must have the same number of keys; got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if B == 0 or H == 0 or NQ == 0 or k.shape[2] == 0 or D == 0:
-        raise ValueError(f"{op}: empty input: q {tuple(q.shape)}, k {tuple(k.shape)}; every dimension must be >= 1")
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"{op}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if attn_bias is not None:
@@ -727,6 +815,11 @@ def _autocast(tensors: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
             for i, t in enumerate(tensors)]
 
 
+def _default_scale(q: Tensor) -> float:
+    # SDPA's 1/sqrt(d); with d = 0 the output is empty and any finite scale gives it.
+    return q.shape[-1] ** -0.5 if q.shape[-1] else 1.0
+
+
 def _new_seed(dropout_p: float) -> Optional[Tensor]:
     # Drawn from torch's default CPU generator: dropout is reproducible under torch.manual_seed.
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64) if dropout_p > 0 else None
@@ -740,16 +833,21 @@ def attention(
     scale: Optional[float] = None,
     attn_bias: Optional[Tensor] = None,
     dropout_p: float = 0.0,
+    is_causal: bool = False,
     backend: str = "auto",
 ) -> Tensor:
-    """Non-causal scaled dot-product attention, as ``F.scaled_dot_product_attention``.
+    """Scaled dot-product attention, as ``F.scaled_dot_product_attention``.
 
     Args:
         q: (B, h, Nq, d); k, v: (B, h, Nk, d). Any strides (views of a packed qkv are read in place).
+            Any size may be 0: empty in, empty out (and zeros when Nk = 0), as SDPA.
         scale: multiplies q·kᵀ; default d ** -0.5.
         attn_bias: additive float bias broadcastable to (B, h, Nq, Nk), or None. Differentiable.
         dropout_p: attention-probability dropout, applied whenever > 0 (pass 0 in eval, as SDPA).
             Random numbers come from a seed drawn from torch's default generator.
+        is_causal: query i attends to keys j <= i (top-left aligned when Nq != Nk, as SDPA's
+            ``is_causal``). The kernels mask in place and skip key blocks past the diagonal.
+            Unlike SDPA, it combines with ``attn_bias`` (the bias is added, then the mask applied).
         backend: "auto" | "cuda" | "triton" | "torch".
 
     Returns:
@@ -757,12 +855,14 @@ def attention(
         so ``out.transpose(1, 2).reshape(B, Nq, h * d)`` costs no copy.
     """
     q, k, v, attn_bias = _autocast([q, k, v, attn_bias])
-    _validate(q, k, v, attn_bias, dropout_p)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    _validate(q, k, v, attn_bias, dropout_p, is_causal=is_causal)
+    scale = _default_scale(q) if scale is None else float(scale)
     chosen = _BACKENDS.select(backend, [q, k, v, attn_bias], q, k, v, attn_bias, dropout_p)
     if chosen == "torch":
-        return attention_reference(q, k, v, scale=scale, attn_bias=attn_bias, dropout_p=dropout_p)
-    out, _ = torch.ops.vitkern.attention_fwd(q, k, v, attn_bias, scale, float(dropout_p), _new_seed(dropout_p))
+        return attention_reference(q, k, v, scale=scale, attn_bias=attn_bias, dropout_p=dropout_p,
+                                   is_causal=is_causal)
+    out, _ = torch.ops.vitkern.attention_fwd(q, k, v, attn_bias, scale, float(dropout_p), _new_seed(dropout_p),
+                                             is_causal)
     return out.transpose(1, 2)
 
 
@@ -773,6 +873,7 @@ def attention_packed(
     scale: Optional[float] = None,
     attn_bias: Optional[Tensor] = None,
     dropout_p: float = 0.0,
+    is_causal: bool = False,
     backend: str = "auto",
 ) -> Tensor:
     """Self-attention straight from a qkv Linear's output to the proj Linear's input.
@@ -792,13 +893,14 @@ def attention_packed(
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()  # splitting the channels into (3, h, d) views needs unit stride there
     q, k, v = _split_heads(qkv, num_heads)
-    _validate(q, k, v, attn_bias, dropout_p, op="attention_packed")
+    _validate(q, k, v, attn_bias, dropout_p, op="attention_packed", is_causal=is_causal)
     B, N, _ = qkv.shape
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _default_scale(q) if scale is None else float(scale)
     chosen = _BACKENDS.select(backend, [q, k, v, attn_bias], q, k, v, attn_bias, dropout_p)
     if chosen == "torch":
-        out = attention_reference(q, k, v, scale=scale, attn_bias=attn_bias, dropout_p=dropout_p)
-        return out.transpose(1, 2).reshape(B, N, -1)
+        out = attention_reference(q, k, v, scale=scale, attn_bias=attn_bias, dropout_p=dropout_p,
+                                  is_causal=is_causal)
+        return out.transpose(1, 2).reshape(B, N, qkv.shape[-1] // 3)  # not -1: B or N may be 0
     out, _ = torch.ops.vitkern.attention_packed_fwd(qkv, num_heads, attn_bias, scale, float(dropout_p),
-                                                    _new_seed(dropout_p))
+                                                    _new_seed(dropout_p), is_causal)
     return out

@@ -42,15 +42,44 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # --------------------------------------------------------------------------- #
 # Triton kernels
 # --------------------------------------------------------------------------- #
+# Every address is int64: an index is cast before it meets a stride, because a stride
+# near 2^31 (a huge batch or a strided view) would wrap an int32 product silently. The one
+# exception, a patch's (i, j) offset, stays int32 only where the launcher proved it fits.
+@triton.jit
+def _split_k(ks, PH: tl.constexpr, PW: tl.constexpr):
+    """k -> (c, i, j), flattened as in the Conv2d weight (int32: no stride involved yet)."""
+    c = ks // (PH * PW)
+    ij = ks % (PH * PW)
+    return c, ij // PW, ij % PW
+
+
+@triton.jit
+def _pixel_offset(c, i, j, s_c, s_h, s_w, WIDE: tl.constexpr):
+    """Offset of pixel (c, i, j) within a patch (or of weight element [., c, i, j]). The (i, j) part
+    stays int32 (it is in the hot loop) unless the launcher found a patch spanning 2^31 elements."""
+    if WIDE:
+        return c.to(tl.int64) * s_c + (i.to(tl.int64) * s_h + j.to(tl.int64) * s_w)
+    return c.to(tl.int64) * s_c + (i * s_h + j * s_w)
+
+
+@triton.jit
+def _patch_origin(b, n, GRID_W, s_b, step_h, step_w):
+    """Offset of the top-left pixel of patch n (row-major on the grid) of image b. The launcher passes
+    the patch steps Ph*s_h and Pw*s_w (exact Python ints: Triton makes them int64 when they need it),
+    which costs fewer registers than forming them in int64 here."""
+    n = n.to(tl.int64)
+    return b.to(tl.int64) * s_b + (n // GRID_W) * step_h + (n % GRID_W) * step_w
+
+
 @triton.jit
 def _patch_embed_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, cls_ptr, pos_ptr, out_ptr,
     ln_w_ptr, ln_b_ptr, pre_ptr, mean_ptr, rstd_ptr, eps,
     M, D, K, TOKENS, PREFIX, GRID_W,
-    sx_b, sx_c, sx_h, sx_w,
+    sx_b, sx_c, sx_h, sx_w, sx_ph, sx_pw,
     sw_d, sw_c, sw_h, sw_w,
     spos_t, spos_d,
-    PH: tl.constexpr, PW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, WIDE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr, HAS_POS: tl.constexpr, HAS_NORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -65,23 +94,19 @@ def _patch_embed_fwd_kernel(
     t = rows % TOKENS
     is_patch = row_ok & (t >= PREFIX)
     n = tl.where(is_patch, t - PREFIX, 0)
-    patch_h = n // GRID_W
-    patch_w = n % GRID_W
-    row_base = b * sx_b + patch_h * (PH * sx_h) + patch_w * (PW * sx_w)  # int64: top-left pixel of the patch
-    w_cols = cols.to(tl.int64) * sw_d
+    row_base = _patch_origin(b, n, GRID_W, sx_b, sx_ph, sx_pw)
+    cols64 = cols.to(tl.int64)
+    w_cols = cols64 * sw_d
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)  # k = (c, i, j) flattened as in the Conv2d weight
+        ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        c = ks // (PH * PW)
-        ij = ks % (PH * PW)
-        i = ij // PW
-        j = ij % PW
-        x_off = c.to(tl.int64) * sx_c + i * sx_h + j * sx_w
+        c, i, j = _split_k(ks, PH, PW)
+        x_off = _pixel_offset(c, i, j, sx_c, sx_h, sx_w, WIDE)
         a = tl.load(x_ptr + row_base[:, None] + x_off[None, :],
                     mask=is_patch[:, None] & k_ok[None, :], other=0.0)
-        w_off = c.to(tl.int64) * sw_c + i * sw_h + j * sw_w
+        w_off = _pixel_offset(c, i, j, sw_c, sw_h, sw_w, WIDE)
         w = tl.load(w_ptr + w_off[:, None] + w_cols[None, :],
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc += tl.dot(a, w)
@@ -94,7 +119,7 @@ def _patch_embed_fwd_kernel(
         cls = tl.load(cls_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc += tl.where(is_patch[:, None], 0.0, cls[None, :])
     if HAS_POS:
-        pos = tl.load(pos_ptr + t[:, None] * spos_t + cols[None, :].to(tl.int64) * spos_d,
+        pos = tl.load(pos_ptr + t[:, None] * spos_t + cols64[None, :] * spos_d,
                       mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         acc += pos.to(tl.float32)
     out_off = rows[:, None] * D + cols[None, :]
@@ -117,8 +142,8 @@ def _patch_embed_dx_kernel(
     MP, D, K, NUM_PATCHES, PREFIX, GRID_W,
     sg_b, sg_t, sg_d,
     sw_d, sw_c, sw_h, sw_w,
-    sdx_b, sdx_c, sdx_h, sdx_w,
-    PH: tl.constexpr, PW: tl.constexpr,
+    sdx_b, sdx_c, sdx_h, sdx_w, sdx_ph, sdx_pw,
+    PH: tl.constexpr, PW: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dpatch[m, k] = sum_d dout[patch row m, d] * W[d, k], stored into dx's pixels."""
@@ -131,11 +156,8 @@ def _patch_embed_dx_kernel(
     b = rows // NUM_PATCHES
     n = rows % NUM_PATCHES
     g_row = b * sg_b + (n + PREFIX) * sg_t
-    c = ks // (PH * PW)
-    ij = ks % (PH * PW)
-    i = ij // PW
-    j = ij % PW
-    w_k = c.to(tl.int64) * sw_c + i * sw_h + j * sw_w
+    c, i, j = _split_k(ks, PH, PW)
+    w_k = _pixel_offset(c, i, j, sw_c, sw_h, sw_w, WIDE)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_K):
@@ -147,10 +169,8 @@ def _patch_embed_dx_kernel(
                     mask=d_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(g, w)
 
-    patch_h = n // GRID_W
-    patch_w = n % GRID_W
-    dx_row = b * sdx_b + patch_h * (PH * sdx_h) + patch_w * (PW * sdx_w)
-    dx_k = c.to(tl.int64) * sdx_c + i * sdx_h + j * sdx_w
+    dx_row = _patch_origin(b, n, GRID_W, sdx_b, sdx_ph, sdx_pw)
+    dx_k = _pixel_offset(c, i, j, sdx_c, sdx_h, sdx_w, WIDE)
     tl.store(dx_ptr + dx_row[:, None] + dx_k[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=row_ok[:, None] & k_ok[None, :])
 
@@ -160,8 +180,8 @@ def _patch_embed_dw_kernel(
     g_ptr, x_ptr, partial_ptr,
     MP, D, K, NUM_PATCHES, PREFIX, GRID_W, ROWS_PER_SPLIT,
     sg_b, sg_t, sg_d,
-    sx_b, sx_c, sx_h, sx_w,
-    PH: tl.constexpr, PW: tl.constexpr,
+    sx_b, sx_c, sx_h, sx_w, sx_ph, sx_pw,
+    PH: tl.constexpr, PW: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """partial[s, d, k] = sum over split s's patch rows m of dout[m, d] * patch[m, k]."""
@@ -172,11 +192,8 @@ def _patch_embed_dw_kernel(
     ks = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     d_ok = ds < D
     k_ok = ks < K
-    c = ks // (PH * PW)
-    ij = ks % (PH * PW)
-    i = ij // PW
-    j = ij % PW
-    x_k = c.to(tl.int64) * sx_c + i * sx_h + j * sx_w
+    c, i, j = _split_k(ks, PH, PW)
+    x_k = _pixel_offset(c, i, j, sx_c, sx_h, sx_w, WIDE)
     g_d = ds.to(tl.int64) * sg_d
 
     row_start = split.to(tl.int64) * ROWS_PER_SPLIT
@@ -189,7 +206,7 @@ def _patch_embed_dw_kernel(
         g_row = b * sg_b + (n + PREFIX) * sg_t
         g_t = tl.load(g_ptr + g_d[:, None] + g_row[None, :],
                       mask=d_ok[:, None] & row_ok[None, :], other=0.0)
-        x_row = b * sx_b + (n // GRID_W) * (PH * sx_h) + (n % GRID_W) * (PW * sx_w)
+        x_row = _patch_origin(b, n, GRID_W, sx_b, sx_ph, sx_pw)
         a = tl.load(x_ptr + x_row[:, None] + x_k[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(g_t, a)
@@ -208,11 +225,12 @@ def _sum_over_batch_kernel(
     ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ok = (ts < TOKENS)[:, None] & (ds < D)[None, :]
-    offs = ts[:, None].to(tl.int64) * sg_t + ds[None, :].to(tl.int64) * sg_d
+    ptrs = g_ptr + (ts[:, None].to(tl.int64) * sg_t + ds[None, :].to(tl.int64) * sg_d)
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    for b in range(0, BATCH):
-        acc += tl.load(g_ptr + b * sg_b + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + ts[:, None] * D + ds[None, :], acc, mask=ok)
+    for _ in range(0, BATCH):
+        acc += tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+        ptrs += sg_b  # stepping the pointer: the batch offset never passes through an int32 product
+    tl.store(out_ptr + ts[:, None].to(tl.int64) * D + ds[None, :], acc, mask=ok)
 
 
 # --------------------------------------------------------------------------- #
@@ -240,6 +258,16 @@ def _backward_tiles(cfg: dict) -> dict:
     return dict(cfg, BLOCK_N=min(cfg["BLOCK_N"], 64), num_stages=2)
 
 
+def _wide(ph: int, pw: int, *tensors: Tensor) -> bool:
+    """Whether i*s_h + j*s_w over a patch can leave int32 for one of the 4-D tensors (see _pixel_offset)."""
+    return any((ph - 1) * t.stride(2) + (pw - 1) * t.stride(3) >= 2**31 for t in tensors)
+
+
+def _image_strides(x: Tensor, ph: int, pw: int) -> tuple:
+    """x's four strides, then the patch steps Ph*s_h, Pw*s_w (see _patch_origin)."""
+    return (*x.stride(), ph * x.stride(2), pw * x.stride(3))
+
+
 def _launch_forward(x, weight, bias, cls_token, pos_embed, norm=None):
     """Returns out; with ``norm = (ln_weight, ln_bias, eps)`` returns (out, pre-norm fp32, mean, rstd)."""
     B, C, H, W = x.shape
@@ -250,6 +278,10 @@ def _launch_forward(x, weight, bias, cls_token, pos_embed, norm=None):
     M, K = B * tokens, C * PH * PW
     out = new_output((B, tokens, D), dtype=x.dtype, device=x.device)
     pos2d = pos_embed.reshape(tokens, D) if pos_embed is not None else None
+    # The kernel reads bias, CLS and the LayerNorm affine as contiguous (D,) vectors: a strided or
+    # expanded one is copied here (D values; fewer registers than strided loads in the epilogue).
+    bias = bias.contiguous() if bias is not None else None
+    cls = cls_token.reshape(D).contiguous() if cls_token is not None else None
     cfg = _gemm_config(x.dtype, M, D, K)
     dummy = weight  # placeholder pointer for absent optional inputs (never read)
     norm_args = (dummy, dummy, dummy, dummy, dummy, 0.0)
@@ -258,21 +290,23 @@ def _launch_forward(x, weight, bias, cls_token, pos_embed, norm=None):
         pre = new_output((B, tokens, D), dtype=torch.float32, device=x.device)
         mean = new_output((B, tokens), dtype=torch.float32, device=x.device)
         rstd = new_output((B, tokens), dtype=torch.float32, device=x.device)
-        norm_args = (ln_weight, ln_bias, pre, mean, rstd, float(eps))
+        norm_args = (ln_weight.contiguous(), ln_bias.contiguous(), pre, mean, rstd, float(eps))
         # Whole rows per program for the row statistics; fewer rows when rows are long.
         cfg["BLOCK_N"] = max(16, next_power_of_2(D))
         cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 32 if cfg["BLOCK_N"] > 256 else 64)
+    if M == 0:  # empty batch: nothing to compute, no zero-size grid to launch
+        return out if norm is None else (out, pre, mean, rstd)
     grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(D, cfg["BLOCK_N"]))
     _patch_embed_fwd_kernel[grid](
         x, weight,
         bias if bias is not None else dummy,
-        cls_token.reshape(D) if cls_token is not None else dummy,
+        cls if cls is not None else dummy,
         pos2d if pos2d is not None else dummy,
         out, *norm_args,
         M, D, K, tokens, prefix, grid_w,
-        *x.stride(), *weight.stride(),
+        *_image_strides(x, PH, PW), *weight.stride(),
         *(pos2d.stride() if pos2d is not None else (0, 0)),
-        PH=PH, PW=PW,
+        PH=PH, PW=PW, WIDE=_wide(PH, PW, x, weight),
         HAS_BIAS=bias is not None, HAS_CLS=cls_token is not None, HAS_POS=pos_embed is not None,
         HAS_NORM=norm is not None,
         **cfg,
@@ -296,9 +330,12 @@ def _launch_backward(grad_out, x, weight, has_cls, need_dx, need_dweight, need_t
     prefix = 1 if has_cls else 0
     tokens = prefix + num_patches
     MP, K = B * num_patches, C * PH * PW
+    f32 = dict(dtype=torch.float32, device=x.device)
 
     dx = x.new_empty(0)  # unrequested results are distinct empty tensors (outputs must not alias)
-    if need_dx:
+    if need_dx and MP == 0:  # empty batch: an empty dx, no zero-size grid to launch
+        dx = new_output_like(x)
+    elif need_dx:
         # Pixels beyond the last full patch (possible only for a cropped view) get no gradient.
         # dx in x's memory format (e.g. the channels-last strides of a token grid viewed as an image),
         # so autograd maps it back through the view without a copy.
@@ -309,31 +346,35 @@ def _launch_backward(grad_out, x, weight, has_cls, need_dx, need_dweight, need_t
         _patch_embed_dx_kernel[grid](
             grad_out, weight, dx,
             MP, D, K, num_patches, prefix, grid_w,
-            *grad_out.stride(), *weight.stride(), *dx.stride(),
-            PH=PH, PW=PW, **cfg,
+            *grad_out.stride(), *weight.stride(), *_image_strides(dx, PH, PW),
+            PH=PH, PW=PW, WIDE=_wide(PH, PW, weight, dx), **cfg,
         )
 
     dweight = x.new_empty(0)
-    if need_dweight:
+    if need_dweight and MP == 0:  # a sum over no patches
+        dweight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+    elif need_dweight:
         cfg = _backward_tiles(_gemm_config(x.dtype, D, K, MP))
         d_tiles, k_tiles = cdiv(D, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_N"])
         row_tiles = cdiv(MP, cfg["BLOCK_K"])
         splits = _dw_splits(d_tiles, k_tiles, row_tiles, x.device)
         rows_per_split = cdiv(row_tiles, splits) * cfg["BLOCK_K"]
         splits = cdiv(MP, rows_per_split)
-        partial = new_output((splits, D, K), dtype=torch.float32, device=x.device)
+        partial = new_output((splits, D, K), **f32)
         _patch_embed_dw_kernel[(d_tiles, k_tiles, splits)](
             grad_out, x, partial,
             MP, D, K, num_patches, prefix, grid_w, rows_per_split,
-            *grad_out.stride(), *x.stride(),
-            PH=PH, PW=PW, **cfg,
+            *grad_out.stride(), *_image_strides(x, PH, PW),
+            PH=PH, PW=PW, WIDE=_wide(PH, PW, x), **cfg,
         )
         summed = partial.sum(0) if splits > 1 else partial[0]  # fixed order: deterministic
         dweight = summed.to(weight.dtype).reshape(weight.shape)
 
     token_sums = x.new_empty(0, dtype=torch.float32)
-    if need_token_sums:
-        token_sums = new_output((tokens, D), dtype=torch.float32, device=x.device)
+    if need_token_sums and B == 0:  # a sum over no images
+        token_sums = torch.zeros((tokens, D), **f32)
+    elif need_token_sums:
+        token_sums = new_output((tokens, D), **f32)
         block_t, block_d = 16, min(128, next_power_of_2(D))
         _sum_over_batch_kernel[(cdiv(tokens, block_t), cdiv(D, block_d))](
             grad_out, token_sums, B, tokens, D, *grad_out.stride(),
@@ -446,8 +487,8 @@ def _validate(x, weight, bias, cls_token, pos_embed) -> None:
         raise TypeError(f"patch_embed: x.dtype must be one of float64/float32/float16/bfloat16, got {x.dtype}")
     B, C, H, W = x.shape
     D, Cw, PH, PW = weight.shape
-    if B == 0:
-        raise ValueError(f"patch_embed: x has an empty batch (shape {_shape(x)}); expected B >= 1")
+    if H == 0 or W == 0:  # (an empty batch B = 0 is fine: empty tokens out, as Conv2d)
+        raise ValueError(f"patch_embed: x must have H >= 1 and W >= 1 (B, C, H, W), got shape {_shape(x)}")
     if Cw != C:
         raise ValueError(f"patch_embed: weight has {Cw} input channels (shape {_shape(weight)}) but x has C={C}")
     if D == 0 or PH == 0 or PW == 0:
@@ -509,6 +550,8 @@ def _cuda_forward(x, weight, bias, cls_token, pos_embed) -> Tensor:
     D, _, PH, PW = weight.shape
     tokens = (1 if cls_token is not None else 0) + (H // PH) * (W // PW)
     out = new_output((B, tokens, D), dtype=x.dtype, device=x.device)
+    if B == 0:  # empty batch: no zero-size grid to launch
+        return out
     bias = bias.contiguous() if bias is not None else None  # read as bias[d]
     cls = cls_token.reshape(D).contiguous() if cls_token is not None else None
     pos2d = pos_embed.reshape(tokens, D) if pos_embed is not None else None

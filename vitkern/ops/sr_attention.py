@@ -149,8 +149,6 @@ def _validate(x, params) -> None:
         raise TypeError(f"sr_attention: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in (torch.float64,) + _KERNEL_DTYPES:
         raise TypeError(f"sr_attention: x.dtype must be one of float64/float32/float16/bfloat16, got {x.dtype}")
-    if x.dim() == 3 and x.shape[0] == 0:
-        raise ValueError(f"sr_attention: x has an empty batch (shape {tuple(x.shape)}); expected B >= 1")
     for name, t in params.items():
         if t is None:
             continue
@@ -242,7 +240,9 @@ def sr_attention(
         x, feat_size, num_heads=num_heads, q_weight=q_weight, kv_weight=kv_weight, proj_weight=proj_weight,
         sr_weight=sr_weight, norm_weight=norm_weight, sr_ratio=sr_ratio, linear_attn=linear_attn)
     chosen = _BACKENDS.select(backend, [x], x, params, num_heads, sr_ratio, linear_attn)
-    if chosen == "torch":
+    # An empty batch has nothing to fuse: the reference's torch ops give the empty output and zero
+    # weight gradients, as the timm module does, and no kernel is launched on a zero-size grid.
+    if chosen == "torch" or B == 0:
         return sr_attention_reference(x, (H, W), num_heads=num_heads, sr_ratio=sr_ratio, linear_attn=linear_attn,
                                       norm_eps=norm_eps, scale=scale, dropout_p=dropout_p, **params)
     p = params

@@ -18,14 +18,22 @@ regions per axis on the padded grid, -100 between different regions). The output
 each token is written straight back to its input position. Saved for backward: the
 row logsumexp only (O(tokens · heads)).
 
+Attention dropout (``dropout_p`` > 0) is drawn in-kernel as in ``ops/attention.py``: a
+Philox number per (image·window·head, query, key) from one seed, so the forward and every
+backward kernel drop the same probabilities (:func:`window_dropout_keep_mask` reproduces
+them for tests). With ``HAS_DROPOUT`` off the kernels contain none of it.
+
 Backward (deterministic, no atomics): delta = rowsum(dO∘O); dQ per query block (which
-also replaces delta by the one that makes rowsum(dS) = 0); dK, dV (+ padding tokens' sums for d qkv_bias)
-per key block; the table gradient
-by first summing dS over images and windows per (head, query, key) in split partial
-sums, then folding those (n × n) sums into the table by relative offset.
+also replaces delta by the one that makes rowsum(dS) = 0); dK, dV per key block, plus the
+padding keys' sums for d qkv_bias in one slot per padded window (only the last window row /
+column holds padding, so no slot for the others); the table gradient by first summing dS over
+images and windows per (head, query, key) in split partial sums, then folding those (n × n)
+sums into the table by relative offset.
 
 Tiles: the window's n = Mh·Mw tokens are covered by power-of-two blocks chosen to waste
 the least (49 tokens: 64; 144 tokens: blocks of 16, no padding).
+All addresses are int64 (indices are cast before they meet a stride). An empty batch
+launches nothing.
 At head dim 32 a 7×7 window's attention does ~24 FLOP per byte it must move, far under the
 tensor cores' ridge point, so the padded columns of 49 → 64 do not cost time; memory does.
 
@@ -42,10 +50,11 @@ from torch import Tensor
 from vitkern import _triton, backends
 from vitkern._memory import new_output
 from vitkern._triton import cdiv, next_power_of_2, tl, triton
+from vitkern.ops.attention import _keep_scale, _new_seed, _seed_value, dropout_keep_mask
 from vitkern.reference import _pair as reference_pair
 from vitkern.reference import window_attention_reference
 
-__all__ = ["window_attention", "window_attention_flops"]
+__all__ = ["window_attention", "window_attention_flops", "window_dropout_keep_mask"]
 
 _SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)  # float64: torch only
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -77,6 +86,20 @@ def _region(p, length, window, shift):
     """timm's shift-mask region along one axis of the padded grid (slices [:-M], [-M:-s], [-s:])."""
     label = tl.where(p < length - window, 0, tl.where(p < length - shift, 1, 2))
     return tl.where(shift == 0, 2, label)  # shift 0: the last slice [-0:] covers the whole axis
+
+
+@triton.jit
+def _padded_window(win, N_WIN_W, FULL_H, FULL_W):
+    """(window holds padding tokens, its index among those windows), as _Geometry.pad_windows counts.
+
+    Padding is appended after the roll, so only window rows >= FULL_H and window columns >= FULL_W
+    (the last row / column, when the grid does not divide) hold it: numbered (wy, last column) for
+    wy < FULL_H first, then the last row.
+    """
+    wy = win // N_WIN_W
+    wx = win % N_WIN_W
+    border = (wy >= FULL_H) | (wx >= FULL_W)
+    return border, tl.where(wy < FULL_H, wy, FULL_H * (N_WIN_W - FULL_W) + wx)
 
 
 @triton.jit
@@ -115,10 +138,10 @@ def _window_scores(q, k, table_ptr, head, rows, cols, ys_q, xs_q, ys_k, xs_k, HP
 @triton.jit
 def _win_fwd_kernel(
     qkv_ptr, qkv_bias_ptr, table_ptr, out_ptr, lse_ptr,
-    H, W, HP, WP, SH, SW, N_WIN, N_WIN_W, HEADS, C, qk_scale, mask_value,
+    H, W, HP, WP, SH, SW, N_WIN, N_WIN_W, HEADS, C, qk_scale, mask_value, seed, dropout_p, inv_keep,
     s_b, s_y, s_x, s_c, so_b, so_y, so_x, so_c, st_t, st_h,
     MH: tl.constexpr, MW: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_QKV_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_QKV_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # (image · window) · heads + head
@@ -149,6 +172,8 @@ def _win_fwd_kernel(
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:  # the normaliser l_i keeps the undropped probabilities
+            p = p * _keep_scale(seed, pid, rows, cols, N_TOK, N_TOK, dropout_p, inv_keep)
         v = _load_tokens(qkv_ptr, qkv_bias_ptr, k_off, inside_k, cols < N_TOK, 2 * C + head * HEAD_DIM, dims,
                          s_c, HEAD_DIM, HAS_QKV_BIAS)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -198,10 +223,11 @@ def _load_dout(dout_ptr, b, y, x, inside, head, dims, sdo_b, sdo_y, sdo_x, sdo_c
 @triton.jit
 def _win_bwd_dkdv_kernel(
     qkv_ptr, qkv_bias_ptr, table_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, pad_grad_ptr,
-    H, W, HP, WP, SH, SW, N_WIN, N_WIN_W, HEADS, C, qk_scale, sm_scale, mask_value,
+    H, W, HP, WP, SH, SW, N_WIN, N_WIN_W, HEADS, C, qk_scale, sm_scale, mask_value, seed, dropout_p, inv_keep,
+    FULL_H, FULL_W, N_PAD_WIN,
     s_b, s_y, s_x, s_c, sdo_b, sdo_y, sdo_x, sdo_c, sd_b, sd_y, sd_x, sd_c, st_t, st_h,
     MH: tl.constexpr, MW: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_QKV_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_QKV_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_DROPOUT: tl.constexpr, PAD_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK, dV of one key block of one (image, window, head); padding keys' sums go to pad_grad."""
@@ -235,8 +261,14 @@ def _win_bwd_dkdv_kernel(
                            st_t, st_h, qk_scale, mask_value, N_TOK, MH, MW, HAS_SHIFT)
         valid = (rows < N_TOK)[:, None] & (cols < N_TOK)[None, :]
         p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        p_kept = p  # what the forward multiplied v by
+        if HAS_DROPOUT:
+            z = _keep_scale(seed, pid, rows, cols, N_TOK, N_TOK, dropout_p, inv_keep)
+            p_kept = p * z
+        dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do)
         dp = tl.dot(do, tl.trans(v))
+        if HAS_DROPOUT:
+            dp = dp * z
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
 
@@ -247,20 +279,25 @@ def _win_bwd_dkdv_kernel(
     tl.store(dqkv_ptr + d_off[:, None] + k_chan, dk.to(dqkv_ptr.dtype.element_ty), mask=inside_k[:, None] & dim_ok)
     tl.store(dqkv_ptr + d_off[:, None] + k_chan + C * sd_c, dv.to(dqkv_ptr.dtype.element_ty),
              mask=inside_k[:, None] & dim_ok)
-    if HAS_QKV_BIAS:  # padding keys are the qkv bias: their gradients belong to it
-        is_pad = ((cols < N_TOK) & (inside_k == 0))[:, None]
-        slot = pad_grad_ptr + (pid * tl.num_programs(1) + tl.program_id(1)) * (2 * BLOCK_D) + dims
-        tl.store(slot, tl.sum(tl.where(is_pad, dk, 0.0), 0))
-        tl.store(slot + BLOCK_D, tl.sum(tl.where(is_pad, dv, 0.0), 0))
+    if PAD_GRAD:  # padding keys are the qkv bias: their gradients belong to it
+        # Only border windows hold padding, so only they own a slot (no slot per window of the grid).
+        border, pad_win = _padded_window(win, N_WIN_W, FULL_H, FULL_W)
+        if border:
+            is_pad = ((cols < N_TOK) & (inside_k == 0))[:, None]
+            slot_id = ((b * N_PAD_WIN + pad_win) * HEADS + head) * tl.num_programs(1) + tl.program_id(1)
+            slot = pad_grad_ptr + slot_id * (2 * BLOCK_D) + dims
+            tl.store(slot, tl.sum(tl.where(is_pad, dk, 0.0), 0))
+            tl.store(slot + BLOCK_D, tl.sum(tl.where(is_pad, dv, 0.0), 0))
 
 
 @triton.jit
 def _win_bwd_dq_kernel(
     qkv_ptr, qkv_bias_ptr, table_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr,
-    H, W, HP, WP, SH, SW, N_WIN, N_WIN_W, HEADS, C, qk_scale, sm_scale, mask_value,
+    H, W, HP, WP, SH, SW, N_WIN, N_WIN_W, HEADS, C, qk_scale, sm_scale, mask_value, seed, dropout_p, inv_keep,
+    FULL_H, FULL_W, N_PAD_WIN,
     s_b, s_y, s_x, s_c, sdo_b, sdo_y, sdo_x, sdo_c, sd_b, sd_y, sd_x, sd_c, st_t, st_h,
     MH: tl.constexpr, MW: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_QKV_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_QKV_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_DROPOUT: tl.constexpr, PAD_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ of one query block of one (image, window, head), written to the token's position."""
@@ -299,6 +336,8 @@ def _win_bwd_dq_kernel(
         valid = (rows < N_TOK)[:, None] & (cols < N_TOK)[None, :]
         p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
+        if HAS_DROPOUT:
+            dp = dp * _keep_scale(seed, pid, rows, cols, N_TOK, N_TOK, dropout_p, inv_keep)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
         pk += tl.dot(p.to(k.dtype), k)
@@ -317,10 +356,11 @@ def _win_bwd_dq_kernel(
 @triton.jit
 def _win_bwd_dscore_sum_kernel(
     qkv_ptr, qkv_bias_ptr, table_ptr, dout_ptr, lse_ptr, delta_ptr, partial_ptr,
-    H, W, HP, WP, SH, SW, N_WIN, N_WIN_W, HEADS, C, qk_scale, mask_value, Z_TOTAL, Z_PER_SPLIT,
+    H, W, HP, WP, SH, SW, N_WIN, N_WIN_W, HEADS, C, qk_scale, mask_value, seed, dropout_p, inv_keep,
+    Z_TOTAL, Z_PER_SPLIT,
     s_b, s_y, s_x, s_c, sdo_b, sdo_y, sdo_x, sdo_c, st_t, st_h,
     MH: tl.constexpr, MW: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_QKV_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_QKV_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """partial[split, head, i, j] = Σ dS[z, head, i, j] over the split's (image · window) range z."""
@@ -337,9 +377,10 @@ def _win_bwd_dscore_sum_kernel(
     z_lo = split * Z_PER_SPLIT
     z_hi = tl.minimum(z_lo + Z_PER_SPLIT, Z_TOTAL)
     for zw in range(z_lo, z_hi):
-        b = zw // N_WIN
-        win = zw % N_WIN
-        pid = zw * HEADS + head
+        z = tl.cast(zw, tl.int64)  # the loop variable may be int32: b * s_b below must not wrap
+        b = z // N_WIN
+        win = z % N_WIN
+        pid = z * HEADS + head
         y, x, inside_q, ys_q, xs_q = _window_tokens(rows, win, H, W, SH, SW, N_WIN_W, MH, MW)
         yk, xk, inside_k, ys_k, xs_k = _window_tokens(cols, win, H, W, SH, SW, N_WIN_W, MH, MW)
         q_off = b * s_b + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
@@ -356,7 +397,10 @@ def _win_bwd_dscore_sum_kernel(
         s = _window_scores(q, k, table_ptr, head, rows, cols, ys_q, xs_q, ys_k, xs_k, HP, WP, SH, SW,
                            st_t, st_h, qk_scale, mask_value, N_TOK, MH, MW, HAS_SHIFT)
         p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
-        acc += p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        if HAS_DROPOUT:
+            dp = dp * _keep_scale(seed, pid, rows, cols, N_TOK, N_TOK, dropout_p, inv_keep)
+        acc += p * (dp - delta[:, None])
     out = partial_ptr + ((split * HEADS + head) * N_TOK + rows[:, None].to(tl.int64)) * N_TOK + cols[None, :]
     tl.store(out, acc, mask=valid)
 
@@ -419,6 +463,10 @@ class _Geometry:
         self.WP = cdiv(self.W, self.MW) * self.MW
         self.n_win_w = self.WP // self.MW
         self.n_win = (self.HP // self.MH) * self.n_win_w
+        # Window rows / columns without padding; the windows past them hold the padding tokens.
+        self.full_h = self.HP // self.MH - (self.HP > self.H)
+        self.full_w = self.n_win_w - (self.WP > self.W)
+        self.pad_windows = self.n_win - self.full_h * self.full_w
         self.n_tok = self.MH * self.MW
         self.programs = self.B * self.n_win * num_heads
         self.block_m, self.block_n = _tiles(self.n_tok)
@@ -435,19 +483,28 @@ class _Geometry:
     def grid_args(self):
         return (self.H, self.W, self.HP, self.WP, self.SH, self.SW, self.n_win, self.n_win_w, self.heads, self.C)
 
-    def consts(self, qkv_bias):
+    def consts(self, qkv_bias, dropout_p):
         return dict(MH=self.MH, MW=self.MW, HEAD_DIM=self.head_dim, HAS_QKV_BIAS=qkv_bias is not None,
-                    HAS_SHIFT=bool(self.SH or self.SW), BLOCK_D=self.block_d)
+                    HAS_SHIFT=bool(self.SH or self.SW), HAS_DROPOUT=dropout_p > 0, BLOCK_D=self.block_d)
 
 
-def _launch_fwd(qkv, table, qkv_bias, g: _Geometry, scale, mask_value):
+def _dropout_args(dropout_p: float, seed: Optional[Tensor]):
+    """(seed, p, 1/(1-p)) for the kernels; unused (HAS_DROPOUT is off) when p == 0."""
+    return _seed_value(seed), float(dropout_p), 1.0 / (1.0 - float(dropout_p))
+
+
+def _launch_fwd(qkv, table, qkv_bias, g: _Geometry, scale, mask_value, dropout_p, seed):
     out = new_output((g.B, g.H, g.W, g.C), dtype=qkv.dtype, device=qkv.device)
     lse = new_output((g.programs, g.n_tok), dtype=torch.float32, device=qkv.device)
+    if g.programs == 0:  # an empty batch: nothing to launch
+        return out, lse
+    bias_arg = qkv_bias.contiguous() if qkv_bias is not None else qkv  # (3C,): the kernels index it densely
     _win_fwd_kernel[(g.programs, cdiv(g.n_tok, g.block_m))](
-        qkv, qkv_bias if qkv_bias is not None else qkv, table, out, lse,
-        *g.grid_args(), scale * _LOG2E, float(mask_value),
+        qkv, bias_arg, table, out, lse,
+        *g.grid_args(), scale * _LOG2E, float(mask_value), *_dropout_args(dropout_p, seed),
         *qkv.stride(), *out.stride(), *table.stride(),
-        BLOCK_M=g.block_m, BLOCK_N=g.block_n, num_warps=g.warps, num_stages=g.stages, **g.consts(qkv_bias),
+        BLOCK_M=g.block_m, BLOCK_N=g.block_n, num_warps=g.warps, num_stages=g.stages,
+        **g.consts(qkv_bias, dropout_p),
     )
     return out, lse
 
@@ -461,10 +518,21 @@ def _dscore_splits(g: _Geometry, tiles: int, device) -> int:
     return max(1, min(total, cdiv(target, g.heads * tiles)))
 
 
-def _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g: _Geometry, scale, mask_value, need_table: bool):
+def _empty_grads(qkv, table, qkv_bias, need_table: bool):
+    """The gradients of an empty batch: empty dqkv, zero d(qkv_bias) and d(table)."""
+    f32 = dict(dtype=torch.float32, device=qkv.device)
+    return (torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device),
+            torch.zeros(qkv_bias.shape, **f32) if qkv_bias is not None else torch.empty(0, **f32),
+            torch.zeros(table.shape, **f32) if need_table else torch.empty(0, **f32))
+
+
+def _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g: _Geometry, scale, mask_value, dropout_p, seed,
+                need_table: bool):
+    if g.programs == 0:
+        return _empty_grads(qkv, table, qkv_bias, need_table)
     dev = qkv.device
-    consts = g.consts(qkv_bias)
-    bias_arg = qkv_bias if qkv_bias is not None else qkv
+    consts = g.consts(qkv_bias, dropout_p)
+    bias_arg = qkv_bias.contiguous() if qkv_bias is not None else qkv
     delta = new_output((g.programs, g.n_tok), dtype=torch.float32, device=dev)
     _win_bwd_delta_kernel[(g.programs, cdiv(g.n_tok, g.block_m))](
         out, dout, delta, g.H, g.W, g.SH, g.SW, g.n_win, g.n_win_w, g.heads, *out.stride(), *dout.stride(),
@@ -473,11 +541,15 @@ def _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g: _Geometry, scale, mask_
     # Every token of the grid is in exactly one window, so the kernels write every element of dqkv.
     dqkv = new_output(qkv.shape, dtype=qkv.dtype, device=dev)
     key_blocks = cdiv(g.n_tok, g.block_n)
-    pad_grad = torch.zeros((g.programs * key_blocks, 2, g.block_d), dtype=torch.float32, device=dev) \
-        if qkv_bias is not None else qkv
-    common = (*g.grid_args(), scale * _LOG2E, scale, float(mask_value),
+    pad_grad_on = qkv_bias is not None and g.pad_windows > 0
+    # One (k | v) slot per (image, padded window, head, key block); every slot is written.
+    pad_grad = new_output((g.B * g.pad_windows * g.heads * key_blocks, 2, g.block_d), dtype=torch.float32,
+                          device=dev) if pad_grad_on else qkv
+    drop = _dropout_args(dropout_p, seed)
+    common = (*g.grid_args(), scale * _LOG2E, scale, float(mask_value), *drop, g.full_h, g.full_w, g.pad_windows,
               *qkv.stride(), *dout.stride(), *dqkv.stride(), *table.stride())
-    blocks = dict(BLOCK_M=g.block_m, BLOCK_N=g.block_n, num_warps=g.warps, num_stages=g.stages, **consts)
+    blocks = dict(BLOCK_M=g.block_m, BLOCK_N=g.block_n, num_warps=g.warps, num_stages=g.stages,
+                  PAD_GRAD=pad_grad_on, **consts)
     # dQ first: it replaces delta by the corrected one that the later kernels use.
     _win_bwd_dq_kernel[(g.programs, cdiv(g.n_tok, g.block_m))](
         qkv, bias_arg, table, dout, lse, delta, dqkv, *common, **blocks)
@@ -486,9 +558,10 @@ def _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g: _Geometry, scale, mask_
 
     dqkv_bias = qkv.new_empty(0, dtype=torch.float32)
     if qkv_bias is not None:  # q of padding tokens gets no gradient: their outputs are cropped
-        sums = pad_grad.view(g.B * g.n_win, g.heads, key_blocks, 2, g.block_d).sum(dim=(0, 2))
-        kv = sums[..., : g.head_dim].permute(1, 0, 2).reshape(2, g.C)  # (k | v) x (head, d)
-        dqkv_bias = torch.cat([torch.zeros(g.C, dtype=torch.float32, device=dev), kv.reshape(-1)])
+        dqkv_bias = torch.zeros(3 * g.C, dtype=torch.float32, device=dev)
+        if pad_grad_on:  # fixed-order sum over images, padded windows and key blocks: deterministic
+            sums = pad_grad.view(g.B * g.pad_windows, g.heads, key_blocks, 2, g.block_d).sum(dim=(0, 2))
+            dqkv_bias[g.C:] = sums[..., : g.head_dim].permute(1, 0, 2).reshape(-1)  # (k | v) x (head, d)
 
     dtable = qkv.new_empty(0, dtype=torch.float32)
     if need_table:
@@ -497,9 +570,10 @@ def _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g: _Geometry, scale, mask_
         per_split = cdiv(g.B * g.n_win, splits)
         splits = cdiv(g.B * g.n_win, per_split)
         partial = new_output((splits, g.heads, g.n_tok, g.n_tok), dtype=torch.float32, device=dev)
+        blocks.pop("PAD_GRAD")
         _win_bwd_dscore_sum_kernel[(g.heads, tiles, splits)](
             qkv, bias_arg, table, dout, lse, delta, partial,
-            *g.grid_args(), scale * _LOG2E, float(mask_value), g.B * g.n_win, per_split,
+            *g.grid_args(), scale * _LOG2E, float(mask_value), *drop, g.B * g.n_win, per_split,
             *qkv.stride(), *dout.stride(), *table.stride(),
             **dict(blocks, BLOCK_M=g.dscore_m, BLOCK_N=g.dscore_n, num_warps=4),
         )
@@ -511,20 +585,37 @@ def _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g: _Geometry, scale, mask_
     return dqkv, dqkv_bias, dtable
 
 
+def window_dropout_keep_mask(seed: int, batch: int, grid: Tuple[int, int], num_heads: int, window,
+                             dropout_p: float, device="cpu") -> Tensor:
+    """The dropout factors (0 or 1/(1-p)) the window kernels apply for ``seed``: (B, nW, heads, n, n).
+
+    Windows of the padded grid row-major, tokens of a window row-major (as
+    :func:`vitkern.reference.window_attention_reference` partitions them). The kernels key the
+    Philox stream by the element's flat index in (B·nW·heads, n, n), the attention kernels' layout
+    with (image·window, head) as the batch·head index, so attention's mask kernel draws them.
+    For tests: ``window_attention_reference(..., dropout_mask=...)`` then reproduces a dropout run.
+    """
+    mh, mw = window
+    n_win = cdiv(grid[0], mh) * cdiv(grid[1], mw)
+    n = mh * mw
+    mask = dropout_keep_mask(seed, (batch * n_win, num_heads, n, n), dropout_p, device=device)
+    return mask.view(batch, n_win, num_heads, n, n)
+
+
 # --------------------------------------------------------------------------- #
 # torch.library custom ops
 # --------------------------------------------------------------------------- #
 @torch.library.custom_op("vitkern::window_attention_fwd", mutates_args=())
 def _window_attention_fwd(
     qkv: Tensor, table: Tensor, qkv_bias: Optional[Tensor], num_heads: int, window: Sequence[int],
-    shift: Sequence[int], scale: float, mask_value: float,
+    shift: Sequence[int], scale: float, mask_value: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     g = _Geometry(qkv, num_heads, tuple(window), tuple(shift))
-    return _launch_fwd(qkv, table, qkv_bias, g, scale, mask_value)
+    return _launch_fwd(qkv, table, qkv_bias, g, scale, mask_value, dropout_p, seed)
 
 
 @_window_attention_fwd.register_fake
-def _(qkv, table, qkv_bias, num_heads, window, shift, scale, mask_value):
+def _(qkv, table, qkv_bias, num_heads, window, shift, scale, mask_value, dropout_p=0.0, seed=None):
     g = _Geometry(qkv, num_heads, tuple(window), tuple(shift))
     return qkv.new_empty((g.B, g.H, g.W, g.C)), qkv.new_empty((g.programs, g.n_tok), dtype=torch.float32)
 
@@ -533,35 +624,37 @@ def _(qkv, table, qkv_bias, num_heads, window, shift, scale, mask_value):
 def _window_attention_bwd(
     dout: Tensor, qkv: Tensor, table: Tensor, qkv_bias: Optional[Tensor], out: Tensor, lse: Tensor,
     num_heads: int, window: Sequence[int], shift: Sequence[int], scale: float, mask_value: float,
-    need_table: bool,
+    need_table: bool, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (dqkv, d qkv_bias in fp32 or empty, d table in fp32 or empty)."""
     g = _Geometry(qkv, num_heads, tuple(window), tuple(shift))
-    return _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g, scale, mask_value, need_table)
+    return _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g, scale, mask_value, dropout_p, seed, need_table)
 
 
 @_window_attention_bwd.register_fake
-def _(dout, qkv, table, qkv_bias, out, lse, num_heads, window, shift, scale, mask_value, need_table):
+def _(dout, qkv, table, qkv_bias, out, lse, num_heads, window, shift, scale, mask_value, need_table,
+      dropout_p=0.0, seed=None):
     f32 = dict(dtype=torch.float32)
     return (qkv.new_empty(qkv.shape), qkv.new_empty(qkv_bias.shape if qkv_bias is not None else 0, **f32),
             qkv.new_empty(table.shape if need_table else 0, **f32))
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, table, qkv_bias, num_heads, window, shift, scale, mask_value = inputs
+    qkv, table, qkv_bias, num_heads, window, shift, scale, mask_value, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, table, qkv_bias, out, lse)
+    ctx.save_for_backward(qkv, table, qkv_bias, out, lse, seed)
     ctx.args = (num_heads, tuple(window), tuple(shift), scale, mask_value)
+    ctx.dropout_p = dropout_p
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    qkv, table, qkv_bias, out, lse = ctx.saved_tensors
+    qkv, table, qkv_bias, out, lse, seed = ctx.saved_tensors
     need_qkv, need_table, need_bias = ctx.needs_input_grad[:3]
     dqkv, dqkv_bias, dtable = torch.ops.vitkern.window_attention_bwd(
-        dout, qkv, table, qkv_bias, out, lse, *ctx.args, need_table)
+        dout, qkv, table, qkv_bias, out, lse, *ctx.args, need_table, ctx.dropout_p, seed)
     return (dqkv if need_qkv else None, dtable.to(table.dtype) if need_table else None,
-            dqkv_bias.to(qkv_bias.dtype) if need_bias else None, None, None, None, None, None)
+            dqkv_bias.to(qkv_bias.dtype) if need_bias else None, None, None, None, None, None, None, None)
 
 
 _window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -603,15 +696,15 @@ def _pair(value, name: str) -> Tuple[int, int]:
         raise ValueError(f"window_attention: {exc}") from None
 
 
-def _validate(qkv, table, qkv_bias, num_heads, window, shift) -> None:
+def _validate(qkv, table, qkv_bias, num_heads, window, shift, dropout_p) -> None:
     if not isinstance(qkv, Tensor) or qkv.dim() != 4:
         got = tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__
         raise ValueError(f"window_attention: qkv must be a 4-D tensor (B, H, W, 3C), got {got}")
     if qkv.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"window_attention: qkv.dtype must be one of float64/float32/float16/bfloat16, got {qkv.dtype}")
     B, H, W, C3 = qkv.shape
-    if min(B, H, W) == 0:
-        raise ValueError(f"window_attention: qkv has an empty dimension: shape {tuple(qkv.shape)}")
+    if min(H, W) == 0:  # an empty batch (B = 0) is fine: empty in, empty out
+        raise ValueError(f"window_attention: qkv's token grid (H, W) must be non-empty, got shape {tuple(qkv.shape)}")
     if C3 % 3:
         raise ValueError(f"window_attention: qkv's last dimension must be 3C, got {C3}")
     C = C3 // 3
@@ -634,8 +727,13 @@ def _validate(qkv, table, qkv_bias, num_heads, window, shift) -> None:
             raise ValueError(f"window_attention: {name} is on {t.device} but qkv is on {qkv.device}")
         if not t.is_floating_point():
             raise TypeError(f"window_attention: {name} must be floating point, got {t.dtype}")
+    if table.dtype != qkv.dtype:  # the torch backend could not add it to the scores; no backend accepts it
+        raise TypeError(f"window_attention: rel_pos_bias_table.dtype must be qkv.dtype ({qkv.dtype}), "
+                        f"got {table.dtype}")
     if qkv_bias is not None and tuple(qkv_bias.shape) != (C3,):
         raise ValueError(f"window_attention: qkv_bias must have shape ({C3},), got {tuple(qkv_bias.shape)}")
+    if isinstance(dropout_p, bool) or not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"window_attention: dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
 
 def _why_not_triton(qkv, table, qkv_bias, num_heads, window, shift) -> Optional[str]:
@@ -670,6 +768,7 @@ def window_attention(
     scale: Optional[float] = None,
     qkv_bias: Optional[Tensor] = None,
     mask_value: float = -100.0,
+    dropout_p: float = 0.0,
     backend: str = "auto",
 ) -> Tensor:
     """Swin (shifted-)window attention from the qkv Linear's output, before ``proj``.
@@ -684,6 +783,10 @@ def window_attention(
         qkv_bias: the qkv Linear's bias (3C,): what timm's zero-padded tokens become. Gets a gradient
             from the padding tokens (on top of the Linear's own). None means zeros.
         mask_value: the additive shift-mask value between regions (timm: -100).
+        dropout_p: attention-probability dropout inside each window, applied whenever > 0 (pass 0
+            in eval, as timm's ``attn_drop`` does). The Triton kernels draw it in-kernel from a seed
+            taken from torch's default generator (:func:`window_dropout_keep_mask` reproduces it);
+            the torch backend uses ``F.dropout``.
         backend: "auto" | "cuda" | "triton" | "torch".
 
     Returns:
@@ -692,16 +795,20 @@ def window_attention(
     window = _pair(window_size, "window_size")
     shift = _pair(shift_size, "shift_size")
     dtype = backends.autocast_dtype(qkv)
-    if dtype is not None:  # as timm's Linear output would be under autocast
+    if dtype is not None:  # as timm's Linear output would be under autocast; the bias joins its dtype
         qkv = qkv.to(dtype)
-    _validate(qkv, rel_pos_bias_table, qkv_bias, num_heads, window, shift)
+        if isinstance(rel_pos_bias_table, Tensor) and rel_pos_bias_table.is_floating_point():
+            rel_pos_bias_table = rel_pos_bias_table.to(dtype)
+    _validate(qkv, rel_pos_bias_table, qkv_bias, num_heads, window, shift, dropout_p)
     head_dim = qkv.shape[-1] // 3 // num_heads
     scale = head_dim ** -0.5 if scale is None else float(scale)
     chosen = _BACKENDS.select(backend, [qkv, rel_pos_bias_table, qkv_bias],
                               qkv, rel_pos_bias_table, qkv_bias, num_heads, window, shift)
     if chosen == "torch":
         return window_attention_reference(qkv, rel_pos_bias_table, num_heads=num_heads, window_size=window,
-                                          shift_size=shift, scale=scale, qkv_bias=qkv_bias, mask_value=mask_value)
+                                          shift_size=shift, scale=scale, qkv_bias=qkv_bias, mask_value=mask_value,
+                                          dropout_p=dropout_p)
     out, _ = torch.ops.vitkern.window_attention_fwd(qkv, rel_pos_bias_table, qkv_bias, num_heads, list(window),
-                                                    list(shift), scale, float(mask_value))
+                                                    list(shift), scale, float(mask_value), float(dropout_p),
+                                                    _new_seed(dropout_p))
     return out

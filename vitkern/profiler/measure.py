@@ -25,6 +25,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from vitkern._timing import synchronize, time_ms
 from vitkern.profiler.specs import Built, Config, ModelUnavailable, build
 
 __all__ = ["Measurement", "PeakTensorMemory", "Progress", "measure_config", "time_callable"]
@@ -130,30 +131,9 @@ class Progress:
             sys.stderr.flush()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_callable(step: Callable[[], None], device: torch.device, warmup: int, rounds: int) -> List[float]:
     """Milliseconds of ``rounds`` calls of ``step`` after ``warmup`` calls (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    times = []
-    for _ in range(rounds):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
+    return time_ms(step, device, warmup, rounds)
 
 
 def _make_step(fn: Callable, model: torch.nn.Module, x: torch.Tensor, backward: bool) -> Callable[[], None]:
@@ -245,7 +225,7 @@ def _measure_one(fn, model, x, backend, device, backward, warmup, rounds, batch)
     if device.type == "cuda":
         with counter:
             step()  # also the first warm-up call
-        _sync(device)
+        synchronize(device)
         model.zero_grad(set_to_none=True)  # each timed step starts without gradients
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import sys
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 
+from vitkern import _timing
+from vitkern._timing import cpu_name
 from vitkern.profiler.counting import count_config
 from vitkern.profiler.measure import Progress, measure_config
 from vitkern.profiler.report import (UNITS, analytic_table, measured_table, noise_warnings, plot_profile, write_csv,
@@ -16,25 +17,6 @@ from vitkern.profiler.report import (UNITS, analytic_table, measured_table, nois
 from vitkern.profiler.specs import Config, ModelUnavailable, vitkern_cpu_reason
 
 __all__ = ["run_profile", "environment", "device_description", "analytic_row"]
-
-
-def _version(name: str) -> Optional[str]:
-    try:
-        mod = __import__(name)
-    except Exception:  # noqa: BLE001
-        return None
-    return getattr(mod, "__version__", "?")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def device_description(device: torch.device) -> str:
@@ -45,35 +27,13 @@ def device_description(device: torch.device) -> str:
 
 
 def environment(device: torch.device) -> dict:
-    env = {
+    env = _timing.environment(device)
+    return {
         "device": str(device), "device_name": device_description(device),
-        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "timm": _version("timm"), "torchvision": _version("torchvision"), "triton": _version("triton"),
-        "platform": platform.platform(),
+        "python": env["python"], "torch": env["torch"], "cuda": env["cuda"], "timm": env["timm"],
+        "torchvision": env["torchvision"], "triton": env["triton"], "platform": env["platform"],
+        "vitkern": env["vitkern"], "commit": _timing.commit_label(env),
     }
-    try:
-        import vitkern
-        env["vitkern"] = vitkern.__version__
-    except Exception:  # noqa: BLE001
-        pass
-    env["commit"] = _git_commit()
-    return env
-
-
-def _git_commit() -> Optional[str]:
-    """The checkout's commit (with '+dirty' for local changes), when vitkern runs from a git checkout."""
-    import subprocess
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                timeout=5).stdout.strip()
-        if not commit:
-            return None
-        dirty = subprocess.run(["git", "--no-optional-locks", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def analytic_row(config: Config, counts, *, dtype: torch.dtype, batch: int, backward: bool) -> dict:

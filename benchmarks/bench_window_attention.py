@@ -18,7 +18,7 @@ time cap cuts the least telling shapes.
 Two levels, modes ``fwd`` (inference: ``torch.no_grad()``) and ``fwd+bwd`` (a random upstream
 gradient; ``torch.autograd.grad`` for x and every parameter; no ``.grad`` accumulation is timed):
 
-* **attention part** (``test_swin_attention`` / ``test_swin_attention_flex``): what timm's
+* **attention part** (``test_window_attention`` / ``test_window_attention_flex``): what timm's
   ``SwinTransformerBlock._attn(x)`` does for a (B, H, W, C) input: roll, pad, window partition,
   qkv Linear, window attention with the relative-position bias and the shift mask, proj Linear,
   window merge, crop, roll back. Gradients: x and ``attn.{qkv,proj}.{weight,bias}``,
@@ -44,14 +44,14 @@ gradient; ``torch.autograd.grad`` for x and every parameter; no ``.grad`` accumu
   Both FlexAttention variants run ``torch.compile(flex_attention, dynamic=False)`` (the bias
   table, window geometry and block mask differ per shape, so it compiles once per shape and
   mode, outside the timing; ``--vk-compile dynamic`` and ``static`` behave the same here,
-  ``off`` skips them). They run last (``test_swin_attention_flex``, inputs and references rebuilt
+  ``off`` skips them). They run last (``test_window_attention_flex``, inputs and references rebuilt
   per case), ``flex_blockmask`` over every case first, then ``flex_windows``, so naive, SDPA and
   vitkern are measured on every shape before the compiles spend the time cap. When
   ``$VK_BENCH_DEADLINE`` (set by ``scripts/gpu_check.sh``) leaves less than a compile's worth of
   time, the remaining FlexAttention rows are recorded as skipped with that reason; a compile that
   fails is recorded as skipped with its error (and not retried for the same variant and mode).
 
-* **whole block** (``test_swin_block``): timm's ``SwinTransformerBlock.forward`` (norm1 ->
+* **whole block** (``test_window_attention_block``): timm's ``SwinTransformerBlock.forward`` (norm1 ->
   ``_attn`` -> residual -> norm2 -> MLP -> residual) as ``naive`` (``fused_attn = False``) and
   ``timm_sdpa`` (``fused_attn = True``), against ``vitkern.nn.SwinTransformerBlock(...,
   backend="triton")`` loaded with the timm block's state_dict (strict). Gradients: x and every
@@ -60,7 +60,7 @@ gradient; ``torch.autograd.grad`` for x and every parameter; no ``.grad`` accumu
 Equality first, for every implementation: output and every gradient against timm's unfused
 block holding the same (bf16-representable) weights upcast to fp32 (TF32 off) on the GPU,
 float64 on CPU, within 2x (forward) / 3x (gradients) the error of the bf16 naive path
-(``tests/helpers.assert_close``). Weights are timm's init with the relative-position bias table
+(``vitkern.testing.assert_close``). Weights are timm's init with the relative-position bias table
 drawn from N(0, 0.5²) (timm's 0.02 would hide a wrong bias index inside bf16 noise) and
 LayerNorm affine parameters perturbed; inputs and upstream gradients are fresh ``randn``.
 
@@ -102,22 +102,19 @@ GPU time (estimate, H100, cold Triton / inductor caches, default settings):
   session start (CUDA, ceilings, timm) ~10 s; FlexAttention: one compile per shape x mode x
   variant (~5 s forward, ~10-15 s forward + backward) = 48 compiles ~6-8 min.
   Without FlexAttention ~1.7-2 min; scripts/gpu_check.sh caps the family at
-  VK_BENCH_TIMEOUT_SWIN=130 s plus whatever time the earlier steps left, so FlexAttention
+  VK_BENCH_TIMEOUT_WINDOW_ATTENTION=130 s plus whatever time the earlier steps left, so FlexAttention
   typically covers the first few shapes (stage 1 first) and the rest are recorded as skipped
-  for the time cap. ``pytest --benchmark benchmarks/bench_swin.py`` without a cap runs it all
+  for the time cap. ``pytest --benchmark benchmarks/bench_window_attention.py`` without a cap runs it all
   (~9-10 min).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import gc
 import importlib
 import math
-import time
 import types
 import warnings
-import zlib
 from contextlib import nullcontext
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -125,12 +122,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import floors
 import harness
-from vitkern import _triton
 from vitkern.ops.attention import attention_flops
 from vitkern.reference import swin_effective_window
 
-FAMILY = "swin"
+FAMILY = "window_attention"
 
 
 # --------------------------------------------------------------------------- #
@@ -208,36 +205,28 @@ def smoke_grid() -> List[SwinCase]:
     return [SwinCase("tiny_14x14_w7_shift3_bs2", 2, 14, 14, 32, 2, 7, 3)]
 
 
-@dataclasses.dataclass(frozen=True)
-class Mode:
-    name: str
-    id: str
-    backward: bool
-
-
-MODES = (Mode("fwd", "fwd", backward=False), Mode("fwd+bwd", "fwd_bwd", backward=True))
+Mode = harness.Mode
+MODES = harness.MODES
 
 BLOCK_IMPLS: Dict[str, str] = {"naive": "naive", "timm_sdpa": "peer", "vitkern_triton": "vitkern"}
 ATTN_IMPLS: Dict[str, str] = {"naive": "naive", "timm_sdpa": "peer", "vitkern_triton": "vitkern"}
 FLEX_IMPLS: Dict[str, str] = {"flex_blockmask": "peer", "flex_windows": "peer"}
 BLOCK_PREFIX = "block_"  # block-level case names: block_<case>
+#: implementations that cannot run everywhere -> their kind (harness.skip_reason)
+KINDS = {"vitkern_triton": "triton", "flex_blockmask": "flex", "flex_windows": "flex"}
 
 
 def pytest_generate_tests(metafunc):
-    cases = full_grid() if harness.grid_choice(metafunc.config) == "full" else smoke_grid()
-    # case outermost, implementation innermost: inputs and references are built once per
-    # (level, case, mode) and shared by the implementations.
-    if "swin_block_point" in metafunc.fixturenames:
-        points = [(c, m, i) for c in cases for m in MODES for i in BLOCK_IMPLS]
-        metafunc.parametrize("swin_block_point", points,
-                             ids=[f"{BLOCK_PREFIX}{c.name}-{m.id}-{i}" for c, m, i in points])
-    if "swin_attn_point" in metafunc.fixturenames:
-        points = [(c, m, i) for c in cases for m in MODES for i in ATTN_IMPLS]
-        metafunc.parametrize("swin_attn_point", points, ids=[f"{c.name}-{m.id}-{i}" for c, m, i in points])
-    if "swin_flex_point" in metafunc.fixturenames:
+    cases = harness.grid(metafunc.config, full_grid, smoke_grid)
+    harness.parametrize(metafunc, "wa_block_point", cases, MODES, BLOCK_IMPLS, prefix=BLOCK_PREFIX)
+    harness.parametrize(metafunc, "wa_attn_point", cases, MODES, ATTN_IMPLS)
+    if "wa_flex_point" in metafunc.fixturenames:
         # variant outermost: flex_blockmask (the issue's peer) on every shape before flex_windows
-        points = [(c, m, i) for i in FLEX_IMPLS for c in cases for m in MODES]
-        metafunc.parametrize("swin_flex_point", points, ids=[f"{c.name}-{m.id}-{i}" for c, m, i in points])
+        pts, ids = [], []
+        for impl in FLEX_IMPLS:
+            p, i = harness.points(cases, MODES, [impl])
+            pts, ids = pts + p, ids + i
+        metafunc.parametrize("wa_flex_point", pts, ids=ids)
 
 
 # --------------------------------------------------------------------------- #
@@ -332,7 +321,7 @@ class SwinModules:
         self.case, self.device, self.dtype = case, device, dtype
         cls = _timm_block_cls()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(zlib.crc32(f"{FAMILY}/modules/{case.name}".encode()))
+            torch.manual_seed(harness.seed_of(FAMILY, "modules", case.name))
             base = cls(case.dim, input_resolution=(case.H, case.W), num_heads=case.heads,
                        window_size=case.window, shift_size=case.shift)
             _randomise(base)
@@ -347,8 +336,7 @@ class SwinModules:
         self.sdpa = copy.deepcopy(base)
         self.sdpa.attn.fused_attn = True  # F.scaled_dot_product_attention with the bias as attn_mask
         self.func = copy.deepcopy(base)  # parameters of the functional implementations (vitkern, flex)
-        high = torch.float32 if device.type == "cuda" else torch.float64
-        self.high = copy.deepcopy(base).to(high)  # the same (bf16-representable) weights, upcast
+        self.high = copy.deepcopy(base).to(harness.high_dtype(device))  # the same (bf16-representable) weights, upcast
         self.high.attn.fused_attn = False
         self.state_dict = {k: v.detach().clone() for k, v in base.state_dict().items()}
         self._vitkern = None
@@ -377,25 +365,15 @@ class SwinModules:
 
 
 # One case's modules and one (level, case, mode) state alive at a time: GPU memory stays bounded.
-_MODULES: Dict[str, object] = {"key": None, "value": None}
-_STATE: Dict[str, object] = {"key": None, "value": None}
-
-
-def _free():
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+_MODULES = harness.Slot()
+_STATE = harness.Slot()
 
 
 def _modules(case: SwinCase, device: torch.device, dtype: torch.dtype) -> SwinModules:
-    key = (case, str(device), dtype)
-    if _MODULES["key"] != key:
-        _MODULES["key"] = _MODULES["value"] = None
-        _STATE["key"] = _STATE["value"] = None
-        _free()
-        _MODULES["value"] = SwinModules(case, device, dtype)
-        _MODULES["key"] = key
-    return _MODULES["value"]  # type: ignore[return-value]
+    def build():
+        _STATE.clear()  # its references belong to the old modules
+        return SwinModules(case, device, dtype)
+    return _MODULES.get((case, str(device), dtype), build)
 
 
 def _param_names(module: torch.nn.Module, level: str) -> List[str]:
@@ -424,14 +402,12 @@ class SwinState:
         device, dtype = mods.device, mods.dtype
         self.names = _param_names(mods.high, level)
         self.keys = ["dx"] + [f"d{n}" for n in self.names] if mode.backward else []
-        gen = torch.Generator(device=device)
-        gen.manual_seed(zlib.crc32(f"{FAMILY}/{level}/{case.name}/{mode.name}".encode()))
+        gen = harness.seeded_generator(device, FAMILY, level, case.name, mode.name)
         first = self._make_set(gen, device, dtype)
         copies = harness.rotation_count(harness.tensor_bytes(first.values()), device)
         self.sets = [first] + [self._make_set(gen, device, dtype) for _ in range(copies - 1)]
-        high = torch.float32 if device.type == "cuda" else torch.float64
-        self.ref_high = self._reference(mods.high, first, high)
-        self.ref_same = self._reference(mods.naive, first, None) if dtype in (torch.float16, torch.bfloat16) else None
+        self.ref_high = self._reference(mods.high, first, harness.high_dtype(device))
+        self.ref_same = self._reference(mods.naive, first, None) if harness.needs_same_dtype_reference(dtype) else None
 
     def _make_set(self, gen, device, dtype) -> dict:
         c = self.case
@@ -456,35 +432,14 @@ class SwinState:
 
 
 def _state(level: str, case: SwinCase, mode: Mode, mods: SwinModules) -> SwinState:
-    key = (level, case, mode, str(mods.device), mods.dtype)
-    if _STATE["key"] != key:
-        _STATE["key"] = _STATE["value"] = None
-        _free()
-        _STATE["value"] = SwinState(level, case, mode, mods)
-        _STATE["key"] = key
-    return _STATE["value"]  # type: ignore[return-value]
+    return _STATE.get((level, case, mode, str(mods.device), mods.dtype), lambda: SwinState(level, case, mode, mods))
 
 
-def _make_step(fn: Callable, params: Sequence[torch.Tensor], backward: bool) -> Callable[[dict], tuple]:
-    """One timed call: forward under no_grad, or forward + gradients for x and ``params``."""
-    params = list(params)
-    if not backward:
-        def step(a):
-            with torch.no_grad():
-                return fn(a["x"]), ()
-    else:
-        def step(a):
-            out = fn(a["x"])
-            return out, torch.autograd.grad(out, [a["x"]] + params, a["grad"])
-    return step
+_make_step = harness.x_step
 
 
 def _check_equal(impl: str, out, grads, state: SwinState) -> Dict[str, float]:
-    same = state.ref_same or {}
-    errors = {"out": harness.assert_close(f"{impl} out", out, state.ref_high["out"], same.get("out"))}
-    for key, g in zip(state.keys, grads):
-        errors[key] = harness.assert_close(f"{impl} {key}", g, state.ref_high[key], same.get(key), grad=True)
-    return errors
+    return harness.check_equal(impl, out, grads, state.keys, state.ref_high, state.ref_same)
 
 
 # --------------------------------------------------------------------------- #
@@ -615,103 +570,66 @@ def _compiled_flex() -> Callable:
 
 
 # --------------------------------------------------------------------------- #
-# Skip reasons
+# One row: floors, skips, equality, then timing and peak memory
 # --------------------------------------------------------------------------- #
-_NO_GPU_TRITON = ("no CUDA GPU: Triton kernels run on CPU only under TRITON_INTERPRET=1, whose timings are "
-                  "meaningless; equality is checked by the *_interpreter_equality tests")
-_NO_GPU_FLEX = ("no CUDA GPU: FlexAttention's fused kernels come from torch.compile (Triton) and it has no CPU "
-                "backward; its math is checked in eager mode by test_flex_eager_forward_equality")
-
-
-def _skip_reason(impl: str, settings) -> Optional[str]:
-    if settings.device.type != "cuda":
-        if impl == "vitkern_triton":
-            return _NO_GPU_TRITON
-        if impl.startswith("flex_"):
-            return _NO_GPU_FLEX
-    if impl.startswith("flex_") and settings.compile == "off":
-        return "--vk-compile=off"
-    return None
-
-
-# --------------------------------------------------------------------------- #
-# One row: equality, then timing and peak memory
-# --------------------------------------------------------------------------- #
-def _run(benchmark, settings, ceilings, common: dict, state: SwinState, step: Callable,
-         *, level: str, peer_compile: bool = False, extra: Optional[dict] = None) -> None:
-    case, mode = state.case, state.mode
-    # 1. Equality (the first call also compiles / JITs, outside the timing).
-    t0 = time.perf_counter()
-    try:
-        out, grads = step(state.sets[0])
-    except Exception as exc:
-        if peer_compile:
-            raise _CompileFailed(harness.first_line(exc)) from exc
-        harness.record_failure(**common, reason=harness.first_line(exc))
-        raise
-    first_call_s = time.perf_counter() - t0
-    try:
-        errors = _check_equal(common["impl"], out, grads, state)
-    except AssertionError as exc:
-        harness.record_failure(**common, reason=f"equality: {exc}")
-        raise
-    del out, grads
-
-    # 2. Timing and peak memory.
-    timing = harness.time_call(benchmark, step, state.sets, settings.timing, settings.device)
-    peak = harness.peak_memory_bytes(step, state.sets[0], settings.device)
-    elem = torch.empty((), dtype=settings.dtype).element_size()
-    harness.record(
-        benchmark, **common, timing=timing, flops=flops(case, mode, level),
-        min_bytes=min_bytes(case, mode, level, elem), peak_mem_bytes=peak, ceilings=ceilings, errors=errors,
-        extra={"level": level, "wrt": [k[1:] for k in state.keys],
-               "attn_flops": window_attn_flops(case, mode),
-               "attn_min_bytes": window_attn_min_bytes(case, mode, elem),
-               "first_call_s": round(first_call_s, 3), **(extra or {})},
-    )
-
-
-class _CompileFailed(Exception):
-    pass
-
-
 def _common(case: SwinCase, mode: Mode, impl: str, role: str, level: str, settings) -> dict:
     name = f"{BLOCK_PREFIX}{case.name}" if level == "block" else case.name
-    return dict(family=FAMILY, case=name, impl=impl, role=role, dtype=settings.dtype, mode=mode.name,
-                shape={**case.shape(), "level": level})
+    return harness.row_id(FAMILY, name, impl, role, settings, mode, {**case.shape(), "level": level})
 
 
-def _skip(common: dict, reason: str):
-    harness.record_skip(**common, reason=reason)
-    pytest.skip(reason)
+def _note_floors(common: dict, case: SwinCase, mode: Mode, level: str, mods: SwinModules) -> None:
+    def naive():
+        block = floors.meta_module(mods.naive)
+        fn = _timm_fn(block, level)
+        x = floors.meta((case.B, case.H, case.W, case.dim), mode.backward)
+        harness.grad_step(fn, (x,), floors.meta(x.shape) if mode.backward else None, _params(block, _param_names(block, level)))()
+
+    harness.note_floors(FAMILY, common["case"], mode, common["shape"],
+                        kernel=lambda elem: (flops(case, mode, level), min_bytes(case, mode, level, elem)),
+                        naive=naive)
 
 
-def _timm_or_skip(common: dict) -> None:
+def _prepare(common: dict, case: SwinCase, mode: Mode, impl: str, level: str, settings) -> SwinModules:
+    """timm's modules (or a skip if timm is missing), the case's floors, then the skip for ``impl``."""
     try:
         _timm_block_cls()
     except ImportError as exc:
-        _skip(common, f"timm is not installed: {harness.first_line(exc)}")
+        harness.skip(common, f"timm is not installed: {harness.first_line(exc)}")
+    mods = _modules(case, settings.device, settings.dtype)
+    _note_floors(common, case, mode, level, mods)
+    reason = harness.skip_reason(KINDS.get(impl), settings)
+    if reason:
+        harness.skip(common, reason)
+    return mods
+
+
+def _run(benchmark, settings, ceilings, common: dict, state: SwinState, step: Callable,
+         *, level: str, may_fail: bool = False, extra: Optional[dict] = None) -> None:
+    case, mode = state.case, state.mode
+    elem = harness.element_size(settings.dtype)
+    harness.equal_then_time(
+        benchmark, settings, ceilings, common, step, state.sets,
+        lambda out, grads: _check_equal(common["impl"], out, grads, state),
+        flops=flops(case, mode, level), min_bytes=min_bytes(case, mode, level, elem),
+        extra={"level": level, "wrt": [k[1:] for k in state.keys], "attn_flops": window_attn_flops(case, mode),
+               "attn_min_bytes": window_attn_min_bytes(case, mode, elem), **(extra or {})},
+        may_fail=may_fail)
 
 
 # --------------------------------------------------------------------------- #
 # The benchmarks: whole block first (short), then the attention part, then FlexAttention
 # (compiles; the rows a time cap cuts)
 # --------------------------------------------------------------------------- #
-def test_swin_block(benchmark, vk_settings, vk_ceilings, swin_block_point):
-    case, mode, impl = swin_block_point
+def test_window_attention_block(benchmark, vk_settings, vk_ceilings, wa_block_point):
+    case, mode, impl = wa_block_point
     settings = vk_settings
     common = _common(case, mode, impl, BLOCK_IMPLS[impl], "block", settings)
     benchmark.group = f"{FAMILY} {common['case']} {mode.name}"
-    reason = _skip_reason(impl, settings)
-    if reason:
-        _skip(common, reason)
-    _timm_or_skip(common)
-
-    mods = _modules(case, settings.device, settings.dtype)
+    mods = _prepare(common, case, mode, impl, "block", settings)
     if impl == "vitkern_triton":
         block, why = mods.vitkern_block()
         if block is None:
-            _skip(common, why)
+            harness.skip(common, why)
     else:
         block = mods.naive if impl == "naive" else mods.sdpa
     state = _state("block", case, mode, mods)
@@ -723,21 +641,16 @@ def test_swin_block(benchmark, vk_settings, vk_ceilings, swin_block_point):
     _run(benchmark, settings, vk_ceilings, common, state, _make_step(block, params, mode.backward), level="block")
 
 
-def test_swin_attention(benchmark, vk_settings, vk_ceilings, swin_attn_point):
-    case, mode, impl = swin_attn_point
+def test_window_attention(benchmark, vk_settings, vk_ceilings, wa_attn_point):
+    case, mode, impl = wa_attn_point
     settings = vk_settings
     common = _common(case, mode, impl, ATTN_IMPLS[impl], "attn", settings)
     benchmark.group = f"{FAMILY} {case.name} {mode.name}"
-    reason = _skip_reason(impl, settings)
-    if reason:
-        _skip(common, reason)
-    _timm_or_skip(common)
-
-    mods = _modules(case, settings.device, settings.dtype)
+    mods = _prepare(common, case, mode, impl, "attn", settings)
     if impl == "vitkern_triton":
         op, why = _vitkern_op_or_reason()
         if op is None:
-            _skip(common, why)
+            harness.skip(common, why)
         fn, owner = vitkern_attn_fn(op, mods.func.attn, mods.window, mods.shift), mods.func
     else:
         owner = mods.naive if impl == "naive" else mods.sdpa
@@ -747,43 +660,37 @@ def test_swin_attention(benchmark, vk_settings, vk_ceilings, swin_attn_point):
     _run(benchmark, settings, vk_ceilings, common, state, _make_step(fn, params, mode.backward), level="attn")
 
 
-def test_swin_attention_flex(benchmark, vk_settings, vk_ceilings, swin_flex_point):
-    case, mode, impl = swin_flex_point
+def test_window_attention_flex(benchmark, vk_settings, vk_ceilings, wa_flex_point):
+    case, mode, impl = wa_flex_point
     settings = vk_settings
     common = _common(case, mode, impl, FLEX_IMPLS[impl], "attn", settings)
     benchmark.group = f"{FAMILY} {case.name} {mode.name}"
-    reason = _skip_reason(impl, settings)
-    if reason:
-        _skip(common, reason)
-    _timm_or_skip(common)
+    mods = _prepare(common, case, mode, impl, "attn", settings)
     variant = impl[len("flex_"):]
     failed = _FLEX_FAILED.get((variant, mode.backward))
     if failed:
-        _skip(common, f"torch.compile(flex_attention) failed earlier ({failed}); not retried")
+        harness.skip(common, f"torch.compile(flex_attention) failed earlier ({failed}); not retried")
     left = harness.time_left_s()
     if left is not None and left < FLEX_MIN_LEFT_S:
-        _skip(common, f"time cap: {left:.0f} s left before $VK_BENCH_DEADLINE, a FlexAttention compile + timing "
-                      f"needs ~{FLEX_MIN_LEFT_S:.0f} s (run this family without the cap for every shape)")
+        harness.skip(common, f"time cap: {left:.0f} s left before $VK_BENCH_DEADLINE, a FlexAttention compile + "
+                             f"timing needs ~{FLEX_MIN_LEFT_S:.0f} s (run this family without the cap for every shape)")
     try:
         compiled = _compiled_flex()
     except ImportError as exc:
-        _skip(common, f"this torch has no FlexAttention: {harness.first_line(exc)}")
-
-    mods = _modules(case, settings.device, settings.dtype)
+        harness.skip(common, f"this torch has no FlexAttention: {harness.first_line(exc)}")
     try:
         fn = FlexSwinAttention(variant, mods.func.attn, (case.H, case.W), mods.window, mods.shift, flex=compiled)
     except Exception as exc:  # noqa: BLE001 - e.g. create_block_mask out of memory
-        _skip(common, f"FlexAttention set-up failed: {harness.first_line(exc)}")
+        harness.skip(common, f"FlexAttention set-up failed: {harness.first_line(exc)}")
     state = _state("attn", case, mode, mods)
     params = _params(mods.func, state.names) if mode.backward else []
     try:
         _run(benchmark, settings, vk_ceilings, common, state, _make_step(fn, params, mode.backward), level="attn",
-             peer_compile=True, extra={"compile": "static per shape (dynamic=False)",
-                                       "block_mask": variant == "blockmask"})
-    except _CompileFailed as exc:
+             may_fail=True, extra={"compile": "static per shape (dynamic=False)", "block_mask": variant == "blockmask"})
+    except harness.FirstCallFailed as exc:
         if not isinstance(exc.__cause__, torch.cuda.OutOfMemoryError):  # a smaller shape may still fit
             _FLEX_FAILED[(variant, mode.backward)] = f"{case.name}: {exc}"
-        _skip(common, f"torch.compile(flex_attention) failed: {exc}")
+        harness.skip(common, f"torch.compile(flex_attention) failed: {exc}")
 
 
 # --------------------------------------------------------------------------- #
@@ -793,21 +700,10 @@ TINY = [SwinCase("tiny_14x14_w7_shift3_bs1", 1, 14, 14, 32, 2, 7, 3),
         SwinCase("tiny_10x13_w7_shift3_bs1", 1, 10, 13, 32, 2, 7, 3)]  # roll-then-pad, not square
 
 
-def _skip_unless_interpreter():
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU every timed vitkern_triton case checks its own equality")
-    if not _triton.INTERPRET:
-        pytest.skip("TRITON_INTERPRET=1 was not set before vitkern was imported")
-    try:
-        _timm_block_cls()
-    except ImportError as exc:
-        pytest.skip(f"timm is not installed: {exc}")
-
-
 @pytest.mark.parametrize("case", TINY, ids=[c.name for c in TINY])
 def test_vitkern_window_attention_interpreter_equality(case):
     """The attention part on window_attention(backend="triton") vs timm's _attn in float64: out, dx, dW, dtable."""
-    _skip_unless_interpreter()
+    harness.skip_unless_interpreter(_timm_block_cls)
     op, why = _vitkern_op_or_reason()
     if op is None:
         pytest.skip(why)
@@ -820,7 +716,7 @@ def test_vitkern_window_attention_interpreter_equality(case):
 
 def test_vitkern_block_interpreter_equality():
     """vitkern.nn.SwinTransformerBlock(backend="triton") with timm's weights vs timm's block in float64."""
-    _skip_unless_interpreter()
+    harness.skip_unless_interpreter(_timm_block_cls)
     case = TINY[0]
     mods = SwinModules(case, torch.device("cpu"), torch.float32)
     block, why = mods.vitkern_block()

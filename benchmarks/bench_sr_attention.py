@@ -28,7 +28,7 @@ spatial reduction, attention):
   ``--vk-compile dynamic`` (default) one ``dynamic=True`` compile per module configuration
   (dims / heads / sr; the three stage-1 shapes share one) and mode, with a static compile of the
   shape if the dynamic one fails; ``static`` a fresh static compile per shape and mode; ``off``
-  not run. These rows run after every other row of the family (``test_pvt_attention_compile``,
+  not run. These rows run after every other row of the family (``test_sr_attention_compile``,
   configuration by configuration, stage 1 first), and when ``$VK_BENCH_DEADLINE`` (set by
   ``scripts/gpu_check.sh``) leaves too little time for a compile they are recorded as skipped
   with that reason; a compile that fails is recorded as skipped with its error (not retried for
@@ -40,7 +40,7 @@ spatial reduction, attention):
 
 Equality first, for every implementation: output and every gradient against the timm module in
 fp32 with TF32 off (float64 on CPU) holding the same (bf16-representable) weights, within 2x
-(forward) / 3x (gradients) the error of the bf16 naive module (``tests/helpers.assert_close``).
+(forward) / 3x (gradients) the error of the bf16 naive module (``vitkern.testing.assert_close``).
 The k half of ``kv.bias`` has an exactly-zero true gradient (a bias added to every key shifts a
 score row by a constant, which the softmax cancels), so it is checked as near zero, not by
 relative error: ‖dk_bias‖ / (the largest reference gradient norm) at most 3x the bf16 naive
@@ -70,8 +70,8 @@ GPU time (estimate, H100, cold Triton / inductor caches, default settings):
   attention kernels (4 reduction kinds x fwd / bwd) ~20-40 s; session start (CUDA, ceilings,
   timm) ~10 s = ~1-1.3 min. compile_timm: 5 configurations x 2 modes = 10 dynamic compiles
   (~8-15 s forward, ~15-30 s forward + backward) ~2.5-3.5 min. Whole family without a cap
-  ~4-5 min (``pytest --benchmark benchmarks/bench_pvt.py``); ``scripts/gpu_check.sh`` caps it
-  at VK_BENCH_TIMEOUT_PVT=100 s (scaled to its share of the budget) plus what earlier steps
+  ~4-5 min (``pytest --benchmark benchmarks/bench_sr_attention.py``); ``scripts/gpu_check.sh`` caps it
+  at VK_BENCH_TIMEOUT_SR_ATTENTION=100 s (scaled to its share of the budget) plus what earlier steps
   left, so compile_timm typically covers stage 1 (all three resolutions) and the rest is
   recorded as skipped for the time cap. ``--vk-compile static`` makes 14 compiles.
 """
@@ -79,21 +79,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import gc
 import importlib
-import time
-import zlib
 from contextlib import nullcontext
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 import torch
 
+import floors
 import harness
-from vitkern import _triton
+from vitkern import testing
 from vitkern.ops.attention import attention_flops
 
-FAMILY = "pvt"
+FAMILY = "sr_attention"
 
 
 # --------------------------------------------------------------------------- #
@@ -178,27 +176,19 @@ def smoke_grid() -> List[PvtCase]:
             PvtCase("tiny_8x8_linear_bs2", 2, 8, 8, 64, 1, 4, True)]
 
 
-@dataclasses.dataclass(frozen=True)
-class Mode:
-    name: str
-    id: str
-    backward: bool
-
-
-MODES = (Mode("fwd", "fwd", backward=False), Mode("fwd+bwd", "fwd_bwd", backward=True))
+Mode = harness.Mode
+MODES = harness.MODES
 
 IMPLS: Dict[str, str] = {"naive": "naive", "timm_sdpa": "peer", "vitkern_triton": "vitkern"}
 COMPILE_IMPLS: Dict[str, str] = {"compile_timm": "peer"}
+#: implementations that cannot run everywhere -> their kind (harness.skip_reason)
+KINDS = {"vitkern_triton": "triton", "compile_timm": "compile"}
 
 
 def pytest_generate_tests(metafunc):
-    cases = full_grid() if harness.grid_choice(metafunc.config) == "full" else smoke_grid()
-    if "pvt_point" in metafunc.fixturenames:
-        # case outermost, implementation innermost: inputs and references are built once per
-        # (case, mode) and shared by the implementations.
-        points = [(c, m, i) for c in cases for m in MODES for i in IMPLS]
-        metafunc.parametrize("pvt_point", points, ids=[f"{c.name}-{m.id}-{i}" for c, m, i in points])
-    if "pvt_compile_point" in metafunc.fixturenames:
+    cases = harness.grid(metafunc.config, full_grid, smoke_grid)
+    harness.parametrize(metafunc, "sr_point", cases, MODES, IMPLS)
+    if "sr_compile_point" in metafunc.fixturenames:
         # configuration outermost (one dynamic compile per configuration and mode serves all its
         # shapes), fwd+bwd (training) before fwd, stage 1 first.
         configs: List[tuple] = []
@@ -207,7 +197,7 @@ def pytest_generate_tests(metafunc):
                 configs.append(c.config)
         points = [(c, m, i) for cfg in configs for m in reversed(MODES) for c in cases if c.config == cfg
                   for i in COMPILE_IMPLS]
-        metafunc.parametrize("pvt_compile_point", points, ids=[f"{c.name}-{m.id}-{i}" for c, m, i in points])
+        metafunc.parametrize("sr_compile_point", points, ids=[f"{c.name}-{m.id}-{i}" for c, m, i in points])
 
 
 # --------------------------------------------------------------------------- #
@@ -260,19 +250,6 @@ def _timm_attention_cls():
     return Attention
 
 
-def _randomise(module: torch.nn.Module) -> None:
-    """Matrices and conv kernels at about their init scale (the softmax stays unsaturated), biases
-    and the LayerNorm affine O(1) (timm starts them at 0 / 1, which would leave gradients untested)."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn_like(p) * (p.shape[1] * p[0, 0].numel()) ** -0.5)
-            elif name.startswith("norm.") and name.endswith("weight"):
-                p.copy_(1 + 0.5 * torch.randn_like(p))
-            else:
-                p.copy_(0.5 * torch.randn_like(p))
-
-
 def _sr_attention_op() -> Callable:
     ops = importlib.import_module("vitkern.ops")
     fn = getattr(ops, "sr_attention", None)
@@ -303,17 +280,16 @@ class PvtModules:
         dim, heads, sr_ratio, linear_attn = config
         cls = _timm_attention_cls()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(zlib.crc32(f"{FAMILY}/modules/{config}".encode()))
+            torch.manual_seed(harness.seed_of(FAMILY, "modules", config))
             base = cls(dim, num_heads=heads, sr_ratio=sr_ratio, linear_attn=linear_attn, qkv_bias=True)
-            _randomise(base)
+            testing.randomise_parameters(base)
         base = base.to(device=device, dtype=dtype).eval()
         self.naive = copy.deepcopy(base)
         self.naive.fused_attn = False  # timm's unfused q·kᵀ -> softmax -> ·v
         self.sdpa = copy.deepcopy(base)
         self.sdpa.fused_attn = True  # timm's default: F.scaled_dot_product_attention
         self.func = copy.deepcopy(base)  # the weights of the functional fallback (vitkern.ops.sr_attention)
-        high = torch.float32 if device.type == "cuda" else torch.float64
-        self.high = copy.deepcopy(base).to(high)  # the same weights, upcast
+        self.high = copy.deepcopy(base).to(harness.high_dtype(device))  # the same weights, upcast
         self.high.fused_attn = False
         self.state_dict = {k: v.detach().clone() for k, v in base.state_dict().items()}
         self.compiled: Optional[Callable] = None  # --vk-compile dynamic: one compile per configuration
@@ -351,13 +327,7 @@ class PvtModules:
 
 
 _MODULES: Dict[tuple, PvtModules] = {}  # small (< 5 MB of weights each); kept so compiles are reused
-_STATE: Dict[str, object] = {"key": None, "value": None}  # one (case, mode) state alive at a time
-
-
-def _free():
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+_STATE = harness.Slot()  # one (case, mode) state alive at a time
 
 
 def _modules(case: PvtCase, device: torch.device, dtype: torch.dtype) -> PvtModules:
@@ -375,17 +345,8 @@ def _params(module: torch.nn.Module, names: Sequence[str]) -> List[torch.Tensor]
 
 
 def _make_step(fn: Callable, feat_size, params: Sequence[torch.Tensor], backward: bool) -> Callable[[dict], tuple]:
-    """One timed call: forward under no_grad, or forward + gradients for x and ``params``."""
-    params = list(params)
-    if not backward:
-        def step(a):
-            with torch.no_grad():
-                return fn(a["x"], feat_size), ()
-    else:
-        def step(a):
-            out = fn(a["x"], feat_size)
-            return out, torch.autograd.grad(out, [a["x"]] + params, a["grad"])
-    return step
+    """One timed call of ``fn(x, feat_size)`` (see harness.x_step)."""
+    return harness.x_step(fn, params, backward, feat_size)
 
 
 class PvtState:
@@ -396,14 +357,12 @@ class PvtState:
         device, dtype = mods.device, mods.dtype
         self.names = [n for n, _ in mods.high.named_parameters()]
         self.keys = ["dx"] + [f"d{n}" for n in self.names] if mode.backward else []
-        gen = torch.Generator(device=device)
-        gen.manual_seed(zlib.crc32(f"{FAMILY}/{case.name}/{mode.name}".encode()))
+        gen = harness.seeded_generator(device, FAMILY, case.name, mode.name)
         first = self._make_set(gen, device, dtype)
         copies = harness.rotation_count(harness.tensor_bytes(first.values()), device)
         self.sets = [first] + [self._make_set(gen, device, dtype) for _ in range(copies - 1)]
-        self.high = torch.float32 if device.type == "cuda" else torch.float64
-        self.ref_high = self._reference(mods.high, first, self.high)
-        self.ref_same = self._reference(mods.naive, first, None) if dtype in (torch.float16, torch.bfloat16) else None
+        self.ref_high = self._reference(mods.high, first, harness.high_dtype(device))
+        self.ref_same = self._reference(mods.naive, first, None) if harness.needs_same_dtype_reference(dtype) else None
         # The scale the k half of dkv.bias (exactly 0) is measured against: the largest gradient.
         self.grad_scale = max((g.double().norm().item() for k, g in self.ref_high.items() if k != "out"), default=1.0)
         self.ref_kv_bias_k = _k_half_metric(self.ref_high.get("dkv.bias"), self.grad_scale)
@@ -431,13 +390,7 @@ class PvtState:
 
 
 def _state(case: PvtCase, mode: Mode, mods: PvtModules) -> PvtState:
-    key = (case, mode, str(mods.device), mods.dtype)
-    if _STATE["key"] != key:
-        _STATE["key"] = _STATE["value"] = None
-        _free()
-        _STATE["value"] = PvtState(case, mode, mods)
-        _STATE["key"] = key
-    return _STATE["value"]  # type: ignore[return-value]
+    return _STATE.get((case, mode, str(mods.device), mods.dtype), lambda: PvtState(case, mode, mods))
 
 
 # --------------------------------------------------------------------------- #
@@ -454,7 +407,6 @@ def _k_half_metric(g: Optional[torch.Tensor], scale: float) -> Optional[float]:
 def _check_kv_bias(impl: str, g: torch.Tensor, state: PvtState) -> Dict[str, float]:
     """kv.bias = [k | v]: the k half's true gradient is 0 (softmax ignores a per-row constant), so
     it is checked as near zero relative to the largest gradient; the v half by relative error."""
-    helpers = harness.load_test_helpers()
     C = g.shape[0] // 2
     ref = state.ref_high["dkv.bias"]
     same = (state.ref_same or {}).get("dkv.bias")
@@ -464,13 +416,13 @@ def _check_kv_bias(impl: str, g: torch.Tensor, state: PvtState) -> Dict[str, flo
     err_k = _k_half_metric(g, state.grad_scale)
     if g.dtype in (torch.float16, torch.bfloat16):
         same_k = _k_half_metric(same, state.grad_scale) if same is not None else 0.0
-        # The floor (a quarter ulp, as tests/helpers.py's) matters: the naive module's own value is
+        # The floor (a quarter ulp, as vitkern.testing's) matters: the naive module's own value is
         # rounding noise (~1e-4 of the largest gradient on bf16 test shapes; SDPA's 1-4x that), while a
         # wrong k half is of the order of the v half's norm (~5e-2 of the largest gradient).
-        budget = max(helpers.GRAD_FACTOR * same_k, torch.finfo(g.dtype).eps / 4)
-        what = f"{helpers.GRAD_FACTOR}x the {g.dtype} naive module's {same_k:.3e}"
+        budget = max(testing.GRAD_FACTOR * same_k, torch.finfo(g.dtype).eps / 4)
+        what = f"{testing.GRAD_FACTOR}x the {g.dtype} naive module's {same_k:.3e}"
     else:
-        budget = helpers.TF32_RTOL if (g.is_cuda and g.dtype == torch.float32) else helpers.FP32_RTOL
+        budget = testing.TF32_RTOL if (g.is_cuda and g.dtype == torch.float32) else testing.FP32_RTOL
         what = f"{g.dtype}"
     assert err_k <= budget, (f"{impl} dkv.bias[k]: should be ~0 (exactly 0 in exact arithmetic), its norm is "
                              f"{err_k:.3e} of the largest gradient's > budget {budget:.3e} ({what})")
@@ -478,14 +430,8 @@ def _check_kv_bias(impl: str, g: torch.Tensor, state: PvtState) -> Dict[str, flo
 
 
 def _check_equal(impl: str, out, grads, state: PvtState) -> Dict[str, float]:
-    same = state.ref_same or {}
-    errors = {"out": harness.assert_close(f"{impl} out", out, state.ref_high["out"], same.get("out"))}
-    for key, g in zip(state.keys, grads):
-        if key == "dkv.bias":
-            errors.update(_check_kv_bias(impl, g, state))
-            continue
-        errors[key] = harness.assert_close(f"{impl} {key}", g, state.ref_high[key], same.get(key), grad=True)
-    return errors
+    return harness.check_equal(impl, out, grads, state.keys, state.ref_high, state.ref_same,
+                               special={"dkv.bias": lambda name, g: _check_kv_bias(name, g, state)})
 
 
 # --------------------------------------------------------------------------- #
@@ -525,102 +471,60 @@ def _compile_candidates(compile_mode: str, mods: PvtModules, case: PvtCase, mode
 
 
 # --------------------------------------------------------------------------- #
-# Skip reasons
+# One row: floors, skips, equality, then timing and peak memory
 # --------------------------------------------------------------------------- #
-_NO_GPU_TRITON = ("no CUDA GPU: Triton kernels run on CPU only under TRITON_INTERPRET=1, whose timings are "
-                  "meaningless; equality is checked by test_vitkern_interpreter_equality")
-_NO_GPU_COMPILE = "no CUDA GPU: torch.compile on CPU takes minutes per shape and is not the comparison of interest"
-
-
-def _skip_reason(impl: str, settings) -> Optional[str]:
-    if settings.device.type != "cuda":
-        if impl == "vitkern_triton":
-            return _NO_GPU_TRITON
-        if impl == "compile_timm":
-            return _NO_GPU_COMPILE
-    if impl == "compile_timm" and settings.compile == "off":
-        return "--vk-compile=off"
-    return None
-
-
-def _common(case: PvtCase, mode: Mode, impl: str, role: str, settings) -> dict:
-    return dict(family=FAMILY, case=case.name, impl=impl, role=role, dtype=settings.dtype, mode=mode.name,
-                shape={**case.shape(), "level": "module"})
-
-
-def _skip(common: dict, reason: str):
-    harness.record_skip(**common, reason=reason)
-    pytest.skip(reason)
-
-
-def _timm_or_skip(common: dict) -> None:
+def _prepare(common: dict, case: PvtCase, mode: Mode, impl: str, settings) -> PvtModules:
+    """timm's modules (or a skip if timm is missing), the case's floors, then the skip for ``impl``."""
     try:
         _timm_attention_cls()
     except ImportError as exc:
-        _skip(common, f"timm (pvt_v2) is not installed: {harness.first_line(exc)}")
+        harness.skip(common, f"timm (pvt_v2) is not installed: {harness.first_line(exc)}")
+    mods = _modules(case, settings.device, settings.dtype)
+
+    def naive():
+        module = floors.meta_module(mods.naive)
+        x = floors.meta((case.B, case.N, case.dim), mode.backward)
+        harness.grad_step(lambda t: module(t, case.feat_size), (x,), floors.meta(x.shape) if mode.backward else None,
+                          module.parameters())()
+
+    harness.note_floors(FAMILY, case.name, mode, common["shape"], naive=naive,
+                        kernel=lambda elem: (flops(case, mode), min_bytes(case, mode, elem)))
+    reason = harness.skip_reason(KINDS.get(impl), settings)
+    if reason:
+        harness.skip(common, reason)
+    return mods
 
 
-# --------------------------------------------------------------------------- #
-# One row: equality, then timing and peak memory
-# --------------------------------------------------------------------------- #
-class EqualityError(AssertionError):
-    """An implementation ran but its output or a gradient is not equal to the reference's."""
-
-
-def _equal_first(common: dict, step: Callable, state: PvtState) -> Tuple[Dict[str, float], float]:
-    """The first call (also JIT / compile, outside the timing), then the equality check.
-
-    An exception of the call propagates as is (the caller decides: failure, or a compile to
-    retry); an equality failure is recorded and raised as :class:`EqualityError`.
-    """
-    t0 = time.perf_counter()
-    out, grads = step(state.sets[0])
-    first_call_s = time.perf_counter() - t0
-    try:
-        errors = _check_equal(common["impl"], out, grads, state)
-    except AssertionError as exc:
-        harness.record_failure(**common, reason=f"equality: {exc}")
-        raise EqualityError(str(exc)) from None
-    return errors, first_call_s
-
-
-def _time_and_record(benchmark, settings, ceilings, common: dict, state: PvtState, step: Callable,
-                     errors: Dict[str, float], first_call_s: float, extra: Optional[dict] = None) -> None:
+def _run(benchmark, settings, ceilings, common: dict, state: PvtState, step: Callable,
+         extra: Optional[dict] = None, may_fail: bool = False) -> None:
     case, mode = state.case, state.mode
-    timing = harness.time_call(benchmark, step, state.sets, settings.timing, settings.device)
-    peak = harness.peak_memory_bytes(step, state.sets[0], settings.device)
-    elem = torch.empty((), dtype=settings.dtype).element_size()
-    harness.record(
-        benchmark, **common, timing=timing, flops=flops(case, mode), min_bytes=min_bytes(case, mode, elem),
-        peak_mem_bytes=peak, ceilings=ceilings, errors=errors,
+    harness.equal_then_time(
+        benchmark, settings, ceilings, common, step, state.sets,
+        lambda out, grads: _check_equal(common["impl"], out, grads, state),
+        flops=flops(case, mode), min_bytes=min_bytes(case, mode, harness.element_size(settings.dtype)),
         extra={"level": "module", "wrt": [k[1:] for k in state.keys], "attn_flops": attn_flops(case, mode),
                "dense_flops": dense_flops(case) * (3 if mode.backward else 1),
-               "ref_dkv_bias_k": state.ref_kv_bias_k, "first_call_s": round(first_call_s, 3), **(extra or {})},
-    )
+               "ref_dkv_bias_k": state.ref_kv_bias_k, **(extra or {})},
+        may_fail=may_fail)
 
 
 # --------------------------------------------------------------------------- #
 # The benchmarks: naive / timm SDPA / vitkern on every shape first, then the compiles
 # (the rows a time cap cuts)
 # --------------------------------------------------------------------------- #
-def test_pvt_attention(benchmark, vk_settings, vk_ceilings, pvt_point):
-    case, mode, impl = pvt_point
+def test_sr_attention(benchmark, vk_settings, vk_ceilings, sr_point):
+    case, mode, impl = sr_point
     settings = vk_settings
-    common = _common(case, mode, impl, IMPLS[impl], settings)
+    common = harness.row_id(FAMILY, case.name, impl, IMPLS[impl], settings, mode, {**case.shape(), "level": "module"})
     benchmark.group = f"{FAMILY} {case.name} {mode.name}"
-    reason = _skip_reason(impl, settings)
-    if reason:
-        _skip(common, reason)
-    _timm_or_skip(common)
-
-    mods = _modules(case, settings.device, settings.dtype)
+    mods = _prepare(common, case, mode, impl, settings)
     extra: Dict[str, object] = {}
     if impl == "vitkern_triton":
         try:
             fn, owner, extra = mods.vitkern()
         except Exception as exc:  # noqa: BLE001 - neither the module nor the op: skip with the reason
-            _skip(common, f"neither vitkern.nn.SRAttention nor vitkern.ops.sr_attention is usable: "
-                          f"{harness.first_line(exc)}")
+            harness.skip(common, f"neither vitkern.nn.SRAttention nor vitkern.ops.sr_attention is usable: "
+                                 f"{harness.first_line(exc)}")
     else:
         fn = owner = mods.naive if impl == "naive" else mods.sdpa
     state = _state(case, mode, mods)
@@ -629,57 +533,41 @@ def test_pvt_attention(benchmark, vk_settings, vk_ceilings, pvt_point):
     except AssertionError as exc:
         harness.record_failure(**common, reason=str(exc))
         raise
-    step = _make_step(fn, case.feat_size, params, mode.backward)
-    try:
-        errors, first_call_s = _equal_first(common, step, state)
-    except EqualityError:
-        raise
-    except Exception as exc:
-        harness.record_failure(**common, reason=harness.first_line(exc))
-        raise
-    _time_and_record(benchmark, settings, vk_ceilings, common, state, step, errors, first_call_s, extra)
+    _run(benchmark, settings, vk_ceilings, common, state, _make_step(fn, case.feat_size, params, mode.backward), extra)
 
 
-def test_pvt_attention_compile(benchmark, vk_settings, vk_ceilings, pvt_compile_point):
-    case, mode, impl = pvt_compile_point
+def test_sr_attention_compile(benchmark, vk_settings, vk_ceilings, sr_compile_point):
+    case, mode, impl = sr_compile_point
     settings = vk_settings
-    common = _common(case, mode, impl, COMPILE_IMPLS[impl], settings)
+    common = harness.row_id(FAMILY, case.name, impl, COMPILE_IMPLS[impl], settings, mode,
+                            {**case.shape(), "level": "module"})
     benchmark.group = f"{FAMILY} {case.name} {mode.name}"
-    reason = _skip_reason(impl, settings)
-    if reason:
-        _skip(common, reason)
-    _timm_or_skip(common)
-
+    mods = _prepare(common, case, mode, impl, settings)
     fresh = settings.compile == "static" or (case.config, mode.backward) not in _COMPILED_OK
     need = COMPILE_MIN_LEFT_S if fresh else REUSE_MIN_LEFT_S
     left = harness.time_left_s()
     if left is not None and left < need:
-        _skip(common, f"time cap: {left:.0f} s left before $VK_BENCH_DEADLINE, a torch.compile row needs "
-                      f"~{need:.0f} s (run this family without the cap for every shape)")
+        harness.skip(common, f"time cap: {left:.0f} s left before $VK_BENCH_DEADLINE, a torch.compile row needs "
+                             f"~{need:.0f} s (run this family without the cap for every shape)")
 
-    mods = _modules(case, settings.device, settings.dtype)
     state = _state(case, mode, mods)
     params = _params(mods.sdpa, state.names) if mode.backward else []
     reasons: List[str] = []
     for how, factory in _compile_candidates(settings.compile, mods, case, mode):
         try:
-            step = _make_step(factory(), case.feat_size, params, mode.backward)
-            errors, first_call_s = _equal_first(common, step, state)
-        except EqualityError:
-            raise  # a compiled module that runs but computes something else: a failure
-        except Exception as exc:  # noqa: BLE001 - the compile (or the compiled call) failed
-            why = harness.first_line(exc)
-            reasons.append(f"{how}: {why}")
-            if how == "dynamic" and not isinstance(exc, torch.cuda.OutOfMemoryError):
-                _COMPILE_FAILED[(case.config, mode.backward)] = f"{case.name}: {why}"
-            _free()
+            # a compiled module that runs but computes something else raises AssertionError: a failure
+            _run(benchmark, settings, vk_ceilings, common, state,
+                 _make_step(factory(), case.feat_size, params, mode.backward), {"compile": how}, may_fail=True)
+        except harness.FirstCallFailed as exc:  # the compile (or the compiled call) failed
+            reasons.append(f"{how}: {exc}")
+            if how == "dynamic" and not isinstance(exc.__cause__, torch.cuda.OutOfMemoryError):
+                _COMPILE_FAILED[(case.config, mode.backward)] = f"{case.name}: {exc}"
+            harness.free_memory()
             continue
         if how == "dynamic":
             _COMPILED_OK.add((case.config, mode.backward))
-        _time_and_record(benchmark, settings, vk_ceilings, common, state, step, errors, first_call_s,
-                         {"compile": how, "compile_first_call_s": round(first_call_s, 3)})
         return
-    _skip(common, f"torch.compile failed: {'; '.join(reasons)}")
+    harness.skip(common, f"torch.compile failed: {'; '.join(reasons)}")
 
 
 # --------------------------------------------------------------------------- #
@@ -688,22 +576,11 @@ def test_pvt_attention_compile(benchmark, vk_settings, vk_ceilings, pvt_compile_
 TINY = PvtCase("tiny_8x8_sr4_bs1", 1, 8, 8, 64, 1, 4, False)
 
 
-def _skip_unless_interpreter():
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU every timed vitkern_triton case checks its own equality")
-    if not _triton.INTERPRET:
-        pytest.skip("TRITON_INTERPRET=1 was not set before vitkern was imported")
-    try:
-        _timm_attention_cls()
-    except ImportError as exc:
-        pytest.skip(f"timm (pvt_v2) is not installed: {exc}")
-
-
 @pytest.mark.parametrize("which", ["module", "op"])
 def test_vitkern_interpreter_equality(which):
     """vitkern (the module loaded with timm's state_dict, or the op on timm's weights), backend="triton",
     vs timm's module in float64: out, dx and every parameter gradient (dkv.bias's k half as ~0)."""
-    _skip_unless_interpreter()
+    harness.skip_unless_interpreter(_timm_attention_cls)
     device, dtype = torch.device("cpu"), torch.float32
     mods = PvtModules(TINY.config, device, dtype)
     if which == "module":

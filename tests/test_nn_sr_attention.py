@@ -11,6 +11,7 @@ The k half of ``kv.bias`` has a gradient that is zero in exact arithmetic (a bia
 every key shifts each score row by a constant, which the softmax cancels): it is checked as
 "zero to within the tolerance of the largest gradient", not by relative error.
 """
+import copy
 import inspect
 
 import pytest
@@ -329,6 +330,51 @@ def test_dropout_triton_equals_timm_with_the_kernels_mask(linear_attn):
     _assert_grads_close(g, g_ref)
 
 
+# ----------------------------------------------------------------------------- empty batch
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+@pytest.mark.parametrize("kwargs", [pytest.param(dict(dim=32, num_heads=2), id="sr1"),
+                                    pytest.param(dict(dim=32, num_heads=2, sr_ratio=2), id="sr2"),
+                                    pytest.param(dict(dim=32, num_heads=2, linear_attn=True), id="linear")])
+def test_empty_batch_gives_empty_output_and_zero_gradients(kwargs, backend, dtype):
+    """B = 0 in, (0, N, C) out; the input gradient is empty and every parameter's is zero, as the
+    reference gives. (timm's own module cannot: its reshape(B, -1, ...) is ambiguous for B = 0.)"""
+    _, mod = _pair(kwargs, backend, dtype)
+    ref = copy.deepcopy(mod).to(HIGH)
+    ref.backend = "torch"
+    x = torch.randn(0, 24, kwargs["dim"], dtype=HIGH, device=DEVICE)
+    grad = torch.randn(0, 24, kwargs["dim"], dtype=HIGH, device=DEVICE)
+    with pytest.raises(RuntimeError, match="ambiguous"):
+        pvt_v2.Attention(**kwargs).to(DEVICE, HIGH)(x, (4, 6))
+    out_ref, g_ref = _run(ref, x, (4, 6), grad)
+    with poison_outputs():
+        out, g = _run(mod, x.to(dtype), (4, 6), grad)
+    assert out.shape == out_ref.shape == (0, 24, kwargs["dim"]) and out.dtype == dtype
+    assert g.keys() == g_ref.keys()
+    for name, gr in g_ref.items():
+        assert g[name] is not None and g[name].shape == gr.shape, name
+        assert torch.equal(g[name], gr.to(dtype)), name
+        assert name == "x" or gr.numel() > 0, name
+
+
+def test_converted_pvt_with_an_empty_batch_fails_where_timm_fails():
+    """A converted PVT v2 model behaves as timm's: its own stage code (reshape(B, -1, C)) rejects
+    B = 0 before any attention runs, with the same error, and its converted attention modules
+    take the empty batch."""
+    vitkern = pytest.importorskip("vitkern")
+    model = pvt_v2.PyramidVisionTransformerV2(embed_dims=(16, 32), depths=(1, 1), num_heads=(1, 2),
+                                              sr_ratios=(4, 2), mlp_ratios=(2, 2), num_classes=5).eval()
+    x = torch.randn(0, 3, 32, 32)
+    with pytest.raises(RuntimeError) as timm_error:
+        model(x)
+    vitkern.optimize(model, backend="triton")
+    attn = model.stages[0].blocks[0].attn
+    assert isinstance(attn, SRAttention)
+    with pytest.raises(RuntimeError) as ours:
+        model(x)
+    assert str(ours.value) == str(timm_error.value)
+    assert attn(torch.randn(0, 64, 16), (8, 8)).shape == (0, 64, 16)
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bad_input(backend):
@@ -356,8 +402,6 @@ def test_bad_input(backend):
         mod(x[:, :0], (0, 8))
     with pytest.raises(ValueError, match=r"at least sr_ratio = 4 in each dimension, got \(2, 24\)"):
         mod(x, (2, 24))
-    with pytest.raises(ValueError, match="empty batch"):
-        mod(x[:0], (6, 8))
     with pytest.raises(TypeError, match=r"q_weight.dtype is torch.float32 but x.dtype is torch.float64"):
         mod(x.double(), (6, 8))
 

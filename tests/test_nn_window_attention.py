@@ -3,7 +3,7 @@
 Parity with timm (same state_dict, loaded strictly both ways -> same output and every gradient:
 input and every parameter, random upstream gradient), timm's window rules (small grid,
 non-divisible and non-square grids, always_partition, dynamic_mask, set_input_size), the
-fused-op call, training (attention dropout falls back to timm's unfused math; drop_path),
+fused-op call, training (attention dropout in the fused op; drop_path), empty batches,
 bad input and torch.compile(fullgraph=True).
 
 Reference: timm's block in float64. backend="torch" runs in float64, backend="triton" in
@@ -19,7 +19,9 @@ from torch import nn
 from helpers import assert_close, assert_drop_in_signature
 from vitkern import ops
 from vitkern.nn import SwinTransformerBlock
-from vitkern.nn.swin import DropPath, WindowAttention
+from vitkern.nn.window_attention import DropPath, WindowAttention
+from vitkern.ops.window_attention import window_dropout_keep_mask
+from vitkern.reference import window_attention_reference
 from vitkern.testing import poison_outputs
 
 timm = pytest.importorskip("timm")
@@ -216,8 +218,7 @@ def test_defaults_and_signature():
     for method in ("forward", "set_input_size", "get_attn_mask"):
         assert (list(inspect.signature(getattr(SwinTransformerBlock, method)).parameters)
                 == list(inspect.signature(getattr(timm_swin.SwinTransformerBlock, method)).parameters)), method
-    assert (list(inspect.signature(WindowAttention.__init__).parameters)
-            == list(inspect.signature(timm_swin.WindowAttention.__init__).parameters))
+    assert_drop_in_signature(WindowAttention, timm_swin.WindowAttention)
     m = SwinTransformerBlock(96, (56, 56), 3, device="meta")
     r = timm_swin.SwinTransformerBlock(96, (56, 56), 3, device="meta")
     assert {k: v.shape for k, v in m.state_dict().items()} == {k: v.shape for k, v in r.state_dict().items()}
@@ -244,14 +245,11 @@ def test_block_calls_the_fused_op_on_the_qkv_grid(monkeypatch):
     assert qkv is qkv_out[0] and qkv.shape == (2, 5, 13, 48)
     assert table is mod.attn.relative_position_bias_table
     assert kw == dict(num_heads=2, window_size=(5, 7), shift_size=(0, 3), scale=mod.attn.scale,
-                      qkv_bias=mod.attn.qkv.bias, backend="torch")
-    # training with attention dropout: timm's unfused path (the op has no dropout)
+                      qkv_bias=mod.attn.qkv.bias, dropout_p=0.0, backend="torch")
+    # training with attention dropout: the same fused op, with the dropout probability
     calls.clear()
     mod.train()(torch.randn(2, 5, 13, 16, device=DEVICE))
-    assert calls == []
-    mod.attn.attn_drop.p = 0.0  # no attention dropout: the fused op again, in training too
-    mod(torch.randn(2, 5, 13, 16, device=DEVICE))
-    assert len(calls) == 1
+    assert len(calls) == 1 and calls[0][2]["dropout_p"] == 0.2
 
 
 # ----------------------------------------------------------------------------- training
@@ -267,9 +265,10 @@ def _seeded_run(module, x, grad, seed):
 
 
 def test_attention_dropout_training_equals_timm_under_the_same_seed():
-    """attn_drop > 0 in training runs timm's unfused math: same seed -> same dropout masks (attention,
-    proj_drop in attn and mlp, drop_path) -> same output and gradients."""
-    ref, mod = _train_pair("torch", HIGH, attn_drop=0.3, proj_drop=0.1, drop_path=0.5)
+    """backend="torch": the reference drops timm's attn_drop elements in timm's order, so the same seed
+    gives the same masks (attention, drop_path) -> same output and gradients. (proj_drop, also the mlp's
+    dropout, stays 0: it is drawn on the grid, not on timm's padded windows, so its numbers differ.)"""
+    ref, mod = _train_pair("torch", HIGH, attn_drop=0.3, drop_path=0.5)
     x = torch.randn(4, 10, 13, 16, dtype=HIGH, device=DEVICE)
     grad = torch.randn_like(x)
     out_ref, g_ref = _seeded_run(ref, x, grad, 5)
@@ -279,6 +278,48 @@ def test_attention_dropout_training_equals_timm_under_the_same_seed():
     assert not torch.allclose(out, out2)  # dropout is live
     mod.eval(), ref.eval()
     assert_close("eval output", mod(x), ref(x))
+
+
+def test_attention_dropout_training_runs_the_fused_kernels(monkeypatch):
+    """backend="triton", training, attn_drop > 0: the kernels' dropout; equals the block whose attention is
+    the float64 reference with the kernels' mask (forward and every gradient)."""
+    kwargs = _kw((10, 13), 7, 3, attn_drop=0.3)
+    ref, mod = _pair(kwargs, "triton", torch.float32)
+    hi = SwinTransformerBlock(**kwargs, backend="torch").to(DEVICE, HIGH)
+    hi.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 10, 13, 16, dtype=HIGH, device=DEVICE)
+    grad = torch.randn_like(x)
+    with poison_outputs():
+        out, g = _seeded_run(mod.train(), x.to(torch.float32), grad, 11)
+    torch.manual_seed(11)  # the op's seed is the block's first random draw (no proj_drop, no drop_path)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).item())
+    mask = window_dropout_keep_mask(seed, 2, (10, 13), 2, (7, 7), 0.3, device=DEVICE).to(HIGH)
+
+    def with_mask(qkv, table, *, dropout_p, backend, **kw):
+        assert dropout_p == 0.3
+        return window_attention_reference(qkv, table, dropout_mask=mask, **kw)
+
+    monkeypatch.setattr(ops, "window_attention", with_mask)
+    out_ref, g_ref = _run(hi.train(), x, grad)
+    _assert_all_close(out, g, out_ref, g_ref)
+    monkeypatch.undo()
+    mod.eval()
+    assert not torch.allclose(out, mod(x.to(torch.float32)))  # dropout was live
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+def test_empty_batch_empty_in_empty_out(backend, dtype):
+    """B = 0: an empty output and empty / zero gradients (timm raises a reshape error here)."""
+    ref, mod = _pair(_kw((10, 13), 7, 3), backend, dtype)
+    x = torch.randn(0, 10, 13, 16, dtype=dtype, device=DEVICE, requires_grad=True)
+    with pytest.raises(RuntimeError, match="reshape"):
+        ref(x.detach().to(HIGH))
+    out = mod(x)
+    assert out.shape == (0, 10, 13, 16) and out.dtype == dtype
+    out.backward(torch.randn_like(out))
+    assert x.grad.shape == x.shape
+    for name, p in mod.named_parameters():
+        assert p.grad is not None and not p.grad.any(), name
 
 
 @pytest.mark.parametrize("backend,dtype", BACKENDS)
@@ -420,3 +461,38 @@ def test_compile_fullgraph_matches_eager(backend, dtype):
     assert g_c.keys() == g_eager.keys()
     for name in g_eager:
         torch.testing.assert_close(g_c[name], g_eager[name], **tol, msg=name)
+
+
+# ----------------------------------------------------------------------------- WindowAttention's windows API
+@pytest.mark.parametrize("backend, dtype", BACKENDS)
+@pytest.mark.parametrize("with_mask", [False, True], ids=["no-mask", "mask"])
+def test_window_attention_windows_interface_matches_timm(backend, dtype, with_mask):
+    """WindowAttention.forward on already-partitioned windows (timm's interface) runs the fused
+    attention op and equals timm's WindowAttention, with and without a shift mask."""
+    torch.manual_seed(3)
+    win, heads, dim, B, nW = (3, 4), 2, 16, 2, 3
+    ref = _randomise(timm_swin.WindowAttention(dim, heads, window_size=win).to(DEVICE, HIGH)).eval()
+    mod = WindowAttention(dim, heads, window_size=win, backend=backend).to(DEVICE, dtype).eval()
+    mod.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(B * nW, win[0] * win[1], dim, device=DEVICE, dtype=HIGH)
+    mask = None
+    if with_mask:  # timm's shift mask: 0 or -100 per window pair
+        mask = torch.where(torch.rand(nW, x.shape[1], x.shape[1], device=DEVICE) < 0.3, -100.0, 0.0).to(HIGH)
+    out_ref = ref(x, mask)
+    grad = torch.randn_like(out_ref)
+    xr = x.clone().requires_grad_(True)
+    ref(xr, mask).backward(grad)
+    g_ref = {"x": xr.grad, **{n: p.grad for n, p in ref.named_parameters()}}
+    xm = x.to(dtype).requires_grad_(True)
+    out = mod(xm, None if mask is None else mask.to(dtype))
+    out.backward(grad.to(dtype))
+    g = {"x": xm.grad, **{n: p.grad for n, p in mod.named_parameters()}}
+    _assert_all_close(out, g, out_ref, g_ref)
+
+
+def test_window_attention_windows_interface_bad_input():
+    mod = WindowAttention(16, 2, window_size=3)
+    with pytest.raises(ValueError, match=r"x must be \(B\*nW, N=9, C=16\) windows, got shape \(2, 8, 16\)"):
+        mod(torch.randn(2, 8, 16))
+    with pytest.raises(ValueError, match=r"mask must be \(nW, 9, 9\) with B\*nW=4 a multiple of nW"):
+        mod(torch.randn(4, 9, 16), torch.zeros(3, 9, 9))

@@ -23,7 +23,8 @@ attends, merges, crops and rolls back. Here it is::
     qkv = attn.qkv(x)                      # (B, H, W, 3C) on the grid: no roll/pad/partition copies
     y   = vitkern.ops.window_attention(qkv, attn.relative_position_bias_table,
               num_heads, window_size=self.window_size, shift_size=self.shift_size,
-              scale=attn.scale, qkv_bias=attn.qkv.bias, backend=self.backend)
+              scale=attn.scale, qkv_bias=attn.qkv.bias,
+              dropout_p=attn.attn_drop.p if self.training else 0.0, backend=self.backend)
     y   = attn.proj_drop(attn.proj(y))
 
 The op does the cyclic shift, padding (padded tokens are timm's zero tokens after the qkv
@@ -46,14 +47,15 @@ the same size, works for any input as in timm).
 ``attn_mask`` is registered (non-persistent, as in timm) but stays ``None``: the op needs no
 mask tensor. :meth:`SwinTransformerBlock.get_attn_mask` still returns timm's mask.
 
-Attention dropout. The fused op has no dropout. In training mode with
-``attn_drop > 0`` the block runs timm's own unfused window attention instead (roll, pad,
-partition, ``attn(windows, mask)`` with softmax -> ``attn_drop`` -> ``@ v``, merge, crop, roll
-back) - the same math and the same random-number use as timm's ``fused_attn=False`` path,
-so a training step equals timm's under the same seed. In eval mode, or with
-``attn_drop == 0``, the fused op runs. ``proj_drop`` (after ``attn.proj``, on the grid instead
-of timm's windows) and ``drop_path`` (per sample, as timm's ``DropPath``) apply as in timm;
-proj_drop's random pattern is laid out on the grid rather than per window.
+Attention dropout. In training mode the op gets ``dropout_p=attn.attn_drop.p`` (0 in eval, as
+timm's ``attn_drop``): the Triton kernels drop the probabilities in-kernel (Philox numbers from a
+seed drawn from torch's default generator, the same in forward and backward), so the fused path
+covers training too. With backend="torch" the reference drops them with ``F.dropout`` on the
+(B, nW, heads, n, n) probabilities - timm's ``attn_drop`` elements in timm's order, so with
+``proj_drop == 0`` a training step equals timm's (``fused_attn=False``) under the same seed.
+``proj_drop`` (after ``attn.proj``, on the grid instead of timm's windows) and ``drop_path``
+(per sample, as timm's ``DropPath``) apply as in timm; proj_drop's random pattern is laid out on
+the grid rather than per window.
 
 Deliberate differences from timm (errors instead of silent behaviour):
 
@@ -63,6 +65,8 @@ Deliberate differences from timm (errors instead of silent behaviour):
 * ``shift_size >= window_size`` (after the small-grid rule), non-positive windows and
   negative shifts raise; timm builds a meaningless mask.
 * Wrong input rank / channels raise ValueError (timm: unpacking / matmul errors).
+* An empty batch (B = 0) returns an empty (0, H, W, C) output (and empty / zero gradients);
+  timm 1.0.31 raises a reshape error there.
 
 vitkern imports without timm. Only ``set_input_size`` with a *different* window size (which
 resamples ``attn.relative_position_bias_table`` with timm's ``resize_rel_pos_bias_table``)
@@ -74,7 +78,6 @@ import math
 from typing import Optional, Tuple, Type, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkern import backends as _backends
@@ -168,20 +171,6 @@ class Mlp(nn.Module):
         return x
 
 
-def _window_partition(x: Tensor, window_size: Tuple[int, int]) -> Tensor:
-    """timm's window_partition: (B, H, W, C) -> (B*nW, Mh, Mw, C), windows row-major."""
-    B, H, W, C = x.shape
-    x = x.view(B, H // window_size[0], window_size[0], W // window_size[1], window_size[1], C)
-    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, window_size[0], window_size[1], C)
-
-
-def _window_reverse(windows: Tensor, window_size: Tuple[int, int], H: int, W: int) -> Tensor:
-    """timm's window_reverse: (B*nW, Mh, Mw, C) -> (B, H, W, C)."""
-    C = windows.shape[-1]
-    x = windows.view(-1, H // window_size[0], W // window_size[1], window_size[0], window_size[1], C)
-    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, H, W, C)
-
-
 # --------------------------------------------------------------------------- #
 # WindowAttention: timm's parameters and buffers; the block drives the fused op
 # --------------------------------------------------------------------------- #
@@ -191,9 +180,18 @@ class WindowAttention(nn.Module):
     Holds ``relative_position_bias_table`` ((2Mh-1)(2Mw-1), heads), the non-persistent
     ``relative_position_index`` buffer, ``qkv``, ``attn_drop``, ``proj``, ``proj_drop`` and
     ``softmax`` under timm's names. :class:`SwinTransformerBlock` reads them to call the fused
-    op on the token grid; :meth:`forward` keeps timm's windows interface ((B*nW, N, C) tokens
-    and an optional (nW, N, N) mask) with timm's unfused math (``fused_attn`` is False, timm's
-    default), which is what the block uses for attention dropout in training.
+    window op on the whole token grid (no partitioned windows). :meth:`forward` keeps timm's
+    windows interface for code that calls it directly: already-partitioned windows
+    (B*nW, N, C) and an optional (nW, N, N) additive mask, attended by vitkern's fused
+    attention op (:func:`vitkern.ops.attention_packed` on the qkv Linear's output) with the
+    relative-position bias as ``attn_bias``. That bias is the small (1, heads, N, N) gather of
+    the table, and with a mask it is (B*nW, heads, N, N), since a mask that repeats every nW
+    windows is not a broadcast the op can express: this windows interface is for
+    compatibility; the block's grid path needs neither.
+
+    Args: as timm's ``WindowAttention``, plus
+        backend: ``"auto" | "cuda" | "triton" | "torch"`` for :meth:`forward` (the block passes
+            its own).
     """
 
     fused_attn: torch.jit.Final[bool]
@@ -209,10 +207,13 @@ class WindowAttention(nn.Module):
         proj_drop: float = 0.0,
         device=None,
         dtype=None,
+        *,
+        backend: str = "auto",
     ):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
         owner = type(self).__name__
+        self.backend = _backends.check_name(backend, owner)
         if not _is_int(dim) or dim <= 0:
             raise ValueError(f"{owner}: dim must be a positive int, got {dim!r}")
         if not _is_int(num_heads) or num_heads <= 0:
@@ -234,7 +235,7 @@ class WindowAttention(nn.Module):
         self.num_heads = num_heads
         attn_dim = head_dim * num_heads
         self.scale = head_dim ** -0.5
-        self.fused_attn = False  # timm's flag (its default); the block's own attention is vitkern's fused op
+        self.fused_attn = True  # timm's flag: attention here always runs vitkern's fused kernels
 
         self.relative_position_bias_table = nn.Parameter(
             torch.empty((2 * win_h - 1) * (2 * win_w - 1), num_heads, **dd))
@@ -300,24 +301,24 @@ class WindowAttention(nn.Module):
         return bias.permute(2, 0, 1).contiguous().unsqueeze(0)  # (1, heads, N, N)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        """timm's unfused window attention on windows x (B*nW, N, C); mask (nW, N, N) or None."""
-        B_, N, C = x.shape
-        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q = q * self.scale
-        attn = q @ k.transpose(-2, -1)
-        attn = attn + self._get_rel_pos_bias()
+        """Attention within windows x (B*nW, N, C), N = window area; mask (nW, N, N) additive, or None."""
+        owner = type(self).__name__
+        if x.dim() != 3 or x.shape[1] != self.window_area or x.shape[2] != self.dim:
+            raise ValueError(f"{owner}: x must be (B*nW, N={self.window_area}, C={self.dim}) windows, "
+                             f"got shape {tuple(x.shape)}")
+        B_, N, _ = x.shape
+        bias = self._get_rel_pos_bias()  # (1, heads, N, N)
         if mask is not None:
             num_win = mask.shape[0]
-            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
-        attn = self.softmax(attn)
-        attn = self.attn_drop(attn)
-        x = attn @ v
-        x = x.transpose(1, 2).reshape(B_, N, -1)
-        x = self.proj(x)
-        x = self.proj_drop(x)
-        return x
+            if mask.dim() != 3 or mask.shape[1:] != (N, N) or (num_win and B_ % num_win):
+                raise ValueError(f"{owner}: mask must be (nW, {N}, {N}) with B*nW={B_} a multiple of nW, "
+                                 f"got shape {tuple(mask.shape)}")
+            bias = bias.unsqueeze(1) + mask.unsqueeze(1).unsqueeze(0).to(bias.dtype)  # (1, nW, heads, N, N)
+            bias = bias.expand(B_ // max(num_win, 1), -1, -1, -1, -1).reshape(B_, self.num_heads, N, N)
+        y = _ops.attention_packed(self.qkv(x), self.num_heads, scale=self.scale, attn_bias=bias,
+                                  dropout_p=self.attn_drop.p if self.training else 0.0, backend=self.backend)
+        y = self.proj(y)
+        return self.proj_drop(y)
 
 
 # --------------------------------------------------------------------------- #
@@ -381,6 +382,7 @@ class SwinTransformerBlock(nn.Module):
             attn_drop=attn_drop,
             proj_drop=proj_drop,
             **dd,
+            backend=backend,
         )
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
@@ -417,8 +419,7 @@ class SwinTransformerBlock(nn.Module):
     ) -> Optional[Tensor]:
         """timm's shift mask (nW, N, N): 0 / -100 for the padded grid x (or ``input_resolution``).
 
-        None when the block is not shifted. The block itself never builds it (the op masks on the fly)
-        except for the attention-dropout fallback.
+        None when the block is not shifted. The block itself never builds it (the op masks on the fly).
         """
         if not any(self.shift_size):
             return None
@@ -517,8 +518,6 @@ class SwinTransformerBlock(nn.Module):
     def _attn(self, x: Tensor) -> Tensor:
         """Shifted-window attention of the normalised grid x (B, H, W, C), including attn.proj (timm's _attn)."""
         attn = self.attn
-        if self.training and attn.attn_drop.p > 0:
-            return self._attn_unfused(x)
         qkv = attn.qkv(x)  # (B, H, W, 3·heads·head_dim)
         y = _ops.window_attention(
             qkv,
@@ -528,40 +527,18 @@ class SwinTransformerBlock(nn.Module):
             shift_size=self.shift_size,
             scale=attn.scale,
             qkv_bias=attn.qkv.bias,
+            dropout_p=attn.attn_drop.p if self.training else 0.0,
             backend=self.backend,
         )  # (B, H, W, heads·head_dim)
         y = attn.proj(y)
         return attn.proj_drop(y)
-
-    def _attn_unfused(self, x: Tensor) -> Tensor:
-        """timm's _attn (roll, pad, partition, windowed attention with dropout, merge, crop, roll back).
-
-        Used in training with attn_drop > 0 only: the fused op has no attention dropout. The mask
-        is built for the actual padded grid (timm's dynamic mask; equal to its precomputed mask
-        whenever :meth:`_check_input` accepts the input).
-        """
-        B, H, W, C = x.shape
-        has_shift = any(self.shift_size)
-        shifted_x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2)) if has_shift else x
-        pad_h = (self.window_size[0] - H % self.window_size[0]) % self.window_size[0]
-        pad_w = (self.window_size[1] - W % self.window_size[1]) % self.window_size[1]
-        shifted_x = F.pad(shifted_x, (0, 0, 0, pad_w, 0, pad_h))
-        _, Hp, Wp, _ = shifted_x.shape
-        x_windows = _window_partition(shifted_x, self.window_size).view(-1, self.window_area, C)
-        attn_mask = self.get_attn_mask(shifted_x)
-        attn_windows = self.attn(x_windows, mask=attn_mask)
-        attn_windows = attn_windows.view(-1, self.window_size[0], self.window_size[1], attn_windows.shape[-1])
-        shifted_x = _window_reverse(attn_windows, self.window_size, Hp, Wp)[:, :H, :W, :].contiguous()
-        if has_shift:
-            return torch.roll(shifted_x, shifts=self.shift_size, dims=(1, 2))
-        return shifted_x
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, H, W, C) -> (B, H, W, C)."""
         self._check_input(x)
         B, H, W, C = x.shape
         x = x + self.drop_path1(self._attn(self.norm1(x)))
-        x = x.reshape(B, -1, C)
+        x = x.reshape(B, H * W, C)  # not (B, -1, C): that cannot reshape an empty batch
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
         x = x.reshape(B, H, W, C)
         return x
