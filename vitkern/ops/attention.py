@@ -453,6 +453,12 @@ def _bwd_configs(head_dim: int, dtype: torch.dtype = torch.bfloat16, has_bias: b
     return wide, wide
 
 
+def _bwd_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, has_bias: bool = False,
+                has_dropout: bool = False) -> dict:
+    """The dQ kernel's tiles (see :func:`_bwd_configs`)."""
+    return _bwd_configs(head_dim, dtype, has_bias, has_dropout)[0]
+
+
 def _dbias_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, has_dropout: bool = False) -> dict:
     """Tiles of the d(bias) kernel: it holds q, dO (BLOCK_M x d) and k, v (BLOCK_N x d) at once."""
     if _triton.INTERPRET:
