@@ -137,6 +137,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["vitkern", "vitkern.*"]),
+    package_data={"vitkern.configs": ["*.json"]},  # tuned launch configs per GPU (vitkern.tools.tune)
     install_requires=[
         "torch>=2.4",
         "numpy",

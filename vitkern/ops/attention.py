@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from vitkern import _triton, backends
+from vitkern import _triton, backends, configs
 from vitkern._memory import new_output
 from vitkern._triton import cdiv, next_power_of_2, tl, triton
 from vitkern.reference import attention_reference
@@ -409,20 +409,68 @@ def _block_d(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))
 
 
-def _fwd_config(head_dim: int) -> dict:
-    if _triton.INTERPRET:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
-    if head_dim <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+def _shape_class(dtype: torch.dtype, head_dim: int, has_bias: bool, has_dropout: bool) -> str:
+    """The key of a tuned-config table entry (vitkern.configs): what the tiles depend on."""
+    return f"{str(dtype).replace('torch.', '')}|d{head_dim}|bias{int(has_bias)}|dropout{int(has_dropout)}"
 
 
-def _bwd_config(head_dim: int) -> dict:
+# GPU tiles, chosen with `python -m vitkern.tools.compile_report` (no spills in 16-bit kernels,
+# <= 64 B in fp32 ones, shared memory within sm_80's 163 KB and sm_90a's 227 KB per block):
+# the bias tile and the dropout bits are live beside the accumulators, so kernels with them get
+# more warps or a narrower key block; fp32 tiles take twice the registers and shared memory.
+def _fwd_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, has_bias: bool = False,
+                has_dropout: bool = False) -> dict:
     if _triton.INTERPRET:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+    tuned = configs.lookup("attention.fwd", _shape_class(dtype, head_dim, has_bias, has_dropout))
+    if tuned:
+        return tuned
+    heavy = has_bias or has_dropout
     if head_dim <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1)
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if heavy else 4, num_stages=3)
+    narrow = heavy or dtype == torch.float32  # fp32 128x64 at d128: 229 KB of shared memory
+    return dict(BLOCK_M=128, BLOCK_N=32 if narrow else 64, num_warps=8, num_stages=2)
+
+
+def _bwd_configs(head_dim: int, dtype: torch.dtype = torch.bfloat16, has_bias: bool = False,
+                 has_dropout: bool = False) -> Tuple[dict, dict]:
+    """Tiles of the dQ kernel and of the dK/dV kernel (BLOCK_M queries, BLOCK_N keys).
+
+    A tuned entry ("attention.bwd") applies to both."""
+    if _triton.INTERPRET:
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+        return cfg, cfg
+    tuned = configs.lookup("attention.bwd", _shape_class(dtype, head_dim, has_bias, has_dropout))
+    if tuned:
+        return tuned, tuned
+    # 32 query rows with 8 warps spill nothing anywhere; 64x64 tiles spill in dQ with bias and dropout
+    # (300-900 B), in fp32 dQ on sm_80 (500 B at d64), in 16-bit d64 dK/dV on sm_80 (8 B), and fp32
+    # d128 dK/dV needs 192 KB of shared memory (over sm_80's 163 KB).
+    narrow = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
+    if has_bias or has_dropout or dtype == torch.float32:
+        return narrow, narrow
+    if head_dim <= 64:  # 64-row dQ: wgmma on sm_90a, no spill
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2), narrow
+    wide = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1)
+    return wide, wide
+
+
+def _bwd_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, has_bias: bool = False,
+                has_dropout: bool = False) -> dict:
+    """The dQ kernel's tiles (see :func:`_bwd_configs`)."""
+    return _bwd_configs(head_dim, dtype, has_bias, has_dropout)[0]
+
+
+def _dbias_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, has_dropout: bool = False) -> dict:
+    """Tiles of the d(bias) kernel: it holds q, dO (BLOCK_M x d) and k, v (BLOCK_N x d) at once."""
+    if _triton.INTERPRET:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+    tuned = configs.lookup("attention.dbias", _shape_class(dtype, head_dim, True, has_dropout))
+    if tuned:
+        return tuned
+    # One stage: Triton's default 3 needs 400 KB of shared memory at fp32 d128. 32 query rows
+    # at d > 64 spill (16-72 B bf16, 80 B fp32 on sm_80); 16 do not.
+    return dict(BLOCK_M=16 if head_dim > 64 else 32, BLOCK_N=64, num_warps=8, num_stages=1)
 
 
 def _bias_strides(bias: Optional[Tensor], shape4) -> Tuple[int, int, int, int]:
@@ -449,7 +497,7 @@ def _launch_fwd(q, k, v, bias, scale, dropout_p, seed, out, is_causal: bool = Fa
         out.zero_()
         lse.fill_(float("-inf"))
         return lse
-    cfg = _fwd_config(D)
+    cfg = _fwd_config(D, q.dtype, bias is not None, dropout_p > 0)
     grid = (B * H, cdiv(NQ, cfg["BLOCK_M"]))
     _attn_fwd_kernel[grid](
         q, k, v, bias if bias is not None else q, out, lse,
@@ -472,39 +520,39 @@ def _launch_bwd(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, dq, dk, d
             t.zero_()
         return new_output(_dbias_shape(bias, B, H, NQ, NK), dtype=torch.float32, device=q.device).zero_() \
             if bias_grad else None
-    cfg = _bwd_config(D)
+    dq_cfg, dkdv_cfg = _bwd_configs(D, q.dtype, bias is not None, dropout_p > 0)
     block_d = _block_d(D)
     delta = new_output((B, H, NQ), dtype=torch.float32, device=q.device)
-    _attn_bwd_delta_kernel[(B * H, cdiv(NQ, cfg["BLOCK_M"]))](
+    _attn_bwd_delta_kernel[(B * H, cdiv(NQ, dq_cfg["BLOCK_M"]))](
         out, dout, delta, NQ, H, *out.stride(), *dout.stride(),
-        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=block_d,
+        HEAD_DIM=D, BLOCK_M=dq_cfg["BLOCK_M"], BLOCK_D=block_d,
     )
     seed_value = _seed_value(seed)
     bias_strides = _bias_strides(bias, (B, H, NQ, NK))
     scalars = (qk_scale := scale * _LOG2E, scale, seed_value, dropout_p, 1.0 / (1.0 - dropout_p))
     strides = (*q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride())
     flags = dict(HEAD_DIM=D, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, BLOCK_D=block_d,
-                 IS_CAUSAL=is_causal, **cfg)
+                 IS_CAUSAL=is_causal)
     bias_arg = bias if bias is not None else q
     # dQ first: it replaces delta by the corrected one that the dK/dV and d(bias) kernels then use.
-    _attn_bwd_dq_kernel[(B * H, cdiv(NQ, cfg["BLOCK_M"]))](
-        q, k, v, bias_arg, dout, lse, delta, dq, NQ, NK, H, *scalars, *strides, *dq.stride(), **flags,
+    _attn_bwd_dq_kernel[(B * H, cdiv(NQ, dq_cfg["BLOCK_M"]))](
+        q, k, v, bias_arg, dout, lse, delta, dq, NQ, NK, H, *scalars, *strides, *dq.stride(), **flags, **dq_cfg,
     )
-    _attn_bwd_dkdv_kernel[(B * H, cdiv(NK, cfg["BLOCK_N"]))](
+    _attn_bwd_dkdv_kernel[(B * H, cdiv(NK, dkdv_cfg["BLOCK_N"]))](
         q, k, v, bias_arg, dout, lse, delta, dk, dv, NQ, NK, H, *scalars, *strides, *dk.stride(), *dv.stride(),
-        **flags,
+        **flags, **dkdv_cfg,
     )
     if not bias_grad:
         return None
     bias_batch, bias_heads, bias_nq, bias_nk = shape = _dbias_shape(bias, B, H, NQ, NK)
     dbias = new_output(shape, dtype=torch.float32, device=q.device)
+    cfg = _dbias_config(D, q.dtype, dropout_p > 0)
     grid = (bias_batch * bias_heads, cdiv(bias_nq, cfg["BLOCK_M"]), cdiv(bias_nk, cfg["BLOCK_N"]))
     _attn_bwd_dbias_kernel[grid](
         q, k, v, bias, dout, lse, delta, dbias, NQ, NK, H, B, bias_heads, qk_scale, seed_value, dropout_p,
         1.0 / (1.0 - dropout_p), *strides,
         HEAD_DIM=D, HAS_DROPOUT=dropout_p > 0, SUM_BATCH=bias_batch == 1, SUM_HEADS=bias_heads == 1,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, num_warps=cfg["num_warps"],
-        SUM_ROWS=bias_nq == 1, SUM_COLS=bias_nk == 1, IS_CAUSAL=is_causal,
+        BLOCK_D=block_d, SUM_ROWS=bias_nq == 1, SUM_COLS=bias_nk == 1, IS_CAUSAL=is_causal, **cfg,
     )
     return dbias
 

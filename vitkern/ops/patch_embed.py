@@ -251,6 +251,15 @@ def _gemm_config(dtype: torch.dtype, m: int, n: int, k: int) -> dict:
                 num_warps=8, num_stages=3)
 
 
+def _backward_tiles(cfg: dict) -> dict:
+    """dx and dW gather or scatter patches with index arithmetic beside the tiles: 128x128 tiles
+    with 3 stages spill there (8-244 B, `python -m vitkern.tools.compile_report`); 64-wide tiles
+    with 2 stages do not."""
+    if _triton.INTERPRET:
+        return cfg
+    return dict(cfg, BLOCK_N=min(cfg["BLOCK_N"], 64), num_stages=2)
+
+
 def _wide(ph: int, pw: int, *tensors: Tensor) -> bool:
     """Whether i*s_h + j*s_w over a patch can leave int32 for one of the 4-D tensors (see _pixel_offset)."""
     return any((ph - 1) * t.stride(2) + (pw - 1) * t.stride(3) >= 2**31 for t in tensors)
@@ -334,7 +343,7 @@ def _launch_backward(grad_out, x, weight, has_cls, need_dx, need_dweight, need_t
         # so autograd maps it back through the view without a copy.
         covered = (grid_h * PH == H) and (grid_w * PW == W)
         dx = new_output_like(x) if covered else torch.zeros_like(x)
-        cfg = _gemm_config(x.dtype, MP, K, D)
+        cfg = _backward_tiles(_gemm_config(x.dtype, MP, K, D))
         grid = (cdiv(MP, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_N"]))
         _patch_embed_dx_kernel[grid](
             grad_out, weight, dx,
@@ -347,7 +356,7 @@ def _launch_backward(grad_out, x, weight, has_cls, need_dx, need_dweight, need_t
     if need_dweight and MP == 0:  # a sum over no patches
         dweight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
     elif need_dweight:
-        cfg = _gemm_config(x.dtype, D, K, MP)
+        cfg = _backward_tiles(_gemm_config(x.dtype, D, K, MP))
         d_tiles, k_tiles = cdiv(D, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_N"])
         row_tiles = cdiv(MP, cfg["BLOCK_K"])
         splits = _dw_splits(d_tiles, k_tiles, row_tiles, x.device)

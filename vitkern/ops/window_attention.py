@@ -472,7 +472,14 @@ class _Geometry:
         self.programs = self.B * self.n_win * num_heads
         self.block_m, self.block_n = _tiles(self.n_tok)
         self.block_d = max(16, next_power_of_2(self.head_dim))
-        self.warps = 4
+        # GPU launch settings, from `python -m vitkern.tools.compile_report`: with 64-token tiles and
+        # 4 warps the forward, dQ and d(score)-sum kernels spill 76-650 B (shift mask and bias gather
+        # live beside the tiles); 8 warps and one stage spill nothing, except in the d(score) sum,
+        # which holds a score tile per (query, key) block pair: it takes 32-token tiles (49 tokens
+        # pad to 64 either way).
+        big = self.block_m >= 64 and not _triton.INTERPRET
+        self.warps, self.stages = (8, 1) if big else (4, 3)
+        self.dscore_m, self.dscore_n = (32, 32) if big else (self.block_m, self.block_n)
 
     def grid_args(self):
         return (self.H, self.W, self.HP, self.WP, self.SH, self.SW, self.n_win, self.n_win_w, self.heads, self.C)
@@ -497,7 +504,8 @@ def _launch_fwd(qkv, table, qkv_bias, g: _Geometry, scale, mask_value, dropout_p
         qkv, bias_arg, table, out, lse,
         *g.grid_args(), scale * _LOG2E, float(mask_value), *_dropout_args(dropout_p, seed),
         *qkv.stride(), *out.stride(), *table.stride(),
-        BLOCK_M=g.block_m, BLOCK_N=g.block_n, num_warps=g.warps, **g.consts(qkv_bias, dropout_p),
+        BLOCK_M=g.block_m, BLOCK_N=g.block_n, num_warps=g.warps, num_stages=g.stages,
+        **g.consts(qkv_bias, dropout_p),
     )
     return out, lse
 
@@ -541,7 +549,8 @@ def _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g: _Geometry, scale, mask_
     drop = _dropout_args(dropout_p, seed)
     common = (*g.grid_args(), scale * _LOG2E, scale, float(mask_value), *drop, g.full_h, g.full_w, g.pad_windows,
               *qkv.stride(), *dout.stride(), *dqkv.stride(), *table.stride())
-    blocks = dict(BLOCK_M=g.block_m, BLOCK_N=g.block_n, num_warps=g.warps, PAD_GRAD=pad_grad_on, **consts)
+    blocks = dict(BLOCK_M=g.block_m, BLOCK_N=g.block_n, num_warps=g.warps, num_stages=g.stages,
+                  PAD_GRAD=pad_grad_on, **consts)
     # dQ first: it replaces delta by the corrected one that the later kernels use.
     _win_bwd_dq_kernel[(g.programs, cdiv(g.n_tok, g.block_m))](
         qkv, bias_arg, table, dout, lse, delta, dqkv, *common, **blocks)
@@ -557,7 +566,7 @@ def _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g: _Geometry, scale, mask_
 
     dtable = qkv.new_empty(0, dtype=torch.float32)
     if need_table:
-        tiles = cdiv(g.n_tok, g.block_m) * key_blocks
+        tiles = cdiv(g.n_tok, g.dscore_m) * cdiv(g.n_tok, g.dscore_n)
         splits = _dscore_splits(g, tiles, dev)
         per_split = cdiv(g.B * g.n_win, splits)
         splits = cdiv(g.B * g.n_win, per_split)
@@ -566,7 +575,8 @@ def _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g: _Geometry, scale, mask_
         _win_bwd_dscore_sum_kernel[(g.heads, tiles, splits)](
             qkv, bias_arg, table, dout, lse, delta, partial,
             *g.grid_args(), scale * _LOG2E, float(mask_value), *drop, g.B * g.n_win, per_split,
-            *qkv.stride(), *dout.stride(), *table.stride(), **blocks,
+            *qkv.stride(), *dout.stride(), *table.stride(),
+            **dict(blocks, BLOCK_M=g.dscore_m, BLOCK_N=g.dscore_n, num_warps=4),
         )
         dscore_sum = partial.sum(0) if splits > 1 else partial[0]  # fixed order: deterministic
         rows = table.shape[0]
