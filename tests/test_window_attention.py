@@ -101,10 +101,15 @@ def test_forward_and_every_gradient_match_reference(B, H, W, C, heads, window, s
     _check(B, H, W, C, heads, window, shift, with_bias, dtype)
 
 
+def _gpu_tiles(n_tok):
+    """The launchers' GPU tiles (query block, key block), which the interpreter replaces by one tile."""
+    return wa._tile(n_tok), wa._tile(n_tok)
+
+
 def test_gpu_tiling_path_with_several_blocks_per_window(monkeypatch):
     """On the GPU, windows span several query and key blocks (e.g. 144 tokens in 16s); force it here."""
-    monkeypatch.setattr(wa, "_tiles", wa._gpu_tiles)
-    assert wa._gpu_tiles(4 * 9) == (16, 16)  # 36 tokens: three 16-token blocks each way
+    monkeypatch.setattr(wa, "_tiles", _gpu_tiles)
+    assert _gpu_tiles(4 * 9) == (16, 16)  # 36 tokens: three 16-token blocks each way
     _check(1, 6, 11, 32, 2, (4, 9), (2, 4), True, torch.float32)
 
 
@@ -359,7 +364,7 @@ def test_dropout_equals_reference_with_the_kernels_mask(tiles, monkeypatch):
     """Forward and every gradient equal the reference that applies the kernels' mask: the forward
     and all backward kernels (dQ, dK/dV, table gradient) draw the same numbers."""
     if tiles == "gpu-tiles":  # several query and key blocks per window: block offsets enter the draws
-        monkeypatch.setattr(wa, "_tiles", wa._gpu_tiles)
+        monkeypatch.setattr(wa, "_tiles", _gpu_tiles)
     B, H, W, C, heads, window, shift, p = 2, 6, 11, 32, 2, (4, 9), (2, 4), 0.3
     base = _inputs(B, H, W, C, heads, window, shift, True, torch.float32)
     g = torch.randn(B, H, W, C, device=DEVICE)

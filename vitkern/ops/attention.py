@@ -604,7 +604,7 @@ def _attention_fwd(
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, attn_bias, scale, dropout_p, seed, is_causal=False):
+def _attention_fwd_fake(q, k, v, attn_bias, scale, dropout_p, seed, is_causal=False):
     B, H, NQ, D = q.shape
     return q.new_empty((B, NQ, H, D)), q.new_empty((B, H, NQ), dtype=torch.float32)
 
@@ -624,14 +624,14 @@ def _attention_bwd(
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, attn_bias, scale, dropout_p, seed, bias_grad, is_causal=False):
+def _attention_bwd_fake(dout, q, k, v, out, lse, attn_bias, scale, dropout_p, seed, bias_grad, is_causal=False):
     B, H, NQ, _ = q.shape
     dbias_shape = _dbias_shape(attn_bias, B, H, NQ, k.shape[2]) if bias_grad else (0,)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             q.new_empty(dbias_shape, dtype=torch.float32))
 
 
-def _fwd_setup(ctx, inputs, output):
+def _attention_fwd_setup_context(ctx, inputs, output):
     q, k, v, attn_bias, scale, dropout_p, seed, is_causal = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, attn_bias, seed)
@@ -639,7 +639,7 @@ def _fwd_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _fwd_backward(ctx, dout, _dlse):
+def _attention_fwd_backward(ctx, dout, _dlse):
     q, k, v, out, lse, attn_bias, seed = ctx.saved_tensors
     bias_grad = attn_bias is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = torch.ops.vitkern.attention_bwd(
@@ -649,7 +649,7 @@ def _fwd_backward(ctx, dout, _dlse):
     return dq, dk, dv, dbias, None, None, None, None
 
 
-_attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+_attention_fwd.register_autograd(_attention_fwd_backward, setup_context=_attention_fwd_setup_context)
 
 
 @torch.library.custom_op("vitkern::attention_packed_fwd", mutates_args=())
@@ -667,7 +667,7 @@ def _attention_packed_fwd(
 
 
 @_attention_packed_fwd.register_fake
-def _(qkv, num_heads, attn_bias, scale, dropout_p, seed, is_causal=False):
+def _attention_packed_fwd_fake(qkv, num_heads, attn_bias, scale, dropout_p, seed, is_causal=False):
     B, N, C3 = qkv.shape
     return qkv.new_empty((B, N, C3 // 3)), qkv.new_empty((B, num_heads, N), dtype=torch.float32)
 
@@ -689,13 +689,14 @@ def _attention_packed_bwd(
 
 
 @_attention_packed_bwd.register_fake
-def _(dout, qkv, out, lse, num_heads, attn_bias, scale, dropout_p, seed, bias_grad, is_causal=False):
+def _attention_packed_bwd_fake(dout, qkv, out, lse, num_heads, attn_bias, scale, dropout_p, seed, bias_grad,
+                               is_causal=False):
     B, N, _ = qkv.shape
     dbias_shape = _dbias_shape(attn_bias, B, num_heads, N, N) if bias_grad else (0,)
     return qkv.new_empty(qkv.shape), qkv.new_empty(dbias_shape, dtype=torch.float32)
 
 
-def _packed_setup(ctx, inputs, output):
+def _attention_packed_fwd_setup_context(ctx, inputs, output):
     qkv, num_heads, attn_bias, scale, dropout_p, seed, is_causal = inputs
     out, lse = output
     ctx.save_for_backward(qkv, out, lse, attn_bias, seed)
@@ -703,7 +704,7 @@ def _packed_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _packed_backward(ctx, dout, _dlse):
+def _attention_packed_fwd_backward(ctx, dout, _dlse):
     qkv, out, lse, attn_bias, seed = ctx.saved_tensors
     bias_grad = attn_bias is not None and ctx.needs_input_grad[2]
     dqkv, dbias = torch.ops.vitkern.attention_packed_bwd(
@@ -713,7 +714,8 @@ def _packed_backward(ctx, dout, _dlse):
     return dqkv, None, dbias, None, None, None, None
 
 
-_attention_packed_fwd.register_autograd(_packed_backward, setup_context=_packed_setup)
+_attention_packed_fwd.register_autograd(
+    _attention_packed_fwd_backward, setup_context=_attention_packed_fwd_setup_context)
 
 
 def attention_flops(batch: int, heads: int, nq: int, nk: int, head_dim: int, backward: bool = False) -> int:

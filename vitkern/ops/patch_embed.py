@@ -396,7 +396,7 @@ def _patch_embed_fwd(
 
 
 @_patch_embed_fwd.register_fake
-def _(x, weight, bias, cls_token, pos_embed):
+def _patch_embed_fwd_fake(x, weight, bias, cls_token, pos_embed):
     B, _, H, W = x.shape
     D, _, PH, PW = weight.shape
     tokens = (1 if cls_token is not None else 0) + (H // PH) * (W // PW)
@@ -413,7 +413,7 @@ def _patch_embed_bwd(
 
 
 @_patch_embed_bwd.register_fake
-def _(grad_out, x, weight, has_cls, need_dx, need_dweight, need_token_sums):
+def _patch_embed_bwd_fake(grad_out, x, weight, has_cls, need_dx, need_dweight, need_token_sums):
     tokens = grad_out.shape[1]
     return (
         torch.empty_like(x) if need_dx else x.new_empty(0),
@@ -422,7 +422,7 @@ def _(grad_out, x, weight, has_cls, need_dx, need_dweight, need_token_sums):
     )
 
 
-def _setup_context(ctx, inputs, output):
+def _patch_embed_fwd_setup_context(ctx, inputs, output):
     x, weight, bias, cls_token, pos_embed = inputs
     ctx.save_for_backward(x, weight)
     ctx.has_cls = cls_token is not None
@@ -433,7 +433,7 @@ def _setup_context(ctx, inputs, output):
     ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
 
 
-def _backward(ctx, grad_out):
+def _patch_embed_fwd_backward(ctx, grad_out):
     x, weight = ctx.saved_tensors
     need_x, need_w, need_b, need_cls, need_pos = ctx.needs_input_grad
     dx, dweight, token_sums = torch.ops.vitkern.patch_embed_bwd(
@@ -445,7 +445,7 @@ def _backward(ctx, grad_out):
     return (dx if need_x else None, dweight if need_w else None, dbias, dcls, dpos)
 
 
-_patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
+_patch_embed_fwd.register_autograd(_patch_embed_fwd_backward, setup_context=_patch_embed_fwd_setup_context)
 
 
 def patch_embed_flops(x_shape: Sequence[int], weight_shape: Sequence[int]) -> int:
@@ -652,7 +652,7 @@ def _patch_embed_layernorm_fwd_fake(x, weight, bias, ln_weight, ln_bias, eps):
         x.new_empty((B, T), **f32)
 
 
-def _layernorm_setup_context(ctx, inputs, output):
+def _patch_embed_layernorm_fwd_setup_context(ctx, inputs, output):
     x, weight, bias, ln_weight, ln_bias, eps = inputs
     _, pre, mean, rstd = output
     ctx.save_for_backward(x, weight, ln_weight, pre, mean, rstd)
@@ -660,7 +660,7 @@ def _layernorm_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(pre, mean, rstd)
 
 
-def _layernorm_backward(ctx, dout, _dpre, _dmean, _drstd):
+def _patch_embed_layernorm_fwd_backward(ctx, dout, _dpre, _dmean, _drstd):
     x, weight, ln_weight, pre, mean, rstd = ctx.saved_tensors
     need_x, need_w, need_b, need_lnw, need_lnb, _ = ctx.needs_input_grad
     bias_dtype, lnw_dtype, lnb_dtype = ctx.dtypes
@@ -679,7 +679,8 @@ def _layernorm_backward(ctx, dout, _dpre, _dmean, _drstd):
     return (dx if need_x else None, dweight if need_w else None, dbias, dln_w, dln_b, None)
 
 
-_patch_embed_layernorm_fwd.register_autograd(_layernorm_backward, setup_context=_layernorm_setup_context)
+_patch_embed_layernorm_fwd.register_autograd(
+    _patch_embed_layernorm_fwd_backward, setup_context=_patch_embed_layernorm_fwd_setup_context)
 
 
 # FlopCounterMode: the GEMM (the LayerNorm is O(tokens·D), not counted, as for nn.LayerNorm)

@@ -438,16 +438,12 @@ def _tile(n: int) -> int:
     return best[1]
 
 
-def _gpu_tiles(n_tok: int) -> Tuple[int, int]:
-    return _tile(n_tok), _tile(n_tok)
-
-
 def _tiles(n_tok: int) -> Tuple[int, int]:
     """(query block, key block). The interpreter's cost is per tile operation: one tile per window."""
     if _triton.INTERPRET:
         whole = max(16, next_power_of_2(n_tok))
         return whole, whole
-    return _gpu_tiles(n_tok)
+    return _tile(n_tok), _tile(n_tok)
 
 
 class _Geometry:
@@ -616,7 +612,8 @@ def _window_attention_fwd(
 
 
 @_window_attention_fwd.register_fake
-def _(qkv, table, qkv_bias, num_heads, window, shift, scale, mask_value, dropout_p=0.0, seed=None):
+def _window_attention_fwd_fake(qkv, table, qkv_bias, num_heads, window, shift, scale, mask_value, dropout_p=0.0,
+                               seed=None):
     g = _Geometry(qkv, num_heads, tuple(window), tuple(shift))
     return qkv.new_empty((g.B, g.H, g.W, g.C)), qkv.new_empty((g.programs, g.n_tok), dtype=torch.float32)
 
@@ -633,14 +630,14 @@ def _window_attention_bwd(
 
 
 @_window_attention_bwd.register_fake
-def _(dout, qkv, table, qkv_bias, out, lse, num_heads, window, shift, scale, mask_value, need_table,
-      dropout_p=0.0, seed=None):
+def _window_attention_bwd_fake(dout, qkv, table, qkv_bias, out, lse, num_heads, window, shift, scale, mask_value,
+                               need_table, dropout_p=0.0, seed=None):
     f32 = dict(dtype=torch.float32)
     return (qkv.new_empty(qkv.shape), qkv.new_empty(qkv_bias.shape if qkv_bias is not None else 0, **f32),
             qkv.new_empty(table.shape if need_table else 0, **f32))
 
 
-def _setup_context(ctx, inputs, output):
+def _window_attention_fwd_setup_context(ctx, inputs, output):
     qkv, table, qkv_bias, num_heads, window, shift, scale, mask_value, dropout_p, seed = inputs
     out, lse = output
     ctx.save_for_backward(qkv, table, qkv_bias, out, lse, seed)
@@ -649,7 +646,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, dout, _dlse):
+def _window_attention_fwd_backward(ctx, dout, _dlse):
     qkv, table, qkv_bias, out, lse, seed = ctx.saved_tensors
     need_qkv, need_table, need_bias = ctx.needs_input_grad[:3]
     dqkv, dqkv_bias, dtable = torch.ops.vitkern.window_attention_bwd(
@@ -658,7 +655,8 @@ def _backward(ctx, dout, _dlse):
             dqkv_bias.to(qkv_bias.dtype) if need_bias else None, None, None, None, None, None, None, None)
 
 
-_window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_window_attention_fwd.register_autograd(
+    _window_attention_fwd_backward, setup_context=_window_attention_fwd_setup_context)
 
 
 def window_attention_flops(batch: int, grid: Tuple[int, int], dim: int, num_heads: int, window, backward=False) -> int:
