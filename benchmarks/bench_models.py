@@ -274,7 +274,7 @@ class ModelState:
         with torch.device(device):
             self.master = case.build()
         _perturb(self.master, gen)
-        self.param_names = [n for n, _ in self.master.named_parameters()]
+        self.param_names = [n for n, _ in trainable(self.master)]
         self.keys = (["loss", "logits"] + [f"d{n}" for n in self.param_names]) if mode.backward else ["logits"]
         first = self._make_set(gen)
         copies = harness.rotation_count(harness.tensor_bytes(first.values()), device, max_sets=8)
@@ -305,32 +305,41 @@ class ModelState:
             out = values(self.case, self.mode, model, model, a,
                          nullcontext if high is not None else _autocast(self.device, self.dtype))
         del model
-        return dict(zip(self.keys, out))
+        return out
+
+
+def trainable(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every parameter that trains (MAE's fixed sin-cos position embeddings do not)."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def values(case: ModelCase, mode: harness.Mode, fn: Callable, model: torch.nn.Module, a: Dict[str, torch.Tensor],
-           autocast: Callable) -> List[torch.Tensor]:
-    """What the equality check compares, in :attr:`ModelState.keys` order: loss, logits and the
-    gradient of every parameter (train), or the logits (inference). Leaves ``.grad`` alone."""
+           autocast: Callable) -> Dict[str, torch.Tensor]:
+    """What the equality check compares: ``loss``, ``logits`` and ``d<name>`` for every trainable
+    parameter (train), or ``logits`` (inference). Leaves ``.grad`` alone."""
     if not mode.backward:
         model.eval()
         with torch.no_grad(), autocast():
-            return [_loss_fn(case, fn, a)[1].detach()]
+            return {"logits": _loss_fn(case, fn, a)[1].detach()}
     model.train()
-    params = [p for _, p in model.named_parameters()]
+    named = trainable(model)
     with autocast():
         loss, logits = _loss_fn(case, fn, a)
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return [loss.detach(), logits.detach()] + [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    out = {"loss": loss.detach(), "logits": logits.detach()}
+    out.update({f"d{n}": torch.zeros_like(p) if g is None else g for (n, p), g in zip(named, grads)})
+    return out
 
 
-def check_values(impl: str, state: ModelState, got: Sequence[torch.Tensor]) -> Dict[str, float]:
+def check_values(impl: str, state: ModelState, got: Dict[str, torch.Tensor]) -> Dict[str, float]:
     """Every value against the high-precision reference (vitkern.testing's rule); bf16-autocast
     values and their same-dtype reference compared in bf16, the precision they were computed in."""
+    differ = sorted(set(got) ^ set(state.keys))
+    assert not differ, f"{impl}: parameters differ from timm's: {differ}"
     low = state.ref_same is not None
     errors = {}
-    for key, g in zip(state.keys, got):
-        actual = g.to(state.dtype) if low else g
+    for key in state.keys:
+        actual = got[key].to(state.dtype) if low else got[key]
         same = state.ref_same[key].to(state.dtype) if low else None
         errors[key] = assert_close(f"{impl} {key}", actual, state.ref_high[key], same, grad=key.startswith("d"))
     return errors
@@ -348,7 +357,7 @@ def _step(case: ModelCase, mode: harness.Mode, fn: Callable, model: torch.nn.Mod
                 return _loss_fn(case, fn, a)[1], ()
         return infer
     model.train()
-    params = [p for _, p in model.named_parameters()]
+    params = [p for _, p in trainable(model)]
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def train(a):
