@@ -48,7 +48,8 @@ Swin's relative-position tables are drawn from N(0, 0.5^2), so a wrong index sho
 
 Recorded per row: median ms per step, images/s (``images_per_s``), peak memory of one step
 (above the weights, gradients and optimizer state held before it), the FLOPs of the step
-(timm's model counted with ``torch.utils.flop_counter`` on the meta device) and the errors.
+(timm's forward counted with ``torch.utils.flop_counter`` on the meta device; x3 for the training
+step, see :func:`step_flops`) and the errors.
 ``summary.md`` shows images/s, the speedups against timm eager and timm + compile beside the
 issue's targets, peak memory against timm eager, and flags every vitkern row that needs more
 memory than timm eager. The roofline fraction uses FLOPs only (``min_bytes`` = 0: at these
@@ -373,12 +374,14 @@ def _step(case: ModelCase, mode: harness.Mode, fn: Callable, model: torch.nn.Mod
 # --------------------------------------------------------------------------- #
 # FLOPs of the step, counted once per (case, mode) on the meta device
 # --------------------------------------------------------------------------- #
-_FLOPS: Dict[Tuple[str, str], int] = {}
+_FLOPS: Dict[str, int] = {}
 
 
 def step_flops(case: ModelCase, mode: harness.Mode) -> int:
-    key = (case.name, mode.name)
-    if key not in _FLOPS:
+    """The forward's FLOPs (inference), or 3x them (training: the backward is twice the forward). Not
+    the counter's own backward count: torch's formula charges a grouped convolution's weight gradient
+    as if it were dense, which makes PVT v2's depthwise convs ~20x too expensive."""
+    if case.name not in _FLOPS:
         from torch.utils.flop_counter import FlopCounterMode
         with torch.device("meta"):
             model = case.build()
@@ -386,9 +389,9 @@ def step_flops(case: ModelCase, mode: harness.Mode) -> int:
                  "noise": torch.rand(case.B, (case.img // (MAE_BASE if case.img == 224 else MAE_TINY)["patch_size"]) ** 2)}
         counter = FlopCounterMode(display=False)
         with counter:
-            values(case, mode, model, model, a, nullcontext)
-        _FLOPS[key] = int(counter.get_total_flops())
-    return _FLOPS[key]
+            values(case, INFER, model, model, a, nullcontext)
+        _FLOPS[case.name] = int(counter.get_total_flops())
+    return _FLOPS[case.name] * (3 if mode.backward else 1)
 
 
 # --------------------------------------------------------------------------- #
