@@ -67,7 +67,7 @@ per case: model build + fp32 reference (TF32 off) + bf16 reference ~3-8 s; 4 eag
 timm / vitkern) of 1 first call + 3 pre-calls + 3 warm-up + >= 20 timed + 1 peak call at 15-60 ms
 per step ~1.5-2 s each -> ~8 s; Triton JIT of the first vitkern model of each kind ~10-20 s;
 4 compiled rows at ~30-60 s of inductor compile each (ViT-H / Swin-B: up to ~90 s) -> ~2-4 min.
-So the eager part of the grid ~2-2.5 min, the compiled part ~15-25 min; see the README.
+So the eager part of the grid ~2.5-3 min, the compiled part ~20-30 min; per case in the README.
 """
 from __future__ import annotations
 

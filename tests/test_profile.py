@@ -287,6 +287,19 @@ def test_train_step_timm_backends_differ():
     assert isinstance(opt, torch.optim.SGD)
 
 
+def test_train_step_out_of_memory_is_a_result_not_an_error(monkeypatch):
+    from vitkern.profiler import trainstep
+
+    def oom(*_):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 38.00 GiB")
+    monkeypatch.setattr(trainstep, "_prepare", oom)
+    cfg = Config(parse_model("vit-b/16")[0], 512, 16)
+    row = trainstep._measure(cfg, "naive", 32, torch.device("cpu"), None, 0, 1)
+    assert row["status"] == "oom" and "batch 32" in row["reason"], row
+    monkeypatch.setattr(trainstep, "_prepare", lambda *_: 1 / 0)
+    assert trainstep._measure(cfg, "naive", 32, torch.device("cpu"), None, 0, 1)["status"] == "error"
+
+
 # --------------------------------------------------------------------------- #
 # Bad options: clear message, exit status 2
 # --------------------------------------------------------------------------- #
