@@ -380,7 +380,7 @@ _FLOPS: Dict[str, int] = {}
 def step_flops(case: ModelCase, mode: harness.Mode) -> int:
     """The forward's FLOPs (inference), or 3x them (training: the backward is twice the forward). Not
     the counter's own backward count: torch's formula charges a grouped convolution's weight gradient
-    as if it were dense, which makes PVT v2's depthwise convs ~20x too expensive."""
+    as if it were dense: PVTv2-b2's counted step came out 22.2 TFLOP instead of ~3.1 at batch 128."""
     if case.name not in _FLOPS:
         from torch.utils.flop_counter import FlopCounterMode
         with torch.device("meta"):
