@@ -651,8 +651,9 @@ ROLES = ("naive", "peer", "vitkern")
 #: Families whose summary also compares peak memory with the naive row's ("peak vs naive" = this
 #: row's peak / the naive row's peak of the same case and mode; < 1 = less memory). The Swin
 #: issue's target is vitkern's peak memory against timm's naive path; PVT's issue asks for peak
-#: memory too (its naive path materialises the N x Nk score matrix).
-PEAK_RATIO_FAMILIES = ("window_attention", "sr_attention")
+#: memory too (its naive path materialises the N x Nk score matrix); the whole-model issue's memory target
+#: is "no model uses more peak memory than timm eager" (the models family's naive row).
+PEAK_RATIO_FAMILIES = ("window_attention", "sr_attention", "models")
 
 
 def _base_row(family, case, impl, role, dtype, mode, shape) -> Dict[str, Any]:
@@ -942,6 +943,54 @@ def same_run(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
     return all(a.get(k) == b.get(k) for k in keys + ("date_utc",))
 
 
+#: The whole-model issue's training-step targets (speedup of the best vitkern row over timm eager and
+#: over timm + torch.compile, same run), by timm model name; MAE's eager target is against the reference MAE.
+MODEL_TARGETS = {"swin_tiny_patch4_window7_224": (1.5, 1.15), "pvt_v2_b2": (1.4, 1.1),
+                 "vit_base_patch16_224": (1.1, 1.0), "mae_vit_base_patch16": (1.3, None)}
+
+
+def _target_cell(measured: Optional[float], target: Optional[float]) -> str:
+    if target is None:
+        return _fmt_x(measured)
+    if measured is None:
+        return f"– (target {target:g}×)"
+    return f"{_fmt_x(measured)} ({'meets' if measured >= target else 'misses'} {target:g}×)"
+
+
+def models_lines(groups: List[Dict[str, Any]]) -> List[str]:
+    """The models family's overview: images/s per implementation, the best vitkern row against timm
+    eager and timm + compile beside the issue's targets, and every vitkern row whose peak memory is
+    above timm eager's (the issue's memory target)."""
+    impls = ("timm_eager", "timm_compile", "vitkern", "vitkern_compile")
+    lines = ["Images/s per implementation; best vitkern against timm eager and timm + torch.compile (targets "
+             "of the training step in brackets):", "",
+             "| case | mode | " + " | ".join(f"{i} img/s" for i in impls) + " | vitkern vs eager | vitkern vs compile |",
+             "|---|---|" + "---:|" * (len(impls) + 2)]
+    over = []
+    for g in groups:
+        by_impl = {r["impl"]: r for r in g["rows"] if r.get("status") == "ok"}
+        cells = [_fmt_sig(by_impl[i].get("images_per_s")) if i in by_impl else "–" for i in impls]
+        ours, eager, comp = g["best_ours"], by_impl.get("timm_eager"), by_impl.get("timm_compile")
+        vs_eager = eager["median_ms"] / ours["median_ms"] if ours and eager else None
+        vs_comp = comp["median_ms"] / ours["median_ms"] if ours and comp else None
+        model = (g["rows"][0].get("shape") or {}).get("model")
+        targets = MODEL_TARGETS.get(model, (None, None)) if g["mode"] == "train" else (None, None)
+        lines.append(f"| {g['case']} | {g['mode']} | " + " | ".join(cells)
+                     + f" | {_target_cell(vs_eager, targets[0])} | {_target_cell(vs_comp, targets[1])} |")
+        for impl in ("vitkern", "vitkern_compile"):
+            row = by_impl.get(impl)
+            ratio = _peak_ratio(row, g)
+            if ratio is not None and ratio > 1.0:
+                over.append(f"- **{g['case']} {g['mode']} {impl}**: peak {_fmt_mib(row['peak_mem_bytes'])} MiB, "
+                            f"{ratio:.2f}× timm eager's {_fmt_mib(eager['peak_mem_bytes'])} MiB")
+    lines.append("")
+    if over:
+        lines += ["Memory target missed (vitkern above timm eager's peak memory):", ""] + over + [""]
+    elif any(r.get("peak_mem_bytes") for g in groups for r in g["rows"]):
+        lines += ["Memory target: no vitkern row above timm eager's peak memory.", ""]
+    return lines
+
+
 def render_summary(docs: List[Dict[str, Any]], env: Dict[str, Any]) -> str:
     lines = ["# vitkern benchmark summary", ""]
     lines += _env_lines(env)
@@ -1024,6 +1073,8 @@ def render_summary(docs: List[Dict[str, Any]], env: Dict[str, Any]) -> str:
             for key, where in not_timed.items():
                 lines.append(f"- {key} ({len(where)} case{'s' if len(where) > 1 else ''})")
             lines.append("")
+        if family == "models":
+            lines += models_lines(groups)
         # Detail: one table per case, every implementation and mode.
         cases: Dict[str, List[Dict[str, Any]]] = {}
         for g in groups:

@@ -225,22 +225,79 @@ def test_seed_figures_are_computed(tmp_path):
 # Training-step mode (d2l exercise 1)
 # --------------------------------------------------------------------------- #
 def test_train_step_mode_tiny(tmp_path):
-    args = ["--train-step", "--img-sizes", "32", "64", "--batch", "1", "--rounds", "1", "--warmup", "0",
-            "--device", "cpu", "--out", str(tmp_path)]
+    args = ["--train-step", "--models", "d2l-vit", "--img-sizes", "32", "64", "--batch", "1", "--rounds", "1",
+            "--warmup", "0", "--device", "cpu", "--out", str(tmp_path)]
     if not HAS_MPL:
         args.append("--no-plot")
     r = _cli(*args)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "img_size^" in r.stdout and "answer:" in r.stdout
+    assert "img_size^" in r.stdout and "answer (d2l-ViT/16):" in r.stdout
     payload = json.loads((tmp_path / "train_step.json").read_text())
+    assert {row["model"] for row in payload["rows"]} == {"d2l-ViT/16"}
     naive = [row for row in payload["rows"] if row["backend"] == "naive"]
     assert [row["img_size"] for row in naive] == [32, 64] and all(row["status"] == "ok" for row in naive)
     assert [row["tokens"] for row in naive] == [4, 16]
-    assert isinstance(payload["fits"]["naive"]["exponent"], float)
-    assert payload["flops_exponent"] > 1.5
+    assert isinstance(payload["fits"]["d2l-ViT/16"]["naive"]["exponent"], float)
+    assert payload["flops_exponent"]["d2l-ViT/16"] > 1.5
     assert (tmp_path / "train_step.csv").exists()
     if HAS_MPL:
         _check_png(tmp_path / "train_step.png", min_bytes=5_000)
+
+
+@pytest.mark.skipif(not HAS_TIMM, reason="ViT-B/16 and Swin-T are timm models")
+def test_train_step_default_models_vit_b_and_swin_t_on_cpu(tmp_path):
+    """No --models: the d2l ViT, timm's ViT-B/16 and Swin-T, each with its measured images/s and the
+    FLOP-predicted images/s (equal at the anchor, the largest size; above it at the smaller size)."""
+    args = ["--train-step", "--img-sizes", "32", "64", "--batch", "1", "--rounds", "1", "--warmup", "0",
+            "--device", "cpu", "--out", str(tmp_path), "--no-progress"]
+    if not HAS_MPL:
+        args.append("--no-plot")
+    r = _cli(*args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    payload = json.loads((tmp_path / "train_step.json").read_text())
+    assert payload["settings"]["models"] == ["d2l-ViT/16", "ViT-B/16", "Swin-T"]
+    for model, tokens in (("ViT-B/16", [4, 16]), ("Swin-T", [64, 256])):
+        rows = [row for row in payload["rows"] if row["model"] == model]
+        naive = [row for row in rows if row["backend"] == "naive"]
+        assert [row["img_size"] for row in naive] == [32, 64] and all(row["status"] == "ok" for row in naive)
+        assert [row["tokens"] for row in naive] == tokens
+        assert naive[1]["pred_img_per_s"] == pytest.approx(naive[1]["img_per_s"])
+        flops = [row["gflops_per_step"] for row in naive]
+        assert naive[0]["pred_img_per_s"] == pytest.approx(naive[1]["img_per_s"] * flops[1] / flops[0])
+        assert flops[1] > 2 * flops[0]
+        vitkern = [row for row in rows if row["backend"] == "vitkern"]
+        assert vitkern and all(row["status"] == "n/a" and "n/a on CPU" in row["reason"] for row in vitkern)
+        assert isinstance(payload["fits"][model]["naive"]["exponent"], float)
+        assert f"answer ({model}):" in r.stdout
+    assert "FLOP-pred img/s" in r.stdout
+    if HAS_MPL:
+        _check_png(tmp_path / "train_step.png", min_bytes=5_000)
+
+
+@pytest.mark.skipif(not HAS_TIMM, reason="timm models")
+def test_train_step_timm_backends_differ():
+    """naive = timm with unfused attention, vitkern = vitkern.optimize: on CPU vitkern is n/a (its reason),
+    naive has every fused_attn switched off."""
+    from vitkern.profiler import trainstep
+    cfg = Config(parse_model("vit-ti")[0], 32, 16)
+    assert trainstep._prepare(cfg, "vitkern", torch.device("cpu")).startswith("n/a on CPU")
+    model, fn, opt, chans, classes = trainstep._prepare(cfg, "naive", torch.device("cpu"))
+    flags = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
+    assert flags and not any(flags) and model.training and (chans, classes) == (3, 1000)
+    assert isinstance(opt, torch.optim.SGD)
+
+
+def test_train_step_out_of_memory_is_a_result_not_an_error(monkeypatch):
+    from vitkern.profiler import trainstep
+
+    def oom(*_):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 38.00 GiB")
+    monkeypatch.setattr(trainstep, "_prepare", oom)
+    cfg = Config(parse_model("vit-b/16")[0], 512, 16)
+    row = trainstep._measure(cfg, "naive", 32, torch.device("cpu"), None, 0, 1)
+    assert row["status"] == "oom" and "batch 32" in row["reason"], row
+    monkeypatch.setattr(trainstep, "_prepare", lambda *_: 1 / 0)
+    assert trainstep._measure(cfg, "naive", 32, torch.device("cpu"), None, 0, 1)["status"] == "error"
 
 
 # --------------------------------------------------------------------------- #
@@ -268,7 +325,12 @@ def _bad(argv, capsys):
     (["--models", "vit-b", "--resolutions", "100"], "resolution 100 is not divisible by the patch size 16"),
     (["--models", "swin-t", "--resolutions", "200"], "must be a multiple of 32"),
     (["--device", "tpu"], "--device"),
-    (["--train-step", "--img-sizes", "50"], "multiple of 16"),
+    (["--train-step", "--img-sizes", "50"], "d2l-ViT: resolution 50 is not divisible by the patch size 16"),
+    (["--train-step", "--models", "swin-t", "--img-sizes", "48"], "Swin-T: resolution 48 must be a multiple of 32"),
+    (["--train-step", "--models", "vit-b/16", "--img-sizes", "40"], "resolution 40 is not divisible by the patch"),
+    (["--train-step", "--models", "pvtv2-b2"], "is not timed by --train-step"),
+    (["--train-step", "--models", "vit-q"], "unknown model 'vit-q'"),
+    (["--train-step", "--resolutions", "224"], "use --img-sizes with --train-step"),
     (["--seed-figures", "--train-step"], "not allowed with argument"),
 ])
 def test_bad_options(argv, message, capsys, tmp_path):

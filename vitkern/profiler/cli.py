@@ -32,7 +32,9 @@ examples:
   vitkern profile --models vit:dim=192,depth=4,heads=3 --resolutions 64 128 --batch 2
   vitkern profile --analytic-only --models vit-b --patch-sizes 8 16 32
   vitkern profile --seed-figures                    # the seed chapter's numbers, recomputed
-  vitkern profile --train-step                      # d2l exercise 1: training time vs img_size"""
+  vitkern profile --train-step                      # d2l exercise 1: training images/s vs img_size for
+                                                    # the d2l ViT, ViT-B/16 and Swin-T, naive vs vitkern
+  vitkern profile --train-step --models d2l-vit --img-sizes 48 96   # the chapter's ViT alone"""
 
 _DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
            "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -119,11 +121,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="recompute (and correct) the seed chapter's figures: attention memory 1.86 / 16.0 MB, "
                         "'4x per 2x resolution', 'P=32 cuts attention 16x', ViT-B vs ResNet-50 FLOPs")
     x.add_argument("--train-step", action="store_true",
-                   help="d2l exercise 1: training-step time of the chapter's ViT vs img_size, with the fitted "
-                        "exponent")
+                   help="d2l exercise 1: training images/s vs img_size of --models (default: d2l-vit vit-b/16 "
+                        "swin-t), naive vs vitkern, with the fitted exponent and the FLOP-predicted curve")
     x.add_argument("--list-models", action="store_true", help="print the known model names and exit")
     g.add_argument("--img-sizes", nargs="+", type=_positive_int, metavar="PIXELS",
-                   help="img_size values for --train-step (default 48 96 192 384; multiples of 16)")
+                   help="img_size values for --train-step (default: 48 96 192 384 for d2l-vit; 224 384 512 for "
+                        "timm models on a GPU, 32 64 on CPU; multiples of the patch, of 32 for Swin)")
 
 
 def _build_parser(prog: str = "vitkern profile") -> argparse.ArgumentParser:
@@ -190,22 +193,29 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
         return 0
 
     if args.train_step:
-        from vitkern.profiler.trainstep import DEFAULT_IMG_SIZES, train_step_scaling
-        sizes = args.img_sizes or list(DEFAULT_IMG_SIZES)
-        bad = [s for s in sizes if s % 16]
-        if bad:
-            parser.error(f"--img-sizes: the chapter's ViT uses patch 16, so img_size must be a multiple of 16; "
-                         f"got {bad}")
+        from vitkern.profiler import trainstep
+        model_names = args.models or list(trainstep.DEFAULT_MODELS)
+        try:
+            templates = trainstep.train_models(model_names)
+        except ValueError as exc:
+            parser.error(f"--models: {exc}")
+        for template in templates:
+            for s in args.img_sizes or ():
+                why = trainstep.check_img_size(template, s)
+                if why:
+                    parser.error(f"--img-sizes: {why}")
+        if args.resolutions:
+            parser.error("--resolutions is for the profile; use --img-sizes with --train-step")
         out = _check_out_dir(parser, args.out)
-        batch = args.batch or (128 if on_gpu else 4)
         backends = args.backends or ["naive", "vitkern"]
         if "sdpa" in backends:
-            print("note: the d2l ViT has no SDPA path; --train-step times naive and vitkern only", file=sys.stderr)
+            print("note: --train-step times naive and vitkern only (the d2l ViT has no SDPA path)", file=sys.stderr)
         # Training runs in float32 unless a dtype is asked for (then under autocast, as d2l users would).
         tdtype = dtype if args.dtype != "auto" else torch.float32
-        payload = train_step_scaling(sizes, device=device, dtype=tdtype, batch=batch, warmup=warmup,
-                                     rounds=rounds, backends=backends, out_dir=out, plot=not args.no_plot,
-                                     progress=progress, command=command)
+        payload = trainstep.train_step_scaling(args.img_sizes, device=device, dtype=tdtype, batch=args.batch,
+                                               warmup=warmup, rounds=rounds, backends=backends,
+                                               models=model_names,
+                                               out_dir=out, plot=not args.no_plot, progress=progress, command=command)
         return payload["exit_code"]
 
     if args.img_sizes:

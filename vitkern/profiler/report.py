@@ -310,37 +310,46 @@ def plot_profile(rows: List[dict], path: str, title: str) -> None:
     _save(fig, path)
 
 
-def plot_train_step(rows: List[dict], fits: Dict[str, dict], path: str, title: str) -> None:
-    """Step time vs img_size (log-log) per backend, the counted work scaled to the last time
-    point (where time would be if it followed the FLOPs), and slope-2 / slope-4 segments over
-    the last doubling."""
-    fig = _figure(7.5, 4.8)
-    ax = fig.add_subplot(1, 1, 1)
-    xs_all, last = [], None
-    for backend, ls in _BACKEND_STYLE.items():
-        pts = [(r["img_size"], r["ms"], r["gflops_per_step"]) for r in rows
-               if r["backend"] == backend and r["status"] == "ok"]
-        if not pts:
-            continue
-        xs_all += [p[0] for p in pts]
-        fit = fits.get(backend, {})
-        label = f"{backend} step time" + (f" (fit: ∝ img_size^{fit['exponent']:.2f})" if fit.get("exponent") else "")
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls=ls, lw=2, label=label)
-        if last is None:
-            last = pts
-    if xs_all:
-        _log_axes(ax, xs_all)
-        x_end, t_end, f_end = last[-1]
-        ax.plot([p[0] for p in last], [p[2] / f_end * t_end for p in last], "s:", color="tab:gray", lw=1.2,
-                label="counted FLOPs per step, scaled to the last point")
-        if len(last) > 1:
-            x_start = last[-2][0]
-            r = x_end / x_start
-            _slopes(ax, x_start, x_end, t_end / r ** 2, t_end / r ** 4)
-        ax.legend(fontsize=LEGEND_FONTSIZE, loc="upper left")
-    ax.set_xlabel("img_size")
-    ax.set_ylabel("ms per training step")
-    ax.set_title(title, fontsize=9)
+def plot_train_step(rows: List[dict], fits: Dict[str, Dict[str, dict]], path: str, title: str) -> None:
+    """One panel per model: measured training images/s vs img_size (log-log) per backend, each beside
+    its FLOP-predicted images/s (the counted work per image, anchored at the largest size measured),
+    and slope -2 / -4 guides over the last doubling (throughput ∝ 1/tokens, 1/tokens²)."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig = _figure(5.2 * max(1, len(models)), 4.6)
+    for i, model in enumerate(models):
+        ax = fig.add_subplot(1, max(1, len(models)), i + 1)
+        xs_all, last = [], None
+        for backend, ls in _BACKEND_STYLE.items():
+            pts = [(r["img_size"], r["img_per_s"], r.get("pred_img_per_s")) for r in rows
+                   if r["model"] == model and r["backend"] == backend and r["status"] == "ok"]
+            if not pts:
+                continue
+            xs_all += [p[0] for p in pts]
+            fit = fits.get(model, {}).get(backend, {})
+            label = f"{backend} measured" + (f" (time ∝ img_size^{fit['exponent']:.2f})" if fit.get("exponent") else "")
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls=ls, lw=2, label=label)
+            if all(p[2] for p in pts):
+                ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="s", ls=":", lw=1.2, color=line.get_color(),
+                        label=f"{backend} FLOP-predicted")
+            if last is None:
+                last = pts
+        if xs_all:
+            _log_axes(ax, xs_all)
+            if len(last) > 1:
+                (x0, y0, _), (x1, _, _) = last[-2], last[-1]
+                r = x1 / x0
+                ax.autoscale_view()
+                ylim = ax.get_ylim()
+                ax.plot([x0, x1], [y0, y0 / r ** 2], color="0.45", lw=1, ls=(0, (1, 2)),
+                        label="slope -2: ∝ 1/tokens", scalex=False, scaley=False)
+                ax.plot([x0, x1], [y0, y0 / r ** 4], color="0.2", lw=1, ls=(0, (5, 2, 1, 2)),
+                        label="slope -4: ∝ 1/tokens²", scalex=False, scaley=False)
+                ax.set_ylim(ylim)
+            ax.legend(fontsize=LEGEND_FONTSIZE, loc="best")
+        ax.set_xlabel("img_size")
+        ax.set_ylabel("training images/s")
+        ax.set_title(model, fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     _save(fig, path)
 
