@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One short GPU run: install, tune, the GPU-only tests, the four benchmark families.
+# One short GPU run: install, tune, the GPU-only tests, the four kernel benchmark families.
 #
-#   bash scripts/gpu_check.sh OUTDIR
+#   bash scripts/gpu_check.sh OUTDIR            # part "core" (the default): everything below
+#   bash scripts/gpu_check.sh OUTDIR extra      # part "extra": a second, shorter command (see PARTS)
 #
 # TIME PLAN. A lent GPU gives 15 min of device time in all (starting the machine takes 1-2 of
 # them) and at most 10 min to one command. This script is that one command and stays within
@@ -42,6 +43,16 @@
 #   OUTDIR/results/summary.md     time, speedups, floors, roofline fraction, peak memory
 #   OUTDIR/results/<family>.json  one per family: patch_embed, attention, window_attention, sr_attention
 #
+# PARTS. "core" is the plan above and comes first. "extra" is for the device time that is left
+# after it (15 min - start-up - core's ~9.5 min: about 4 min): no tuner, no GPU tests, only the
+# families that did not fit: attention_relpos (BEiT / MaxViT / CoAtNet attention, nominal 60 s)
+# and models (whole timm models, nominal 180 s: the eager training-step and inference grid,
+# ~2.5-3 min with Triton's JIT, then the compiled rows as far as the deadline allows; they
+# record themselves as skipped past it). Its budget is VK_TOTAL_TIMEOUT (default 240 s here).
+# On a machine with 2 or more GPUs, "extra" also runs tests/test_distributed.py over NCCL
+# (VITKERN_DIST_BACKEND=nccl, cap 60 s). Files of "extra": gpu_check.log, bench.log,
+# results/summary.md and one JSON per family (5 or fewer).
+#
 # Knobs: PYTHON (python3), VK_TOTAL_TIMEOUT (540), VK_TUNE_TIMEOUT (150), VK_TESTS_TIMEOUT (180;
 # 0 skips the tests), VK_GPU_TESTS (the selection above), VK_BENCH_FAMILIES (the four),
 # VK_BENCH_TIMEOUT_<FAMILY> (nominal caps), VK_BENCH_ARGS (extra pytest arguments for every
@@ -50,10 +61,18 @@
 # benchmarks run their CPU smoke grid), which is how this script is checked on CPU.
 set -u
 
-if [ $# -ne 1 ]; then
-    echo "usage: bash scripts/gpu_check.sh OUTDIR" >&2
+if [ $# -lt 1 ] || [ $# -gt 2 ]; then
+    echo "usage: bash scripts/gpu_check.sh OUTDIR [core|extra]" >&2
     exit 2
 fi
+PART=${2:-core}
+case "$PART" in
+    core) ;;
+    extra)  # the second command: see PARTS above
+        : "${VK_TOTAL_TIMEOUT:=240}" "${VK_TUNE_TIMEOUT:=0}" "${VK_TESTS_TIMEOUT:=0}"
+        : "${VK_BENCH_FAMILIES:=attention_relpos models}" ;;
+    *) echo "gpu_check.sh: PART must be core or extra, got '$PART'" >&2; exit 2 ;;
+esac
 mkdir -p "$1" || exit 2
 OUT=$(cd "$1" && pwd)
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -130,17 +149,24 @@ tail -n 14 "$LOG"
 
 # Background: the static compile report on 4 cores while the tuner and the tests run.
 report_dir=$(mktemp -d)
-( timeout -s INT -k 5 $(( TUNE_TIMEOUT + TESTS_TIMEOUT )) \
-    "$PY" -m vitkern.tools.compile_report --out "$report_dir" --jobs "$REPORT_JOBS" >"$report_dir/stdout.log" 2>&1
-  echo "exit $?" >>"$report_dir/stdout.log" ) &
-report_pid=$!
+report_pid=""
+if [ $(( TUNE_TIMEOUT + TESTS_TIMEOUT )) -gt 0 ]; then
+    ( timeout -s INT -k 5 $(( TUNE_TIMEOUT + TESTS_TIMEOUT )) \
+        "$PY" -m vitkern.tools.compile_report --out "$report_dir" --jobs "$REPORT_JOBS" >"$report_dir/stdout.log" 2>&1
+      echo "exit $?" >>"$report_dir/stdout.log" ) &
+    report_pid=$!
+fi
 
 # 3. Tuner: times the candidate configs on this GPU and writes the table the launchers read.
+if [ "$TUNE_TIMEOUT" -le 0 ]; then
+    step "tuner: skipped (VK_TUNE_TIMEOUT=0)"
+else
 step "tuner: $PY -m vitkern.tools.tune --out vitkern/configs/$SLUG.json --budget-s $(( TUNE_TIMEOUT - 10 )) (cap ${TUNE_TIMEOUT}s)"
 capped "$TUNE_TIMEOUT" "$PY" -m vitkern.tools.tune --out "vitkern/configs/$SLUG.json" \
     --budget-s $(( TUNE_TIMEOUT - 10 )) >>"$LOG" 2>&1
 rc=$?
 [ $rc -eq 0 ] || note_failure "tuner" $rc
+fi
 if [ -f "vitkern/configs/$SLUG.json" ]; then
     mkdir -p "$OUT/tune" && cp "vitkern/configs/$SLUG.json" "$OUT/tune/$SLUG.json"
     echo "=== tune table: $OUT/tune/$SLUG.json" | tee -a "$LOG"
@@ -164,12 +190,14 @@ else
 fi
 
 # The compile report stops here at the latest; its last lines go to the log.
+if [ -n "$report_pid" ]; then
 kill -INT "$report_pid" 2>/dev/null
 wait "$report_pid" 2>/dev/null
 {
     echo "=== compile report (background; vitkern.tools.compile_report --jobs $REPORT_JOBS), last lines:"
     tail -n 12 "$report_dir/stdout.log" 2>/dev/null
 } >>"$LOG"
+fi
 rm -rf "$report_dir"
 
 # 5. Benchmarks: one capped pytest per family, sharing what is left in proportion to the nominal caps.
@@ -178,6 +206,7 @@ nominal() {
     if [ -n "${!var:-}" ]; then echo "${!var}"; return; fi
     case "$1" in
         patch_embed) echo 120 ;; attention) echo 130 ;; window_attention) echo 130 ;; sr_attention) echo 100 ;;
+        attention_relpos) echo 60 ;; models) echo 180 ;;
         *) echo 120 ;;
     esac
 }
@@ -218,6 +247,18 @@ for fam in $BENCH_FAMILIES; do
         *) note_failure "benchmarks $fam" $rc ;;
     esac
 done
+
+# 5b. Distributed training of converted models over NCCL, where the machine has 2 or more GPUs.
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$PART" = extra ] && [ "$NGPU" -ge 2 ]; then
+    step "distributed: VITKERN_DIST_BACKEND=nccl $PY -m pytest tests/test_distributed.py (cap 60s)"
+    VITKERN_DIST_BACKEND=nccl capped 60 "$PY" -m pytest tests/test_distributed.py -q -rfEs -p no:cacheprovider \
+        >>"$LOG" 2>&1
+    rc=$?
+    [ $rc -eq 0 ] || note_failure "distributed (nccl)" $rc
+elif [ "$PART" = extra ]; then
+    step "distributed: skipped ($NGPU GPU(s); NCCL needs 2)"
+fi
 
 # 6. Summary: the overview tables (the per-case tables stay in the file).
 {
