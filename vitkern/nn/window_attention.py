@@ -226,7 +226,7 @@ class WindowAttention(nn.Module):
         self.num_heads = num_heads
         attn_dim = head_dim * num_heads
         self.scale = head_dim ** -0.5
-        self.fused_attn = True  # timm's flag: attention here always runs vitkern's fused kernels
+        self.fused_attn = False  # timm's flag and its default (timm: experimental); vitkern's attention is fused either way
 
         self.relative_position_bias_table = nn.Parameter(
             torch.empty((2 * win_h - 1) * (2 * win_w - 1), num_heads, **dd))
