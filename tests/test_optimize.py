@@ -451,3 +451,42 @@ def test_root_module_and_shared_module_and_hooks():
     seq = nn.Sequential(shared, nn.GELU(), shared)
     _optimize(seq)
     assert type(seq[0]) is vnn.Attention and seq[0] is seq[2]
+
+
+# ----------------------------------------------------------------------------- timm workflows
+@pytest.mark.parametrize("model_id", ["vit-cls", "swin", "pvt"])
+def test_fx_feature_extraction_treats_drop_ins_as_leaves(model_id):
+    """timm's FX feature extraction (torchvision's create_feature_extractor with timm's leaf modules)
+    traces a converted model, calling each vitkern module as one leaf; outputs and input gradients
+    equal the eager model's."""
+    fe = pytest.importorskip("torchvision.models.feature_extraction")
+    from timm.models import get_notrace_functions, get_notrace_modules
+
+    torch.manual_seed(0)
+    model = _randomise(MODELS[model_id][0]()).eval()
+    _optimize(model)
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    _, eval_nodes = fe.get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    fx_model = fe.create_feature_extractor(model, return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs)
+    leaves = {type(m) for m in fx_model.modules()}
+    assert leaves & {vnn.PatchEmbed, vnn.Attention, vnn.SwinTransformerBlock, vnn.SRAttention}
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    out_fx = fx_model(x)[eval_nodes[-1]]
+    out = model(x)
+    assert torch.equal(out_fx, out)
+    g = torch.randn_like(out)
+    (gx_fx,) = torch.autograd.grad(out_fx, x, g)
+    (gx,) = torch.autograd.grad(out, x, g)
+    assert torch.equal(gx_fx, gx)
+
+
+def test_forward_intermediates_of_a_converted_vit_equal_timm():
+    torch.manual_seed(0)
+    ref = _randomise(_vit()).double().eval()
+    model = copy.deepcopy(ref)
+    _optimize(model, backend="torch")
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    final_ref, inter_ref = ref.forward_intermediates(x)
+    final, inter = model.forward_intermediates(x)
+    assert rel_err(final, final_ref) <= TORCH_RTOL
+    assert len(inter) == len(inter_ref) and all(rel_err(a, b) <= TORCH_RTOL for a, b in zip(inter, inter_ref))

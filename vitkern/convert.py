@@ -519,6 +519,23 @@ def _timm_containers() -> Tuple[type, ...]:
 # --------------------------------------------------------------------------- #
 # public API
 # --------------------------------------------------------------------------- #
+def register_fx_leaf_modules() -> bool:
+    """Register vitkern's drop-in modules with timm's list of modules FX must not trace into
+    (``timm.layers.register_notrace_module``), as timm registers its own: timm's FX feature
+    extraction (``create_feature_extractor``, ``features_only``) then keeps each as one call.
+    Does nothing (returns False) when timm has not been imported."""
+    layers = sys.modules.get("timm.layers")
+    if layers is None or not hasattr(layers, "register_notrace_module"):
+        return False
+    from vitkern import nn as vnn
+    from vitkern.nn.window_attention import WindowAttention
+    for cls in (vnn.PatchEmbed, vnn.Attention, vnn.SwinTransformerBlock, WindowAttention, vnn.SRAttention,
+                *(getattr(vnn, name) for name in ("BeitAttention", "MaxxVitAttentionCl", "MaxxVitAttention2d")
+                  if hasattr(vnn, name))):
+        layers.register_notrace_module(cls)
+    return True
+
+
 def convert(model: nn.Module, *, backend: Optional[str] = None) -> ConversionReport:
     """Replace supported timm modules in ``model`` in place; return a :class:`ConversionReport`.
 
@@ -531,6 +548,7 @@ def convert(model: nn.Module, *, backend: Optional[str] = None) -> ConversionRep
     if backend is not None:
         _backends.check_name(backend, "vitkern.optimize")
     new_backend = backend if backend is not None else "auto"
+    register_fx_leaf_modules()
     report = ConversionReport(model=model, backend=backend)
     table, families = _timm_converters()
     containers = _timm_containers()
