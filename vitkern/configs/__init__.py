@@ -8,7 +8,8 @@ A table is ``vitkern/configs/<gpu-slug>.json`` (slug of ``torch.cuda.get_device_
                                                       "num_stages": 3, "ms": 0.41}}}
 
 :func:`lookup` returns the entry's launch settings, or None (no GPU, no table for this GPU, no entry
-for the shape class): the launchers then use their own heuristics. ``VITKERN_CONFIG_TABLE=path``
+for the shape class, or Triton's interpreter, whose tiles are chosen for numpy's cost): the
+launchers then use their own heuristics. ``VITKERN_CONFIG_TABLE=path``
 reads that table instead (tests, or trying a freshly tuned table before committing it).
 """
 from __future__ import annotations
@@ -46,6 +47,9 @@ def _load(path: str, mtime: float) -> dict:
 
 def lookup(kernel: str, shape_class: str) -> Optional[dict]:
     """Tuned {BLOCK_*: .., num_warps, num_stages} for ``kernel|shape_class``, or None."""
+    from vitkern import _triton
+    if _triton.INTERPRET:  # a table never changes the interpreter's tiles
+        return None
     path = table_path()
     if path is None or not os.path.exists(path):
         return None

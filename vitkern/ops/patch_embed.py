@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from vitkern import _triton, backends
+from vitkern import _triton, backends, configs
 from vitkern._memory import new_output, new_output_like
 from vitkern._triton import cdiv, next_power_of_2, tl, triton
 from vitkern.reference import patch_embed_reference
@@ -260,6 +260,14 @@ def _backward_tiles(cfg: dict) -> dict:
     return dict(cfg, BLOCK_N=min(cfg["BLOCK_N"], 64), num_stages=2)
 
 
+def _tuned(group: str, cfg: dict, dtype: torch.dtype, d: int, k: int) -> dict:
+    """``cfg`` with a tuned table entry (vitkern.configs) for ``patch_embed.<group>`` laid over it,
+    where one exists. The class is the op's (D, K = C*Ph*Pw): M is the batch's, timed at the
+    benchmark batch."""
+    tuned = configs.lookup(f"patch_embed.{group}", f"{str(dtype).replace('torch.', '')}|D{d}|K{k}")
+    return dict(cfg, **tuned) if tuned else cfg
+
+
 def _wide(ph: int, pw: int, *tensors: Tensor) -> bool:
     """Whether i*s_h + j*s_w over a patch can leave int32 for one of the 4-D tensors (see _pixel_offset)."""
     return any((ph - 1) * t.stride(2) + (pw - 1) * t.stride(3) >= 2**31 for t in tensors)
@@ -296,6 +304,9 @@ def _launch_forward(x, weight, bias, cls_token, pos_embed, norm=None):
         # Whole rows per program for the row statistics; fewer rows when rows are long.
         cfg["BLOCK_N"] = max(16, next_power_of_2(D))
         cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 32 if cfg["BLOCK_N"] > 256 else 64)
+        cfg = _tuned("fwd_norm", cfg, x.dtype, D, K)  # BLOCK_N stays the whole row: entries omit it
+    else:
+        cfg = _tuned("fwd", cfg, x.dtype, D, K)
     if M == 0:  # empty batch: nothing to compute, no zero-size grid to launch
         return out if norm is None else (out, pre, mean, rstd)
     grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(D, cfg["BLOCK_N"]))
@@ -343,7 +354,7 @@ def _launch_backward(grad_out, x, weight, has_cls, need_dx, need_dweight, need_t
         # so autograd maps it back through the view without a copy.
         covered = (grid_h * PH == H) and (grid_w * PW == W)
         dx = new_output_like(x) if covered else torch.zeros_like(x)
-        cfg = _backward_tiles(_gemm_config(x.dtype, MP, K, D))
+        cfg = _tuned("dx", _backward_tiles(_gemm_config(x.dtype, MP, K, D)), x.dtype, D, K)
         grid = (cdiv(MP, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_N"]))
         _patch_embed_dx_kernel[grid](
             grad_out, weight, dx,
@@ -356,7 +367,7 @@ def _launch_backward(grad_out, x, weight, has_cls, need_dx, need_dweight, need_t
     if need_dweight and MP == 0:  # a sum over no patches
         dweight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
     elif need_dweight:
-        cfg = _backward_tiles(_gemm_config(x.dtype, D, K, MP))
+        cfg = _tuned("dw", _backward_tiles(_gemm_config(x.dtype, D, K, MP)), x.dtype, D, K)
         d_tiles, k_tiles = cdiv(D, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_N"])
         row_tiles = cdiv(MP, cfg["BLOCK_K"])
         splits = _dw_splits(d_tiles, k_tiles, row_tiles, x.device)

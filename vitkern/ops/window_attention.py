@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from vitkern import _triton, backends
+from vitkern import _triton, backends, configs
 from vitkern._memory import new_output
 from vitkern._triton import cdiv, next_power_of_2, tl, triton
 from vitkern.ops.attention import _keep_scale, new_dropout_seed, _seed_value, dropout_keep_mask
@@ -446,6 +446,11 @@ def _tiles(n_tok: int) -> Tuple[int, int]:
     return _tile(n_tok), _tile(n_tok)
 
 
+def _shape_class(dtype: torch.dtype, n_tok: int, head_dim: int, shifted: bool) -> str:
+    """The key of a tuned-config table entry (vitkern.configs): what the tiles depend on."""
+    return f"{str(dtype).replace('torch.', '')}|t{n_tok}|d{head_dim}|shift{int(shifted)}"
+
+
 class _Geometry:
     """Grid, window and shift arithmetic shared by the launchers."""
 
@@ -476,6 +481,14 @@ class _Geometry:
         big = self.block_m >= 64 and not _triton.INTERPRET
         self.warps, self.stages = (8, 1) if big else (4, 3)
         self.dscore_m, self.dscore_n = (32, 32) if big else (self.block_m, self.block_n)
+        self.shape_class = _shape_class(qkv.dtype, self.n_tok, self.head_dim, bool(self.SH or self.SW))
+
+    def launch(self, group: str, block_m: int, block_n: int, warps: int, stages: int) -> dict:
+        """One kernel group's tiles and launch settings: a tuned table entry (vitkern.configs)
+        for ``window_attention.<group>`` where one exists, else the heuristic ones given."""
+        cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        tuned = configs.lookup(f"window_attention.{group}", self.shape_class)
+        return dict(cfg, **tuned) if tuned else cfg
 
     def grid_args(self):
         return (self.H, self.W, self.HP, self.WP, self.SH, self.SW, self.n_win, self.n_win_w, self.heads, self.C)
@@ -496,12 +509,12 @@ def _launch_fwd(qkv, table, qkv_bias, g: _Geometry, scale, mask_value, dropout_p
     if g.programs == 0:  # an empty batch: nothing to launch
         return out, lse
     bias_arg = qkv_bias.contiguous() if qkv_bias is not None else qkv  # (3C,): the kernels index it densely
-    _win_fwd_kernel[(g.programs, cdiv(g.n_tok, g.block_m))](
+    cfg = g.launch("fwd", g.block_m, g.block_n, g.warps, g.stages)
+    _win_fwd_kernel[(g.programs, cdiv(g.n_tok, cfg["BLOCK_M"]))](
         qkv, bias_arg, table, out, lse,
         *g.grid_args(), scale * _LOG2E, float(mask_value), *_dropout_args(dropout_p, seed),
         *qkv.stride(), *out.stride(), *table.stride(),
-        BLOCK_M=g.block_m, BLOCK_N=g.block_n, num_warps=g.warps, num_stages=g.stages,
-        **g.consts(qkv_bias, dropout_p),
+        **cfg, **g.consts(qkv_bias, dropout_p),
     )
     return out, lse
 
@@ -537,7 +550,8 @@ def _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g: _Geometry, scale, mask_
     )
     # Every token of the grid is in exactly one window, so the kernels write every element of dqkv.
     dqkv = new_output(qkv.shape, dtype=qkv.dtype, device=dev)
-    key_blocks = cdiv(g.n_tok, g.block_n)
+    cfg = g.launch("bwd", g.block_m, g.block_n, g.warps, g.stages)  # dQ and dK/dV: one key-block count
+    key_blocks = cdiv(g.n_tok, cfg["BLOCK_N"])
     pad_grad_on = qkv_bias is not None and g.pad_windows > 0
     # One (k | v) slot per (image, padded window, head, key block); every slot is written.
     pad_grad = new_output((g.B * g.pad_windows * g.heads * key_blocks, 2, g.block_d), dtype=torch.float32,
@@ -545,10 +559,9 @@ def _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g: _Geometry, scale, mask_
     drop = _dropout_args(dropout_p, seed)
     common = (*g.grid_args(), scale * _LOG2E, scale, float(mask_value), *drop, g.full_h, g.full_w, g.pad_windows,
               *qkv.stride(), *dout.stride(), *dqkv.stride(), *table.stride())
-    blocks = dict(BLOCK_M=g.block_m, BLOCK_N=g.block_n, num_warps=g.warps, num_stages=g.stages,
-                  PAD_GRAD=pad_grad_on, **consts)
+    blocks = dict(cfg, PAD_GRAD=pad_grad_on, **consts)
     # dQ first: it replaces delta by the corrected one that the later kernels use.
-    _win_bwd_dq_kernel[(g.programs, cdiv(g.n_tok, g.block_m))](
+    _win_bwd_dq_kernel[(g.programs, cdiv(g.n_tok, cfg["BLOCK_M"]))](
         qkv, bias_arg, table, dout, lse, delta, dqkv, *common, **blocks)
     _win_bwd_dkdv_kernel[(g.programs, key_blocks)](
         qkv, bias_arg, table, dout, lse, delta, dqkv, pad_grad, *common, **blocks)
@@ -562,7 +575,8 @@ def _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g: _Geometry, scale, mask_
 
     dtable = qkv.new_empty(0, dtype=torch.float32)
     if need_table:
-        tiles = cdiv(g.n_tok, g.dscore_m) * cdiv(g.n_tok, g.dscore_n)
+        dscore = g.launch("dscore", g.dscore_m, g.dscore_n, 4, g.stages)
+        tiles = cdiv(g.n_tok, dscore["BLOCK_M"]) * cdiv(g.n_tok, dscore["BLOCK_N"])
         splits = _dscore_splits(g, tiles, dev)
         per_split = cdiv(g.B * g.n_win, splits)
         splits = cdiv(g.B * g.n_win, per_split)
@@ -572,7 +586,7 @@ def _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g: _Geometry, scale, mask_
             qkv, bias_arg, table, dout, lse, delta, partial,
             *g.grid_args(), scale * _LOG2E, float(mask_value), *drop, g.B * g.n_win, per_split,
             *qkv.stride(), *dout.stride(), *table.stride(),
-            **dict(blocks, BLOCK_M=g.dscore_m, BLOCK_N=g.dscore_n, num_warps=4),
+            **dict(blocks, **dscore),
         )
         dscore_sum = partial.sum(0) if splits > 1 else partial[0]  # fixed order: deterministic
         rows = table.shape[0]

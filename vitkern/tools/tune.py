@@ -29,11 +29,21 @@ def _grid(**axes) -> List[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*axes.values())]
 
 
-# kernel group (a vitkern.configs key prefix) -> candidate launch settings
+# kernel group (a vitkern.configs key prefix) -> candidate launch settings. The order is the timing
+# order on a GPU (benchmark importance): a spent --budget-s cuts the later groups.
 CANDIDATES: Dict[str, List[dict]] = {
     "attention.fwd": _grid(BLOCK_M=(64, 128), BLOCK_N=(32, 64), num_warps=(4, 8), num_stages=(2, 3)),
     "attention.bwd": _grid(BLOCK_M=(32, 64), BLOCK_N=(32, 64), num_warps=(4, 8), num_stages=(1, 2)),
+    "window_attention.fwd": _grid(BLOCK_M=(64, 32), BLOCK_N=(64, 32), num_warps=(8, 4), num_stages=(1, 2)),
+    "window_attention.bwd": _grid(BLOCK_M=(64, 32), BLOCK_N=(64, 32), num_warps=(8, 4), num_stages=(1, 2)),
+    "patch_embed.fwd": _grid(BLOCK_M=(128, 64), BLOCK_N=(128, 64), BLOCK_K=(64, 32), num_warps=(8, 4),
+                             num_stages=(3,)),
+    "patch_embed.dx": _grid(BLOCK_M=(128, 64), BLOCK_N=(64, 32), BLOCK_K=(64, 32), num_warps=(8, 4), num_stages=(2,)),
+    "patch_embed.dw": _grid(BLOCK_M=(128, 64), BLOCK_N=(64, 32), BLOCK_K=(64, 32), num_warps=(8, 4), num_stages=(2,)),
     "attention.dbias": _grid(BLOCK_M=(16, 32), BLOCK_N=(64,), num_warps=(4, 8), num_stages=(1,)),
+    "window_attention.dscore": _grid(BLOCK_M=(32, 16), BLOCK_N=(32, 64), num_warps=(4, 8), num_stages=(1, 2)),
+    # BLOCK_N is the whole row (the LayerNorm statistics): the launcher keeps it, entries omit it.
+    "patch_embed.fwd_norm": _grid(BLOCK_M=(64, 32), BLOCK_K=(64, 32), num_warps=(8, 4), num_stages=(2, 3)),
 }
 
 # Shape classes of the benchmark grids: (dtype, head dim, bias, dropout) and the (B, heads, N) timed.
@@ -42,13 +52,48 @@ SHAPES: List[Tuple[str, int, bool, bool, Tuple[int, int, int]]] = [
     ("bfloat16", 80, False, False, (128, 16, 257)),  # ViT-H/14 224
     ("bfloat16", 64, True, False, (64, 12, 197)),  # ViT-B/16 with a learned (1, h, N, N) bias: d(bias) too
 ]
+# Swin cases of benchmarks/bench_window_attention.py: (dtype, batch, grid, C, heads, window, shift).
+WINDOW_SHAPES = [
+    ("bfloat16", 128, 56, 96, 3, 7, 3),  # Swin-T 224 stage 1 (the shifted block; d = 32 in every Swin stage)
+    ("bfloat16", 128, 7, 768, 24, 7, 0),  # Swin-T 224 stage 4: one window, no shift
+    ("bfloat16", 128, 96, 128, 4, 12, 6),  # Swin-B 384 stage 1: window 12
+]
+# Patchify cases of benchmarks/bench_patch_embed.py: (dtype, batch, C, resolution, patch, D, CLS + pos).
+PATCH_SHAPES = [
+    ("bfloat16", 256, 3, 224, 16, 768, True),  # ViT-B/16 224
+    ("bfloat16", 256, 3, 224, 4, 96, False),  # Swin stem
+]
+NORM_SHAPES = [("bfloat16", 128, 3, 224, 4, 96, False)]  # the Swin stem with its LayerNorm epilogue
 KERNELS_OF = {"attention.fwd": ("_attn_fwd_kernel",),
               "attention.bwd": ("_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"),
-              "attention.dbias": ("_attn_bwd_dbias_kernel",)}
+              "attention.dbias": ("_attn_bwd_dbias_kernel",),
+              "window_attention.fwd": ("_win_fwd_kernel",),
+              "window_attention.bwd": ("_win_bwd_dq_kernel", "_win_bwd_dkdv_kernel"),
+              "window_attention.dscore": ("_win_bwd_dscore_sum_kernel",),
+              "patch_embed.fwd": ("_patch_embed_fwd_kernel",),
+              "patch_embed.fwd_norm": ("_patch_embed_fwd_kernel",),
+              "patch_embed.dx": ("_patch_embed_dx_kernel",),
+              "patch_embed.dw": ("_patch_embed_dw_kernel",)}
+TIMED = {"attention.fwd": "fwd", "window_attention.fwd": "fwd", "patch_embed.fwd": "fwd",
+         "patch_embed.fwd_norm": "fwd", "patch_embed.dx": "fwd + dx", "patch_embed.dw": "fwd + dW"}
 
 
 def shape_class(dtype: str, d: int, bias: bool, dropout: bool) -> str:
     return f"{dtype}|d{d}|bias{int(bias)}|dropout{int(dropout)}"
+
+
+def _rotated(make, device: str):
+    """Three input sets on a GPU, used in turn, so no call reads the last one's inputs from L2."""
+    return [make() for _ in range(3 if device == "cuda" else 1)]
+
+
+def _cycle(sets, step):
+    state = {"i": 0}
+
+    def call():
+        step(*sets[state["i"] % len(sets)])
+        state["i"] += 1
+    return call
 
 
 def _run(dtype: str, d: int, bias: bool, dropout: bool, bhn: Tuple[int, int, int], device: str, backward: bool):
@@ -59,20 +104,98 @@ def _run(dtype: str, d: int, bias: bool, dropout: bool, bhn: Tuple[int, int, int
 
     B, H, N = bhn
     dt = getattr(torch, dtype)
-    sets = []
-    for _ in range(3 if device == "cuda" else 1):  # rotated inputs: no call reads the last one's from L2
+
+    def make():
         q, k, v = (torch.randn(B, H, N, d, device=device, dtype=dt, requires_grad=backward) for _ in range(3))
         b = torch.randn(1, H, N, N, device=device, dtype=dt, requires_grad=backward) if bias else None
-        sets.append((q, k, v, b))
-    state = {"i": 0}
+        return q, k, v, b
 
-    def call():
-        q, k, v, b = sets[state["i"] % len(sets)]
-        state["i"] += 1
+    def step(q, k, v, b):
         out = attention(q, k, v, attn_bias=b, dropout_p=0.1 if dropout else 0.0, backend="triton")
         if backward:
             out.backward(torch.ones_like(out))
-    return call
+    return _cycle(_rotated(make, device), step)
+
+
+def _run_window(dtype, B, grid, C, heads, window, shift, device: str, mode: str):
+    """Swin window attention (qkv bias, relative-position table): forward; "bwd" adds dqkv, "dscore"
+    d(table) too."""
+    import torch
+
+    from vitkern.ops import window_attention
+
+    dt = getattr(torch, dtype)
+
+    def make():
+        qkv = torch.randn(B, grid, grid, 3 * C, device=device, dtype=dt, requires_grad=mode != "fwd")
+        table = torch.randn((2 * window - 1) ** 2, heads, device=device, dtype=dt, requires_grad=mode == "dscore")
+        return qkv, table, torch.randn(3 * C, device=device, dtype=dt)
+
+    def step(qkv, table, qkv_bias):
+        out = window_attention(qkv, table, num_heads=heads, window_size=window, shift_size=shift,
+                               qkv_bias=qkv_bias, backend="triton")
+        if mode != "fwd":
+            out.backward(torch.ones_like(out))
+    return _cycle(_rotated(make, device), step)
+
+
+def _run_patch(dtype, B, C, res, P, D, cls_pos, device: str, mode: str, width: Optional[int] = None):
+    """Patchify: forward ("fwd", "fwd_norm": with the LayerNorm epilogue), or forward + dx / dW."""
+    import torch
+
+    from vitkern.ops import patch_embed, patch_embed_layernorm
+
+    dt = getattr(torch, dtype)
+    width = width or res
+    tokens = 1 + (res // P) * (width // P)
+
+    def make():
+        x = torch.randn(B, C, res, width, device=device, dtype=dt, requires_grad=mode == "dx")
+        w = torch.randn(D, C, P, P, device=device, dtype=dt, requires_grad=mode == "dw")
+        b = torch.randn(D, device=device, dtype=dt)
+        cls = torch.randn(1, 1, D, device=device, dtype=dt) if cls_pos else None
+        pos = torch.randn(1, tokens, D, device=device, dtype=dt) if cls_pos else None
+        return x, w, b, cls, pos
+
+    def step(x, w, b, cls, pos):
+        if mode == "fwd_norm":
+            ones = torch.ones(D, device=device, dtype=dt)
+            patch_embed_layernorm(x, w, b, ones, torch.zeros_like(ones))
+            return
+        out = patch_embed(x, w, b, cls_token=cls, pos_embed=pos, backend="triton")
+        if mode in ("dx", "dw"):
+            out.backward(torch.ones_like(out))
+    return _cycle(_rotated(make, device), step)
+
+
+def cases(group: str):
+    """[(shape class, run(device, tiny) -> thunk)] of a group: tiny is the CPU filter's recording,
+    one image with the benchmark case's constexprs (window, head dim, shift; D, K, patch)."""
+    family, kernel = group.split(".")
+    out = []
+    if family == "attention":
+        for dtype, d, bias, dropout, bhn in SHAPES:
+            if kernel == "dbias" and not bias:
+                continue
+            run = (lambda dt, d_, b_, p_, s_: lambda device, tiny: _run(
+                dt, d_, b_, p_, (1, 2, s_[2]) if tiny else s_, device, kernel != "fwd"))(dtype, d, bias, dropout, bhn)
+            out.append((shape_class(dtype, d, bias, dropout), run))
+    elif family == "window_attention":
+        from vitkern.ops.window_attention import _shape_class as window_class
+        for dtype, B, grid, C, heads, window, shift in WINDOW_SHAPES:
+            d = C // heads
+            cls = window_class(getattr(__import__("torch"), dtype), window * window, d, bool(shift))
+            run = (lambda dt, B_, g_, h_, d_, w_, s_: lambda device, tiny: _run_window(
+                dt, 1 if tiny else B_, min(g_, 2 * w_) if tiny else g_, d_ if tiny else h_ * d_, 1 if tiny else h_,
+                w_, s_, device, kernel))(dtype, B, grid, heads, d, window, shift)
+            out.append((cls, run))
+    else:
+        for dtype, B, C, res, P, D, cls_pos in (NORM_SHAPES if kernel == "fwd_norm" else PATCH_SHAPES):
+            run = (lambda dt, B_, C_, r_, P_, D_, c_: lambda device, tiny: _run_patch(
+                dt, 1 if tiny else B_, C_, P_ if tiny else r_, P_, D_, c_, device, kernel,
+                2 * P_ if tiny else None))(dtype, B, C, res, P, D, cls_pos)
+            out.append((f"{dtype}|D{D}|K{C * P * P}", run))
+    return out
 
 
 class _Table:
@@ -89,7 +212,7 @@ class _Table:
         os.environ["VITKERN_CONFIG_TABLE"] = self.path
 
 
-def filter_candidates(groups: Sequence[str], shapes, archs: Sequence[int], limit: Optional[int], jobs: int,
+def filter_candidates(groups: Sequence[str], archs: Sequence[int], limit: Optional[int], jobs: int,
                       cache_dir: Optional[str] = None):
     """Compile every candidate at every shape class; return [(group, class, cfg, [compile rows], problems)]."""
     from vitkern.tools import compile_report as cr
@@ -97,17 +220,14 @@ def filter_candidates(groups: Sequence[str], shapes, archs: Sequence[int], limit
     table = _Table()
     plan, all_jobs = [], []
     for group in groups:
-        for dtype, d, bias, dropout, bhn in shapes:
-            if group == "attention.dbias" and not bias:
-                continue
-            key = f"{group}|{shape_class(dtype, d, bias, dropout)}"
+        for cls, run in cases(group):
+            key = f"{group}|{cls}"
             for cfg in CANDIDATES[group][:limit]:
                 table.set(key, cfg)
-                launches = cr.record_cases([(key, dtype, _run(dtype, d, bias, dropout, (1, 2, bhn[2]), "cpu",
-                                                              group != "attention.fwd"))])
+                launches = cr.record_cases([(key, cls.split("|")[0], run("cpu", True))])
                 launches = [l for l in launches if l.kernel.fn.__name__ in KERNELS_OF[group]]
                 variants = cr.variants(launches, archs)
-                plan.append((group, shape_class(dtype, d, bias, dropout), cfg, len(all_jobs), len(variants)))
+                plan.append((group, cls, cfg, len(all_jobs), len(variants)))
                 all_jobs += variants
     os.environ.pop("VITKERN_CONFIG_TABLE", None)
     os.remove(table.path)
@@ -118,6 +238,8 @@ def filter_candidates(groups: Sequence[str], shapes, archs: Sequence[int], limit
         mine = [by_index[i] for i in range(start, start + count)]
         problems = [p for r in mine for p in r["problems"]
                     if not (cache_dir and p.startswith("no ptxas"))]  # a kernel already in the kept cache
+        if not mine:
+            problems = ["the launcher made no launch of " + "/".join(KERNELS_OF[group])]
         out.append((group, cls, cfg, mine, problems))
     return out
 
@@ -140,10 +262,16 @@ def _time_ms(fn, reps: int = 20) -> float:
     return times[len(times) // 2]
 
 
+def _short(kernel: str) -> str:
+    for prefix in ("_attn_", "_win_", "_patch_embed_"):
+        kernel = kernel.replace(prefix, "")
+    return kernel.replace("_kernel", "")
+
+
 def _describe(cfg: dict, rows: List[dict]) -> str:
     from vitkern.tools.compile_report import _fmt_config
     # The tiles as launched (recorded), beside the figures: they show the launcher took the entry.
-    figs = ", ".join(f"{r['kernel'].replace('_attn_', '').replace('_kernel', '')}@{r['target']} "
+    figs = ", ".join(f"{_short(r['kernel'])}@{r['target']} "
                      f"{_fmt_config(r['config'])}: "
                      f"{r['registers']} regs, spill {r['spill_stores']}/{r['spill_loads']} B, {r['shared']} B smem"
                      for r in rows)
@@ -155,7 +283,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitkern.tools.tune", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="the table to write, vitkern/configs/<gpu-slug>.json")
     parser.add_argument("--budget-s", type=float, default=150.0, help="stop timing after this many seconds")
-    parser.add_argument("--kernels", default=",".join(CANDIDATES), help="comma-separated kernel groups")
+    parser.add_argument("--kernels", "--groups", dest="kernels", default=",".join(CANDIDATES),
+                        help="comma-separated kernel groups, timed in this order")
     parser.add_argument("--limit", type=int, default=None, help="only the first N candidates per group (tests)")
     parser.add_argument("--arch", default=None, help="targets to filter for without a GPU (default 90,80)")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: all cores)")
@@ -183,13 +312,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cache_dir = None
     jobs = args.jobs or os.cpu_count() or 1
     from vitkern.tools import compile_report as cr
-    results = filter_candidates(groups, SHAPES, archs, args.limit, jobs, cache_dir)
-    survivors = [r for r in results if not r[4]]
-    print(f"{len(survivors)} of {len(results)} candidates survive the compile filter "
-          f"({', '.join(cr.TARGETS[a][0] if a in cr.TARGETS else 'sm_%d' % a for a in archs)}) in {time.perf_counter() - start:.0f} s")
-    for group, cls, cfg, rows, problems in results:
-        mark = "keep" if not problems else "drop: " + "; ".join(sorted(set(problems)))[:200]
-        print(f"  {group}|{cls} {_describe(cfg, rows)} {mark}")
+    targets = ", ".join(cr.TARGETS[a][0] if a in cr.TARGETS else "sm_%d" % a for a in archs)
+    table = _Table() if gpu else None
+    best: Dict[str, dict] = {}
+    spent = lambda: time.perf_counter() - start > args.budget_s  # noqa: E731
+    # Group by group, most important first: compile, then time; a spent budget keeps what is done.
+    for group in groups:
+        if spent():
+            print(f"budget of {args.budget_s:.0f} s spent: stopping before {group}")
+            break
+        results = filter_candidates([group], archs, args.limit, jobs, cache_dir)
+        survivors = [r for r in results if not r[4]]
+        print(f"{group}: {len(survivors)} of {len(results)} candidates survive the compile filter ({targets}) "
+              f"at {time.perf_counter() - start:.0f} s")
+        for _, cls, cfg, rows, problems in results:
+            mark = "keep" if not problems else "drop: " + "; ".join(sorted(set(problems)))[:200]
+            print(f"  {group}|{cls} {_describe(cfg, rows)} {mark}")
+        if not gpu:
+            continue
+        runs = dict(cases(group))
+        for _, cls, cfg, rows, problems in survivors:
+            if spent():
+                print(f"budget of {args.budget_s:.0f} s spent: stopping before {group}|{cls} {cfg}")
+                break
+            key = f"{group}|{cls}"
+            table.set(key, cfg)
+            try:
+                ms = _time_ms(runs[cls]("cuda", False))
+            except Exception as exc:  # noqa: BLE001 - e.g. out of resources at launch: not a candidate
+                print(f"  {key} {cfg}: failed at launch: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            print(f"  {key} {json.dumps(cfg, sort_keys=True)}: {ms:.3f} ms")
+            if key not in best or ms < best[key]["ms"]:
+                best[key] = dict(cfg, ms=round(ms, 4))
+        torch.cuda.empty_cache()
     if not gpu:
         print("no CUDA GPU: nothing timed, no table written")
         return 0
@@ -197,31 +353,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import triton
 
     from vitkern.configs import gpu_slug
-    table = _Table()
-    best: Dict[str, dict] = {}
-    shapes = {shape_class(*s[:4]): s for s in SHAPES}
-    for group, cls, cfg, rows, problems in survivors:
-        if time.perf_counter() - start > args.budget_s:
-            print(f"budget of {args.budget_s:.0f} s spent: stopping before {group}|{cls} {cfg}")
-            break
-        dtype, d, bias, dropout, bhn = shapes[cls]
-        key = f"{group}|{cls}"
-        table.set(key, cfg)
-        try:
-            ms = _time_ms(_run(dtype, d, bias, dropout, bhn, "cuda", group != "attention.fwd"))
-        except Exception as exc:  # noqa: BLE001 - e.g. out of resources at launch: not a candidate
-            print(f"  {key} {cfg}: failed at launch: {type(exc).__name__}: {str(exc)[:200]}")
-            continue
-        print(f"  {key} {json.dumps(cfg, sort_keys=True)}: {ms:.3f} ms")
-        if key not in best or ms < best[key]["ms"]:
-            best[key] = dict(cfg, ms=round(ms, 4))
     os.environ.pop("VITKERN_CONFIG_TABLE", None)
+    os.remove(table.path)
     name = torch.cuda.get_device_name()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    timed = "; ".join(f"{g}: {TIMED.get(g, 'fwd + bwd')}" for g in groups)
     with open(args.out, "w") as f:
         json.dump(dict(gpu=name, slug=gpu_slug(name), triton=triton.__version__, torch=torch.__version__,
-                       timed="fwd for attention.fwd, fwd+bwd for attention.bwd/dbias; CUDA events, median of 20",
-                       entries=best), f, indent=1, sort_keys=True)
+                       timed=timed + "; CUDA events, median of 20, rotated inputs", entries=best),
+                  f, indent=1, sort_keys=True)
         f.write("\n")
     print(f"wrote {len(best)} entries to {args.out}")
     return 0
