@@ -34,14 +34,14 @@ def _grid(**axes) -> List[dict]:
 CANDIDATES: Dict[str, List[dict]] = {
     "attention.fwd": _grid(BLOCK_M=(64, 128), BLOCK_N=(32, 64), num_warps=(4, 8), num_stages=(2, 3)),
     "attention.bwd": _grid(BLOCK_M=(32, 64), BLOCK_N=(32, 64), num_warps=(4, 8), num_stages=(1, 2)),
-    "window_attention.fwd": _grid(BLOCK_M=(64, 32), BLOCK_N=(64, 32), num_warps=(8, 4), num_stages=(1, 2)),
-    "window_attention.bwd": _grid(BLOCK_M=(64, 32), BLOCK_N=(64, 32), num_warps=(8, 4), num_stages=(1, 2)),
+    "window_attention.fwd": _grid(BLOCK_M=(64, 32), BLOCK_N=(64, 32), num_warps=(8, 4), num_stages=(2, 1)),
+    "window_attention.bwd": _grid(BLOCK_M=(64, 32), BLOCK_N=(64, 32), num_warps=(8, 4), num_stages=(2, 1)),
     "patch_embed.fwd": _grid(BLOCK_M=(128, 64), BLOCK_N=(128, 64), BLOCK_K=(64, 32), num_warps=(8, 4),
                              num_stages=(3,)),
     "patch_embed.dx": _grid(BLOCK_M=(128, 64), BLOCK_N=(64, 32), BLOCK_K=(64, 32), num_warps=(8, 4), num_stages=(2,)),
     "patch_embed.dw": _grid(BLOCK_M=(128, 64), BLOCK_N=(64, 32), BLOCK_K=(64, 32), num_warps=(8, 4), num_stages=(2,)),
     "attention.dbias": _grid(BLOCK_M=(16, 32), BLOCK_N=(64,), num_warps=(4, 8), num_stages=(1,)),
-    "window_attention.dscore": _grid(BLOCK_M=(32, 16), BLOCK_N=(32, 64), num_warps=(4, 8), num_stages=(1, 2)),
+    "window_attention.dscore": _grid(BLOCK_M=(32, 16), BLOCK_N=(32, 64), num_warps=(4, 8), num_stages=(2, 1)),
     # BLOCK_N is the whole row (the LayerNorm statistics): the launcher keeps it, entries omit it.
     "patch_embed.fwd_norm": _grid(BLOCK_M=(64, 32), BLOCK_K=(64, 32), num_warps=(8, 4), num_stages=(2, 3)),
 }
