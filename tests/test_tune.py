@@ -50,16 +50,21 @@ def test_no_table_without_gpu(monkeypatch):
     assert configs.table_path() is None and configs.lookup("attention.fwd", "bfloat16|d64|bias0|dropout0") is None
 
 
+def _tune_on_cpu(out, *args):
+    """The tuner's CPU filter for sm_90a, in a process without TRITON_INTERPRET (the launchers' GPU tiles)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "vitkern.tools.tune", "--out", str(out), *args, "--arch", "90"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tuner times and writes a table")
 @pytest.mark.skipif(not cr.nvidia_backend_available(), reason="needs Triton with its NVIDIA backend (bundled ptxas)")
 def test_tuner_filters_candidates_on_cpu(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     out = tmp_path / "table.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "vitkern.tools.tune", "--out", str(out), "--kernels", "attention.dbias",
-         "--limit", "2", "--arch", "90"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _tune_on_cpu(out, "--kernels", "attention.dbias", "--limit", "2")
     assert "2 of 2 candidates survive the compile filter (sm_90a)" in proc.stdout, proc.stdout
     # The real launcher took each candidate from the temporary table: the recorded tiles are the candidate's.
     assert "bwd_dbias@sm_90a 16x64x64 w4 s1:" in proc.stdout, proc.stdout
@@ -125,13 +130,8 @@ FIRST_CANDIDATE_LAUNCHES = {
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tuner times and writes a table")
 @pytest.mark.skipif(not cr.nvidia_backend_available(), reason="needs Triton with its NVIDIA backend (bundled ptxas)")
 def test_tuner_lists_window_and_patchify_candidates_on_cpu(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     out = tmp_path / "table.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "vitkern.tools.tune", "--out", str(out), "--groups", ",".join(FIRST_CANDIDATE_LAUNCHES),
-         "--limit", "1", "--arch", "90"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _tune_on_cpu(out, "--groups", ",".join(FIRST_CANDIDATE_LAUNCHES), "--limit", "1")
     lines = proc.stdout.splitlines()
     for group, (launch, classes) in FIRST_CANDIDATE_LAUNCHES.items():
         assert any(l.startswith(f"{group}: ") and f"of {classes} candidates survive" in l for l in lines), proc.stdout

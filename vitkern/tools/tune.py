@@ -1,15 +1,24 @@
-"""Tune the attention launch configs for this GPU; on a machine without one, show what would be timed.
+"""Tune the launch configs of vitkern's kernels for this GPU; on a machine without one, show what would be timed.
 
-    python -m vitkern.tools.tune --out vitkern/configs/<gpu-slug>.json [--budget-s SECONDS]
+    python -m vitkern.tools.tune --out vitkern/configs/<gpu-slug>.json [--budget-s SECONDS] [--groups G,..]
 
-Per kernel group a small candidate space (block sizes, warps, stages) is first compiled ahead of
-time for the target by :mod:`vitkern.tools.compile_report`; candidates that fail to compile, spill
-(any spill in 16-bit kernels, > 64 B in fp32 ones) or exceed shared memory are dropped. On a GPU
-the survivors are timed at the benchmark shapes (CUDA events, median, inputs rotated between
-calls so no call reads the previous one's data from L2) and the fastest per shape class is written
-to ``--out``, which the launchers read (:mod:`vitkern.configs`); the heuristics stay the fallback
-for GPUs and shape classes without an entry. Without a GPU it prints the surviving candidates
-with their compile figures and exits 0.
+The kernel groups (keys of the table, :data:`CANDIDATES`): attention (``attention.fwd``, ``.bwd`` for
+dQ and dK/dV, ``.dbias``), window attention (``window_attention.fwd``, ``.bwd`` for dQ and dK/dV,
+``.dscore`` for the d(score) sum of the table gradient) and patchify (``patch_embed.fwd``,
+``.fwd_norm`` with the LayerNorm epilogue, ``.dx``, ``.dw``). A shape class is what decides the tiles:
+dtype, head dim, bias, dropout for attention; dtype, window tokens, head dim, shift for windows;
+dtype, D and K = C*Ph*Pw for patchify (M is the batch's: timed at the benchmark batch).
+
+Per group a small candidate space (block sizes, warps, stages) is first compiled ahead of time for
+the target by :mod:`vitkern.tools.compile_report`, through the real launchers reading a one-entry
+table; candidates that fail to compile, spill (any spill in 16-bit kernels, > 64 B in fp32 ones) or
+exceed shared memory are dropped. On a GPU the survivors are timed at the benchmark shapes (CUDA
+events, median, inputs rotated between calls so no call reads the previous one's data from L2) and
+the fastest per shape class is written to ``--out``, which the launchers read (:mod:`vitkern.configs`);
+the heuristics stay the fallback for GPUs and shape classes without an entry. Groups are compiled
+and timed one after another in the order of :data:`CANDIDATES` (benchmark importance); when
+``--budget-s`` is spent the run stops and writes what it has. Without a GPU it prints the surviving
+candidates with their compile figures and exits 0.
 """
 from __future__ import annotations
 
