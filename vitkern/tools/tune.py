@@ -355,25 +355,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if key not in best or ms < best[key]["ms"]:
                 best[key] = dict(cfg, ms=round(ms, 4))
         torch.cuda.empty_cache()
+        if best:
+            _write(args.out, groups, best)  # after every group: a run cut off by its cap keeps what is done
     if not gpu:
         print("no CUDA GPU: nothing timed, no table written")
         return 0
+    os.environ.pop("VITKERN_CONFIG_TABLE", None)
+    os.remove(table.path)
+    _write(args.out, groups, best)
+    print(f"wrote {len(best)} entries to {args.out}")
+    return 0
 
+
+def _write(out: str, groups: Sequence[str], best: Dict[str, dict]) -> None:
+    import torch
     import triton
 
     from vitkern.configs import gpu_slug
-    os.environ.pop("VITKERN_CONFIG_TABLE", None)
-    os.remove(table.path)
     name = torch.cuda.get_device_name()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     timed = "; ".join(f"{g}: {TIMED.get(g, 'fwd + bwd')}" for g in groups)
-    with open(args.out, "w") as f:
+    with open(out + ".tmp", "w") as f:
         json.dump(dict(gpu=name, slug=gpu_slug(name), triton=triton.__version__, torch=torch.__version__,
                        timed=timed + "; CUDA events, median of 20, rotated inputs", entries=best),
                   f, indent=1, sort_keys=True)
         f.write("\n")
-    print(f"wrote {len(best)} entries to {args.out}")
-    return 0
+    os.replace(out + ".tmp", out)  # whole tables only: the launchers may read it meanwhile
 
 
 if __name__ == "__main__":
