@@ -238,8 +238,28 @@ def _dropout_reference(q, k, v, bias, mask, is_causal=False):
     return (scores.softmax(-1) * mask) @ v
 
 
-@pytest.mark.parametrize("with_bias,is_causal", [(False, False), (True, False), (True, True)])
-def test_dropout_equals_reference_with_the_kernels_mask(with_bias, is_causal):
+@pytest.fixture
+def gpu_tiles(monkeypatch):
+    """The launchers pick the GPU tiles (not the interpreter's) while the interpreter runs them."""
+    from vitkern import _triton
+
+    def on_gpu(fn):
+        def wrapped(*args, **kwargs):
+            with monkeypatch.context() as m:
+                m.setattr(_triton, "INTERPRET", False)
+                return fn(*args, **kwargs)
+        return wrapped
+
+    for name in ("_fwd_config", "_bwd_configs", "_dbias_config"):
+        monkeypatch.setattr(attention_module, name, on_gpu(getattr(attention_module, name)))
+
+
+@pytest.mark.parametrize("with_bias,is_causal,tiles", [(False, False, "interpreter"), (True, False, "interpreter"),
+                                                       (True, True, "interpreter"), (True, False, "gpu"),
+                                                       (True, True, "gpu")])
+def test_dropout_equals_reference_with_the_kernels_mask(with_bias, is_causal, tiles, request):
+    if tiles == "gpu":  # d32 with bias and dropout: 128x32 forward, 32x32 dK/dV tiles
+        request.getfixturevalue("gpu_tiles")
     B, H, NQ, NK, D, p = 2, 2, 45, 70, 32, 0.3
     ins = [_rand((B, H, n, D), torch.float32).requires_grad_(True) for n in (NQ, NK, NK)]
     bias = _rand((1, H, NQ, NK), torch.float32).requires_grad_(True) if with_bias else None
