@@ -19,7 +19,7 @@ from vitkern.ops.attention import dropout_keep_mask
 from vitkern.reference import attention_reference
 from vitkern.testing import poison_outputs
 
-from helpers import FP32_RTOL, TF32_RTOL, assert_close, nan_padded, rel_err
+from helpers import FP32_RTOL, TF32_RTOL, assert_close, nan_padded, rel_err, use_gpu_tiles
 
 attention_module = importlib.import_module("vitkern.ops.attention")  # the module, not the function it exports
 ON_GPU = torch.cuda.is_available()
@@ -240,18 +240,7 @@ def _dropout_reference(q, k, v, bias, mask, is_causal=False):
 
 @pytest.fixture
 def gpu_tiles(monkeypatch):
-    """The launchers pick the GPU tiles (not the interpreter's) while the interpreter runs them."""
-    from vitkern import _triton
-
-    def on_gpu(fn):
-        def wrapped(*args, **kwargs):
-            with monkeypatch.context() as m:
-                m.setattr(_triton, "INTERPRET", False)
-                return fn(*args, **kwargs)
-        return wrapped
-
-    for name in ("_fwd_config", "_bwd_configs", "_dbias_config"):
-        monkeypatch.setattr(attention_module, name, on_gpu(getattr(attention_module, name)))
+    use_gpu_tiles(monkeypatch, attention_module, "_fwd_config", "_bwd_configs", "_dbias_config")
 
 
 @pytest.mark.parametrize("with_bias,is_causal,tiles", [(False, False, "interpreter"), (True, False, "interpreter"),
