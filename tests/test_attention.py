@@ -76,6 +76,25 @@ def test_forward_and_every_gradient_match_reference(B, H, NQ, NK, D, bias_shape,
         assert_close(name, g, rg, sg, grad=True)
 
 
+@pytest.fixture
+def gpu_tiles(monkeypatch):
+    use_gpu_tiles(monkeypatch, attention_module, "_fwd_config", "_bwd_configs", "_dbias_config")
+
+
+# Tiles the GPU launches get that the interpreter's 64x64 tiles do not cover: 128x32 forward (d32 with
+# bias), 32x32 dK/dV (bias), 64x64 dQ with 32x64 dK/dV (16-bit d>64); fp32 takes 32x64 for both.
+GPU_TILE_CASES = [
+    pytest.param(1, 2, 45, 70, 80, None, False, id="nq45-nk70-d80"),
+    pytest.param(2, 2, 45, 70, 32, (1, 2, 45, 70), True, id="nq45-nk70-d32-bias-bcast-batch"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,H,NQ,NK,D,bias_shape,bias_grad", GPU_TILE_CASES)
+def test_gpu_tiles_match_reference(B, H, NQ, NK, D, bias_shape, bias_grad, dtype, gpu_tiles):
+    test_forward_and_every_gradient_match_reference(B, H, NQ, NK, D, bias_shape, bias_grad, dtype)
+
+
 def test_views_of_packed_qkv_are_read_in_place():
     B, N, H, D = 2, 50, 3, 32
     qkv = _rand((B, N, 3 * H * D), torch.float32)
@@ -236,11 +255,6 @@ def _dropout_reference(q, k, v, bias, mask, is_causal=False):
     if is_causal:
         scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1), float("-inf"))
     return (scores.softmax(-1) * mask) @ v
-
-
-@pytest.fixture
-def gpu_tiles(monkeypatch):
-    use_gpu_tiles(monkeypatch, attention_module, "_fwd_config", "_bwd_configs", "_dbias_config")
 
 
 @pytest.mark.parametrize("with_bias,is_causal,tiles", [(False, False, "interpreter"), (True, False, "interpreter"),
