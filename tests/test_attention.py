@@ -19,7 +19,7 @@ from vitkern.ops.attention import dropout_keep_mask
 from vitkern.reference import attention_reference
 from vitkern.testing import poison_outputs
 
-from helpers import FP32_RTOL, TF32_RTOL, assert_close, nan_padded, rel_err
+from helpers import FP32_RTOL, TF32_RTOL, assert_close, nan_padded, rel_err, use_gpu_tiles
 
 attention_module = importlib.import_module("vitkern.ops.attention")  # the module, not the function it exports
 ON_GPU = torch.cuda.is_available()
@@ -74,6 +74,25 @@ def test_forward_and_every_gradient_match_reference(B, H, NQ, NK, D, bias_shape,
     assert_close("out", out, ref_out, same_out)
     for name, g, rg, sg in zip(["dq", "dk", "dv", "dbias"], grads, ref_grads, same_grads):
         assert_close(name, g, rg, sg, grad=True)
+
+
+@pytest.fixture
+def gpu_tiles(monkeypatch):
+    use_gpu_tiles(monkeypatch, attention_module, "_fwd_config", "_bwd_configs", "_dbias_config")
+
+
+# Tiles the GPU launches get that the interpreter's 64x64 tiles do not cover: 128x32 forward (d32 with
+# bias), 32x32 dK/dV (bias), 64x64 dQ with 32x64 dK/dV (16-bit d>64); fp32 takes 32x64 for both.
+GPU_TILE_CASES = [
+    pytest.param(1, 2, 45, 70, 80, None, False, id="nq45-nk70-d80"),
+    pytest.param(2, 2, 45, 70, 32, (1, 2, 45, 70), True, id="nq45-nk70-d32-bias-bcast-batch"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,H,NQ,NK,D,bias_shape,bias_grad", GPU_TILE_CASES)
+def test_gpu_tiles_match_reference(B, H, NQ, NK, D, bias_shape, bias_grad, dtype, gpu_tiles):
+    test_forward_and_every_gradient_match_reference(B, H, NQ, NK, D, bias_shape, bias_grad, dtype)
 
 
 def test_views_of_packed_qkv_are_read_in_place():
@@ -238,8 +257,12 @@ def _dropout_reference(q, k, v, bias, mask, is_causal=False):
     return (scores.softmax(-1) * mask) @ v
 
 
-@pytest.mark.parametrize("with_bias,is_causal", [(False, False), (True, False), (True, True)])
-def test_dropout_equals_reference_with_the_kernels_mask(with_bias, is_causal):
+@pytest.mark.parametrize("with_bias,is_causal,tiles", [(False, False, "interpreter"), (True, False, "interpreter"),
+                                                       (True, True, "interpreter"), (True, False, "gpu"),
+                                                       (True, True, "gpu")])
+def test_dropout_equals_reference_with_the_kernels_mask(with_bias, is_causal, tiles, request):
+    if tiles == "gpu":  # d32 with bias and dropout: 128x32 forward, 32x32 dK/dV tiles
+        request.getfixturevalue("gpu_tiles")
     B, H, NQ, NK, D, p = 2, 2, 45, 70, 32, 0.3
     ins = [_rand((B, H, n, D), torch.float32).requires_grad_(True) for n in (NQ, NK, NK)]
     bias = _rand((1, H, NQ, NK), torch.float32).requires_grad_(True) if with_bias else None

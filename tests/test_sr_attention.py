@@ -15,7 +15,7 @@ from vitkern.ops import patch_embed_layernorm, sr_attention
 from vitkern.reference import patch_embed_reference, sr_attention_reference
 from vitkern.testing import poison_outputs
 
-from helpers import assert_close, nan_padded
+from helpers import assert_close, nan_padded, use_gpu_tiles
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -103,9 +103,19 @@ def test_token_grid_is_read_in_place_and_its_gradient_needs_no_copy():
     assert dx.stride() == x.stride()
 
 
-@pytest.mark.parametrize("D", [40, 96], ids=["d40", "d96-wider-than-a-gemm-tile"])  # the norm needs whole rows
+@pytest.fixture
+def gpu_tiles(monkeypatch):
+    import importlib
+    use_gpu_tiles(monkeypatch, importlib.import_module("vitkern.ops.patch_embed"), "_gemm_config", "_backward_tiles")
+
+
+# The norm needs whole rows; rows over 256 (PVTv2-b2 stage 3: 320) take 32x512 tiles, 32-deep k steps.
+@pytest.mark.parametrize("D,tiles", [(40, "interpreter"), (96, "interpreter"), (320, "gpu")],
+                         ids=["d40", "d96-wider-than-a-gemm-tile", "d320-gpu-tiles"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_patch_embed_layernorm_matches_conv_then_layernorm(dtype, D):
+def test_patch_embed_layernorm_matches_conv_then_layernorm(dtype, D, tiles, request):
+    if tiles == "gpu":
+        request.getfixturevalue("gpu_tiles")
     B, C, H, W, P = 2, 24, 12, 16, 4
     base = dict(x=torch.randn(B, C, H, W), w=torch.randn(D, C, P, P) * (C * P * P) ** -0.5, b=torch.randn(D),
                 lw=1 + 0.2 * torch.randn(D), lb=0.2 * torch.randn(D))

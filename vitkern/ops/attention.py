@@ -427,7 +427,9 @@ def _fwd_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, has_bias: bo
         return tuned
     heavy = has_bias or has_dropout
     if head_dim <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if heavy else 4, num_stages=3)
+        # 4 warps spill 4 B on sm_80 under Triton 3.6; at d32 the bias tile and dropout bits beside
+        # 64 keys spill 160-220 B with any warp count, 32 keys none.
+        return dict(BLOCK_M=128, BLOCK_N=32 if heavy and head_dim <= 32 else 64, num_warps=8, num_stages=3)
     narrow = heavy or dtype == torch.float32  # fp32 128x64 at d128: 229 KB of shared memory
     return dict(BLOCK_M=128, BLOCK_N=32 if narrow else 64, num_warps=8, num_stages=2)
 
@@ -447,12 +449,14 @@ def _bwd_configs(head_dim: int, dtype: torch.dtype = torch.bfloat16, has_bias: b
     # (300-900 B), in fp32 dQ on sm_80 (500 B at d64), in 16-bit d64 dK/dV on sm_80 (8 B), and fp32
     # d128 dK/dV needs 192 KB of shared memory (over sm_80's 163 KB).
     narrow = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
-    if has_bias or has_dropout or dtype == torch.float32:
+    if has_bias or has_dropout:  # dK/dV over 64 keys spills 116 B at d64 on sm_80 under Triton 3.6; 32 do not
+        return narrow, dict(narrow, BLOCK_N=32)
+    if dtype == torch.float32:
         return narrow, narrow
     if head_dim <= 64:  # 64-row dQ: wgmma on sm_90a, no spill
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2), narrow
-    wide = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1)
-    return wide, wide
+    # 64-row dK/dV at d128 spills 104 B on sm_90a under Triton 3.6 (255 registers under 3.8); 32 rows do not.
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1), narrow
 
 
 def _bwd_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, has_bias: bool = False,

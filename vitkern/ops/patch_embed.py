@@ -301,9 +301,13 @@ def _launch_forward(x, weight, bias, cls_token, pos_embed, norm=None):
         mean = new_output((B, tokens), dtype=torch.float32, device=x.device)
         rstd = new_output((B, tokens), dtype=torch.float32, device=x.device)
         norm_args = (ln_weight.contiguous(), ln_bias.contiguous(), pre, mean, rstd, float(eps))
-        # Whole rows per program for the row statistics; fewer rows when rows are long.
+        # Whole rows per program for the row statistics; fewer rows and shallower k steps when rows
+        # are long (32x512 tiles with 64-deep k steps spill 8-20 B, 32-deep ones none).
         cfg["BLOCK_N"] = max(16, next_power_of_2(D))
-        cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 32 if cfg["BLOCK_N"] > 256 else 64)
+        if cfg["BLOCK_N"] > 256:
+            cfg.update(BLOCK_M=min(cfg["BLOCK_M"], 32), BLOCK_K=min(cfg["BLOCK_K"], 32))
+        else:
+            cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 64)
         cfg = _tuned("fwd_norm", cfg, x.dtype, D, K)  # BLOCK_N stays the whole row: entries omit it
     else:
         cfg = _tuned("fwd", cfg, x.dtype, D, K)
