@@ -81,11 +81,13 @@ def gpu_tiles(monkeypatch):
     use_gpu_tiles(monkeypatch, attention_module, "_fwd_config", "_bwd_configs", "_dbias_config")
 
 
-# Tiles the GPU launches get that the interpreter's 64x64 tiles do not cover: 128x32 forward (d32 with
-# bias), 32x32 dK/dV (bias), 64x64 dQ with 32x64 dK/dV (16-bit d>64); fp32 takes 32x64 for both.
+# Tiles the GPU launches get that the interpreter's 64x64 tiles do not cover: 128x32 forward and 32x32
+# dQ and dK/dV (d32 with bias), 64x32 forward (d>64 with bias), 64x64 dQ with 32x64 dK/dV (16-bit
+# d>64); fp32 takes 32x64 for both.
 GPU_TILE_CASES = [
     pytest.param(1, 2, 45, 70, 80, None, False, id="nq45-nk70-d80"),
     pytest.param(2, 2, 45, 70, 32, (1, 2, 45, 70), True, id="nq45-nk70-d32-bias-bcast-batch"),
+    pytest.param(1, 2, 70, 45, 96, (1, 1, 70, 45), True, id="nq70-nk45-d96-bias-bcast-heads"),
 ]
 
 

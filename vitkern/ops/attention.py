@@ -430,8 +430,10 @@ def _fwd_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, has_bias: bo
         # 4 warps spill 4 B on sm_80 under Triton 3.6; at d32 the bias tile and dropout bits beside
         # 64 keys spill 160-220 B with any warp count, 32 keys none.
         return dict(BLOCK_M=128, BLOCK_N=32 if heavy and head_dim <= 32 else 64, num_warps=8, num_stages=3)
-    narrow = heavy or dtype == torch.float32  # fp32 128x64 at d128: 229 KB of shared memory
-    return dict(BLOCK_M=128, BLOCK_N=32 if narrow else 64, num_warps=8, num_stages=2)
+    if heavy:  # 128x32 with a bias or dropout spills 16-32 B at d80/d96 under Triton 3.6; 64x32 none
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+    # fp32 128x64 at d128: 229 KB of shared memory
+    return dict(BLOCK_M=128, BLOCK_N=32 if dtype == torch.float32 else 64, num_warps=8, num_stages=2)
 
 
 def _bwd_configs(head_dim: int, dtype: torch.dtype = torch.bfloat16, has_bias: bool = False,
@@ -450,7 +452,8 @@ def _bwd_configs(head_dim: int, dtype: torch.dtype = torch.bfloat16, has_bias: b
     # d128 dK/dV needs 192 KB of shared memory (over sm_80's 163 KB).
     narrow = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
     if has_bias or has_dropout:  # dK/dV over 64 keys spills 116 B at d64 on sm_80 under Triton 3.6; 32 do not
-        return narrow, dict(narrow, BLOCK_N=32)
+        # and so does dQ over 64 keys at d32 (48-92 B under 3.6)
+        return (dict(narrow, BLOCK_N=32) if head_dim <= 32 else narrow), dict(narrow, BLOCK_N=32)
     if dtype == torch.float32:
         return narrow, narrow
     if head_dim <= 64:  # 64-row dQ: wgmma on sm_90a, no spill

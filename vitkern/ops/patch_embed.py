@@ -302,10 +302,11 @@ def _launch_forward(x, weight, bias, cls_token, pos_embed, norm=None):
         rstd = new_output((B, tokens), dtype=torch.float32, device=x.device)
         norm_args = (ln_weight.contiguous(), ln_bias.contiguous(), pre, mean, rstd, float(eps))
         # Whole rows per program for the row statistics; fewer rows and shallower k steps when rows
-        # are long (32x512 tiles with 64-deep k steps spill 8-20 B, 32-deep ones none).
+        # are long (32x512 tiles with 64-deep k steps spill 8-20 B under Triton 3.8, 32-deep ones
+        # 168-440 B under 3.6 at PH=2; 16-deep ones none under either).
         cfg["BLOCK_N"] = max(16, next_power_of_2(D))
         if cfg["BLOCK_N"] > 256:
-            cfg.update(BLOCK_M=min(cfg["BLOCK_M"], 32), BLOCK_K=min(cfg["BLOCK_K"], 32))
+            cfg.update(BLOCK_M=min(cfg["BLOCK_M"], 32), BLOCK_K=min(cfg["BLOCK_K"], 16))
         else:
             cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 64)
         cfg = _tuned("fwd_norm", cfg, x.dtype, D, K)  # BLOCK_N stays the whole row: entries omit it
