@@ -18,7 +18,7 @@ from helpers import assert_close, nan_padded
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-HIGH = torch.float32 if ON_GPU else torch.float64  # the oracle's precision (DESIGN.md)
+HIGH = torch.float32 if ON_GPU else torch.float64  # the oracle's precision (vitkern.testing)
 
 # (B, C, H, W, (Ph, Pw), D, with_bias, with_cls, with_pos): patch sizes 4/8/14/16/32, C = 1, 3 and
 # larger, non-square images, D not a power of two, batch 1, rectangular patches.

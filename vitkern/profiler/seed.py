@@ -1,4 +1,4 @@
-"""Reproduce, and correct where wrong, the seed chapter's cost figures (``shared/seeds/004_*``).
+"""Reproduce, and correct where wrong, the seed chapter's cost figures (the ViT chapter's attention-cost claims).
 
 Every "computed" number below comes from a count: ``torch.utils.flop_counter`` FLOPs and the
 attention-score shapes recorded while ViT-B (timm ``VisionTransformer``, or vitkern's ViT
