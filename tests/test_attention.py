@@ -703,8 +703,8 @@ def test_causal_never_reads_key_blocks_past_the_diagonal(bias):
     """Keys at or past the end of the last query block's tiles are NaN: a kernel that loads any
     fully masked key block (instead of skipping it) gets NaN into its dot products."""
     D = 16
-    fwd, bwd = attention_module._fwd_config(D), attention_module._bwd_config(D)
-    frontier = max(fwd["BLOCK_M"], bwd["BLOCK_M"], bwd["BLOCK_N"])  # powers of 2: a multiple of each
+    fwd, (dq, dkdv) = attention_module._fwd_config(D), attention_module._bwd_configs(D)
+    frontier = max(fwd["BLOCK_M"], *(c[b] for c in (dq, dkdv) for b in ("BLOCK_M", "BLOCK_N")))  # powers of 2
     B, H, NQ, NK = 1, 2, frontier, frontier + 37
     base = [_rand((B, H, NQ, D), torch.float32), _rand((B, H, NK, D), torch.float32),
             _rand((B, H, NK, D), torch.float32)]

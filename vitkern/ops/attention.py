@@ -462,12 +462,6 @@ def _bwd_configs(head_dim: int, dtype: torch.dtype = torch.bfloat16, has_bias: b
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1), narrow
 
 
-def _bwd_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, has_bias: bool = False,
-                has_dropout: bool = False) -> dict:
-    """The dQ kernel's tiles (see :func:`_bwd_configs`)."""
-    return _bwd_configs(head_dim, dtype, has_bias, has_dropout)[0]
-
-
 def _dbias_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, has_dropout: bool = False) -> dict:
     """Tiles of the d(bias) kernel: it holds q, dO (BLOCK_M x d) and k, v (BLOCK_N x d) at once."""
     if _triton.INTERPRET:
