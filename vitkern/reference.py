@@ -518,6 +518,30 @@ def mae_init_weights(model: torch.nn.Module) -> None:
                     torch.nn.init.zeros_(m.bias)
 
 
+def mae_build(model, patch_embed, make_block, in_chans, embed_dim, depth, num_heads, decoder_embed_dim,
+              decoder_depth, decoder_num_heads, norm_layer, norm_pix_loss) -> None:
+    """The authors' modules and parameters on ``model``, in their order (so one seed gives one
+    initialisation), then :func:`mae_init_weights`. ``make_block(dim, heads)`` builds a block."""
+    nn = torch.nn
+    model.in_chans = in_chans
+    model.patch_embed = patch_embed
+    n = patch_embed.num_patches
+    model.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+    model.pos_embed = nn.Parameter(torch.zeros(1, n + 1, embed_dim), requires_grad=False)  # fixed sin-cos
+    model.blocks = nn.ModuleList([make_block(embed_dim, num_heads) for _ in range(depth)])
+    model.norm = norm_layer(embed_dim)
+    model.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+    model.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+    model.decoder_pos_embed = nn.Parameter(torch.zeros(1, n + 1, decoder_embed_dim), requires_grad=False)
+    model.decoder_blocks = nn.ModuleList([make_block(decoder_embed_dim, decoder_num_heads)
+                                          for _ in range(decoder_depth)])
+    model.decoder_norm = norm_layer(decoder_embed_dim)
+    ph, pw = patch_embed.patch_size
+    model.decoder_pred = nn.Linear(decoder_embed_dim, ph * pw * in_chans, bias=True)  # pixels of one patch
+    model.norm_pix_loss = norm_pix_loss
+    mae_init_weights(model)
+
+
 def mae_timm_block():
     """timm's ViT ``Block`` (imported on use: vitkern itself imports without timm)."""
     try:
@@ -555,29 +579,13 @@ class MaskedAutoencoderViTReference(torch.nn.Module):
         super().__init__()
         from timm.layers import PatchEmbed
         Block = mae_timm_block()
-        nn = torch.nn
         self.img_size, self.patch_size, grid = mae_check_config(
             type(self).__name__, img_size, patch_size, in_chans, embed_dim, depth, num_heads, decoder_embed_dim,
             decoder_depth, decoder_num_heads)
-        self.in_chans = in_chans
-        self.patch_embed = PatchEmbed(self.img_size, self.patch_size, in_chans, embed_dim)
-        n = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, embed_dim), requires_grad=False)
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
-                                     for _ in range(depth)])
-        self.norm = norm_layer(embed_dim)
-        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, n + 1, decoder_embed_dim), requires_grad=False)
-        self.decoder_blocks = nn.ModuleList([
-            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
-            for _ in range(decoder_depth)])
-        self.decoder_norm = norm_layer(decoder_embed_dim)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size[0] * self.patch_size[1] * in_chans,
-                                      bias=True)
-        self.norm_pix_loss = norm_pix_loss
-        mae_init_weights(self)
+        mae_build(self, PatchEmbed(self.img_size, self.patch_size, in_chans, embed_dim),
+                  lambda dim, heads: Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer),
+                  in_chans, embed_dim, depth, num_heads, decoder_embed_dim, decoder_depth, decoder_num_heads,
+                  norm_layer, norm_pix_loss)
 
     def patchify(self, imgs):
         return mae_patchify(imgs, self.patch_size)
