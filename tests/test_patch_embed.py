@@ -326,10 +326,11 @@ def test_custom_ops_pass_opcheck(batch):
     base = _leaves(_make_inputs(batch, 3, 16, 24, (8, 8), 24, True, True, True, torch.float32))
     args = (base["x"], base["weight"], base["bias"], base["cls_token"], base["pos_embed"])
     torch.library.opcheck(torch.ops.vitkern.patch_embed_fwd.default, args)
+    torch.library.opcheck(torch.ops.vitkern.patch_embed_fwd.default, (*args, True, None))
     g = torch.randn(batch, 7, 24, device=DEVICE)
     plain = tuple(a.detach() for a in args[:2])
-    torch.library.opcheck(torch.ops.vitkern.patch_embed_bwd.default, (g, *plain, True, True, True, True))
-    torch.library.opcheck(torch.ops.vitkern.patch_embed_bwd.default, (g, *plain, True, False, True, False))
+    torch.library.opcheck(torch.ops.vitkern.patch_embed_bwd.default, (g, *plain, 1, True, True, True))
+    torch.library.opcheck(torch.ops.vitkern.patch_embed_bwd.default, (g, *plain, 1, False, True, False, None, None))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
@@ -356,3 +357,125 @@ def test_flop_counter_counts_the_custom_ops_on_meta():
     with FlopCounterMode(display=False) as counter:
         out.backward(torch.randn_like(out))
     assert counter.get_total_flops() == gemm  # dW only: the image needs no gradient
+
+
+# --------------------------------------------------------------------------- #
+# Prefix tokens, patch-only position embedding, kept patches (MAE)
+# --------------------------------------------------------------------------- #
+def _prefix_inputs(B, C, H, W, patch, D, T, per_image, covers, K, dtype, with_bias=True, device=DEVICE):
+    """Inputs for T prefix rows ((B, T, D) when per_image, else (1, T, D)), a pos_embed over all rows
+    (covers) or the patch rows only, and K kept patches per image (None: every patch)."""
+    PH, PW = patch
+    N = (H // PH) * (W // PW)
+    scale = (C * PH * PW) ** -0.5
+    keep = None
+    if K is not None:  # a different random subset per image, in shuffled order (as MAE's argsort)
+        keep = torch.stack([torch.randperm(N)[:K] for _ in range(B)]) if B else torch.zeros(0, K, dtype=torch.long)
+        keep = keep.to(device)
+    inputs = dict(
+        x=torch.randn(B, C, H, W, device=device).to(dtype),
+        weight=(torch.randn(D, C, PH, PW, device=device) * scale).to(dtype),
+        bias=torch.randn(D, device=device).to(dtype) if with_bias else None,
+        prefix_tokens=torch.randn(B if per_image else 1, T, D, device=device).to(dtype),
+        pos_embed=torch.randn(1, N + (T if covers else 0), D, device=device).to(dtype),
+    )
+    return inputs, keep
+
+
+def _run_prefix(fn, inputs, grad_out, keep, covers):
+    out = fn(inputs["x"], inputs["weight"], inputs["bias"], prefix_tokens=inputs["prefix_tokens"],
+             pos_embed=inputs["pos_embed"], pos_embed_covers_prefix=covers, keep_indices=keep)
+    names = [n for n, t in inputs.items() if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(out, [inputs[n] for n in names], grad_out, allow_unused=True)
+    return out, dict(zip(names, grads))
+
+
+@pytest.mark.parametrize("T,per_image,covers,K", [
+    (0, False, True, None), (2, False, False, None), (3, True, True, 5), (1, False, False, 1), (2, True, False, 6),
+])
+def test_reference_follows_the_row_by_row_definition(T, per_image, covers, K):
+    """The oracle itself, against the definition written one row at a time."""
+    inputs, keep = _prefix_inputs(2, 3, 8, 12, (4, 4), 5, T, per_image, covers, K, torch.float64)
+    out = patch_embed_reference(inputs["x"], inputs["weight"], inputs["bias"], prefix_tokens=inputs["prefix_tokens"],
+                                pos_embed=inputs["pos_embed"], pos_embed_covers_prefix=covers, keep_indices=keep)
+    x, w, bias, prefix, pos = (inputs[n] for n in ("x", "weight", "bias", "prefix_tokens", "pos_embed"))
+    grid_w = x.shape[3] // 4
+    kept = keep.tolist() if keep is not None else [list(range(6))] * 2
+    assert out.shape == (2, T + len(kept[0]), 5)
+    for b in range(2):
+        for t in range(T):
+            want = prefix[b if per_image else 0, t] + (pos[0, t] if covers else 0)
+            assert torch.allclose(out[b, t], want), (b, t)
+        for j, n in enumerate(kept[b]):
+            i0, j0 = (n // grid_w) * 4, (n % grid_w) * 4
+            want = (w.flatten(1) @ x[b, :, i0:i0 + 4, j0:j0 + 4].flatten()) + bias + pos[0, n + (T if covers else 0)]
+            assert torch.allclose(out[b, T + j], want), (b, j)
+
+
+def test_cls_token_is_prefix_tokens_of_one_row():
+    base = _make_inputs(2, 3, 16, 16, (8, 8), 12, True, True, True, torch.float64)
+    a = patch_embed(base["x"], base["weight"], base["bias"], cls_token=base["cls_token"], pos_embed=base["pos_embed"],
+                    backend="torch")
+    b = patch_embed(base["x"], base["weight"], base["bias"], prefix_tokens=base["cls_token"].reshape(1, 12),
+                    pos_embed=base["pos_embed"], backend="torch")
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda a: a.update(cls_token=torch.randn(1, 1, 8), prefix_tokens=torch.randn(1, 1, 8)),
+     r"give cls_token or prefix_tokens, not both"),
+    (lambda a: a.update(prefix_tokens=torch.randn(1, 2, 7)),
+     r"prefix_tokens must have shape \(1, T, 8\), \(2, T, 8\) or \(T, 8\) .* got \(1, 2, 7\)"),
+    (lambda a: a.update(prefix_tokens=torch.randn(3, 2, 8)), r"prefix_tokens must have shape .* got \(3, 2, 8\)"),
+    (lambda a: a.update(prefix_tokens=torch.randn(1, 65, 8)), r"T <= 64, got \(1, 65, 8\)"),
+    (lambda a: a.update(prefix_tokens=torch.randn(8)), r"prefix_tokens must be .* got shape \(8,\)"),
+    (lambda a: a.update(prefix_tokens=[1.0]), r"prefix_tokens must be a torch.Tensor or None, got list"),
+    (lambda a: a.update(prefix_tokens=torch.randn(1, 2, 8, dtype=torch.float16)), r"prefix_tokens.dtype is"),
+    (lambda a: a.update(prefix_tokens=torch.randn(1, 2, 8), pos_embed=torch.randn(1, 4, 8)),
+     r"pos_embed must have shape \(1, 6, 8\) for 2 prefix \+ 4 patch rows .* got \(1, 4, 8\)"),
+    (lambda a: a.update(prefix_tokens=torch.randn(1, 2, 8), pos_embed=torch.randn(1, 6, 8),
+                        pos_embed_covers_prefix=False),
+     r"pos_embed must have shape \(1, 4, 8\) for 4 patch rows \(pos_embed_covers_prefix=False\), got \(1, 6, 8\)"),
+    (lambda a: a.update(pos_embed_covers_prefix=1), r"pos_embed_covers_prefix must be a bool, got int"),
+    (lambda a: a.update(keep_indices=torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)),
+     r"keep_indices.dtype must be torch.int64, got torch.int32"),
+    (lambda a: a.update(keep_indices=torch.tensor([0, 1])), r"keep_indices must have shape \(2, K\) .* got \(2,\)"),
+    (lambda a: a.update(keep_indices=torch.zeros(2, 5, dtype=torch.long)), r"K <= N=4 patches, got \(2, 5\)"),
+    (lambda a: a.update(keep_indices=torch.tensor([[0, 1], [2, 4]])), r"distinct patch indices in \[0, 4\) .* max 4"),
+    (lambda a: a.update(keep_indices=torch.tensor([[0, -1], [2, 3]])), r"in \[0, 4\) .* got min -1, max 3"),
+    (lambda a: a.update(keep_indices=torch.tensor([[0, 1], [3, 3]])), r"distinct .* a repeated index"),
+    (lambda a: a.update(keep_indices=torch.zeros(2, 1, dtype=torch.long, device="meta")), r"keep_indices is on meta"),
+    (lambda a: a.update(keep_indices=[[0], [1]]), r"keep_indices must be a torch.Tensor or None, got list"),
+])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_prefix_pos_keep_raise_clear_errors(change, match, backend):
+    args = _ok()
+    change(args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        patch_embed(args.pop("x"), args.pop("weight"), args.pop("bias", None), backend=backend, **args)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prefix_tokens=torch.randn(1, 2, 8)), r"at most one prefix token .* \(1, 2, 8\)"),
+    (dict(prefix_tokens=torch.randn(2, 1, 8)), r"prefix shared by the batch .* \(2, 1, 8\)"),
+    (dict(pos_embed=torch.randn(1, 4, 8), pos_embed_covers_prefix=False), r"pos_embed_covers_prefix=False"),
+    (dict(keep_indices=torch.tensor([[0], [3]])), r"keep_indices"),
+])
+def test_triton_refuses_what_its_kernels_lack_and_auto_falls_back(kwargs, match):
+    args = _ok()
+    with pytest.raises(BackendUnavailableError, match=r"backend=.triton. cannot run this call: .*" + match):
+        patch_embed(**args, **kwargs, backend="triton")
+    assert vitkern.backends.explain("patch_embed", *args.values(), **kwargs)["torch"] is None
+    patch_embed(**args, **kwargs)  # auto
+
+
+def test_flop_counter_counts_only_kept_patches():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(4, 3, 224, 224, device="meta")
+    w = torch.randn(768, 3, 16, 16, device="meta", requires_grad=True)
+    keep = torch.zeros(4, 49, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        out = torch.ops.vitkern.patch_embed_fwd(x, w, None, torch.zeros(1, 1, 768, device="meta"), None, True, keep)
+    assert out.shape == (4, 50, 768)
+    assert counter.get_total_flops() == 2 * 4 * 49 * 768 * (3 * 16 * 16)

@@ -278,8 +278,14 @@ def _image_strides(x: Tensor, ph: int, pw: int) -> tuple:
     return (*x.stride(), ph * x.stride(2), pw * x.stride(3))
 
 
-def _launch_forward(x, weight, bias, cls_token, pos_embed, norm=None):
+def _launch_forward(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix=True, keep_indices=None,
+                    norm=None):
     """Returns out; with ``norm = (ln_weight, ln_bias, eps)`` returns (out, pre-norm fp32, mean, rstd)."""
+    if _why_not_epilogue(_Call(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix, keep_indices),
+                         "the Triton path") is not None:
+        raise NotImplementedError("vitkern::patch_embed_fwd: " + _why_not_epilogue(
+            _Call(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix, keep_indices), "the Triton path"))
+    cls_token = prefix_tokens
     B, C, H, W = x.shape
     D, _, PH, PW = weight.shape
     grid_h, grid_w = H // PH, W // PW
@@ -340,12 +346,15 @@ def _dw_splits(d_tiles: int, k_tiles: int, row_tiles: int, device: torch.device)
     return max(1, min(row_tiles, cdiv(target, d_tiles * k_tiles)))
 
 
-def _launch_backward(grad_out, x, weight, has_cls, need_dx, need_dweight, need_token_sums):
+def _launch_backward(grad_out, x, weight, prefix, need_dx, need_dweight, need_token_sums, keep_indices=None,
+                     inverse_indices=None):
     B, C, H, W = x.shape
     D, _, PH, PW = weight.shape
     grid_h, grid_w = H // PH, W // PW
     num_patches = grid_h * grid_w
-    prefix = 1 if has_cls else 0
+    if keep_indices is not None or prefix > 1:
+        raise NotImplementedError("vitkern::patch_embed_bwd: keep_indices and several prefix rows are not in the "
+                                  "Triton kernels yet")
     tokens = prefix + num_patches
     MP, K = B * num_patches, C * PH * PW
     f32 = dict(dtype=torch.float32, device=x.device)
@@ -406,80 +415,122 @@ def _launch_backward(grad_out, x, weight, has_cls, need_dx, need_dweight, need_t
 # --------------------------------------------------------------------------- #
 @torch.library.custom_op("vitkern::patch_embed_fwd", mutates_args=())
 def _patch_embed_fwd(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], cls_token: Optional[Tensor], pos_embed: Optional[Tensor]
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], prefix_tokens: Optional[Tensor], pos_embed: Optional[Tensor],
+    pos_embed_covers_prefix: bool = True, keep_indices: Optional[Tensor] = None,
 ) -> Tensor:
-    return _launch_forward(x, weight, bias, cls_token, pos_embed)
+    """(B, T+K, D) tokens; prefix_tokens (1 or B, T, D), keep_indices (B, K) int64 (see patch_embed)."""
+    return _launch_forward(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix, keep_indices)
+
+
+def _token_count(x_shape, weight_shape, prefix_tokens, keep_indices) -> Tuple[int, int]:
+    """(T, T + K): prefix rows, and rows in all (K = N without keep_indices)."""
+    _, _, H, W = x_shape
+    _, _, PH, PW = weight_shape
+    prefix = prefix_tokens.shape[1] if prefix_tokens is not None else 0
+    kept = keep_indices.shape[1] if keep_indices is not None else (H // PH) * (W // PW)
+    return prefix, prefix + kept
 
 
 @_patch_embed_fwd.register_fake
-def _patch_embed_fwd_fake(x, weight, bias, cls_token, pos_embed):
-    B, _, H, W = x.shape
-    D, _, PH, PW = weight.shape
-    tokens = (1 if cls_token is not None else 0) + (H // PH) * (W // PW)
-    return x.new_empty((B, tokens, D))
+def _patch_embed_fwd_fake(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix=True,
+                          keep_indices=None):
+    _, tokens = _token_count(x.shape, weight.shape, prefix_tokens, keep_indices)
+    return x.new_empty((x.shape[0], tokens, weight.shape[0]))
 
 
 @torch.library.custom_op("vitkern::patch_embed_bwd", mutates_args=())
 def _patch_embed_bwd(
-    grad_out: Tensor, x: Tensor, weight: Tensor, has_cls: bool,
-    need_dx: bool, need_dweight: bool, need_token_sums: bool,
+    grad_out: Tensor, x: Tensor, weight: Tensor, prefix: int,
+    need_dx: bool, need_dweight: bool, need_row_sums: bool,
+    keep_indices: Optional[Tensor] = None, inverse_indices: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns (dx, dweight, token_sums = Σ_b dout in fp32); unrequested ones are empty."""
-    return _launch_backward(grad_out, x, weight, has_cls, need_dx, need_dweight, need_token_sums)
+    """Returns (dx, dweight, row_sums); unrequested ones are empty. row_sums (prefix + N, D) fp32 is
+    Σ_b dout in position-embedding row order: row t < prefix sums dout[:, t]; row prefix + n sums
+    dout[b, prefix + j] over the images b that kept patch n as row j (inverse_indices[b, n] = j, or
+    -1 where not kept; every image without keep_indices)."""
+    return _launch_backward(grad_out, x, weight, prefix, need_dx, need_dweight, need_row_sums,
+                            keep_indices, inverse_indices)
 
 
 @_patch_embed_bwd.register_fake
-def _patch_embed_bwd_fake(grad_out, x, weight, has_cls, need_dx, need_dweight, need_token_sums):
-    tokens = grad_out.shape[1]
+def _patch_embed_bwd_fake(grad_out, x, weight, prefix, need_dx, need_dweight, need_row_sums,
+                          keep_indices=None, inverse_indices=None):
+    _, _, H, W = x.shape
+    D, _, PH, PW = weight.shape
     return (
         torch.empty_like(x) if need_dx else x.new_empty(0),
         weight.new_empty(weight.shape if need_dweight else 0),
-        x.new_empty((tokens, weight.shape[0]) if need_token_sums else 0, dtype=torch.float32),
+        x.new_empty((prefix + (H // PH) * (W // PW), D) if need_row_sums else 0, dtype=torch.float32),
     )
 
 
 def _patch_embed_fwd_setup_context(ctx, inputs, output):
-    x, weight, bias, cls_token, pos_embed = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.has_cls = cls_token is not None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.cls_shape = tuple(cls_token.shape) if cls_token is not None else None
-    ctx.cls_dtype = cls_token.dtype if cls_token is not None else None
-    ctx.pos_shape = tuple(pos_embed.shape) if pos_embed is not None else None
-    ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
+    x, weight, bias, prefix_tokens, pos_embed, covers, keep = inputs
+    ctx.save_for_backward(x, weight, keep)
+    ctx.covers = covers
+    ctx.meta = {name: (tuple(t.shape), t.dtype) if t is not None else None
+                for name, t in (("bias", bias), ("prefix", prefix_tokens), ("pos", pos_embed))}
+
+
+def _inverse_indices(keep: Tensor, num_patches: int) -> Tensor:
+    """inv[b, n] = j where keep[b, j] = n, else -1: (B, N) int64, so the dpos sum over the batch reads
+    each image's kept row in a fixed order (no atomics)."""
+    inv = torch.full((keep.shape[0], num_patches), -1, dtype=torch.int64, device=keep.device)
+    return inv.scatter_(1, keep, torch.arange(keep.shape[1], device=keep.device).expand_as(keep))
 
 
 def _patch_embed_fwd_backward(ctx, grad_out):
-    x, weight = ctx.saved_tensors
-    need_x, need_w, need_b, need_cls, need_pos = ctx.needs_input_grad
-    dx, dweight, token_sums = torch.ops.vitkern.patch_embed_bwd(
-        grad_out, x, weight, ctx.has_cls, need_x, need_w, need_b or need_cls or need_pos)
-    prefix = 1 if ctx.has_cls else 0
-    dbias = token_sums[prefix:].sum(0).to(ctx.bias_dtype) if need_b else None
-    dcls = token_sums[0].to(ctx.cls_dtype).reshape(ctx.cls_shape) if need_cls else None
-    dpos = token_sums.to(ctx.pos_dtype).reshape(ctx.pos_shape) if need_pos else None
-    return (dx if need_x else None, dweight if need_w else None, dbias, dcls, dpos)
+    x, weight, keep = ctx.saved_tensors
+    need_x, need_w, need_b, need_prefix, need_pos = ctx.needs_input_grad[:5]
+    bias_meta, prefix_meta, pos_meta = ctx.meta["bias"], ctx.meta["prefix"], ctx.meta["pos"]
+    T = prefix_meta[0][1] if prefix_meta is not None else 0
+    per_image_prefix = need_prefix and prefix_meta[0][0] != 1  # (B, T, D): its gradient is dout's rows
+    need_sums = need_b or need_pos or (need_prefix and not per_image_prefix)
+    inv = None
+    if keep is not None and need_sums:
+        _, _, H, W = x.shape
+        inv = _inverse_indices(keep, (H // weight.shape[2]) * (W // weight.shape[3]))
+    dx, dweight, row_sums = torch.ops.vitkern.patch_embed_bwd(
+        grad_out, x, weight, T, need_x, need_w, need_sums, keep, inv)
+    dbias = dprefix = dpos = None
+    if need_b:
+        dbias = row_sums[T:].sum(0).to(bias_meta[1])
+    if need_prefix:
+        shape, dtype = prefix_meta
+        dprefix = (grad_out[:, :T] if per_image_prefix else row_sums[:T]).to(dtype).reshape(shape)
+    if need_pos:
+        shape, dtype = pos_meta
+        dpos = (row_sums if ctx.covers else row_sums[T:]).to(dtype).reshape(shape)
+    return (dx if need_x else None, dweight if need_w else None, dbias, dprefix, dpos, None, None)
 
 
 _patch_embed_fwd.register_autograd(_patch_embed_fwd_backward, setup_context=_patch_embed_fwd_setup_context)
 
 
-def patch_embed_flops(x_shape: Sequence[int], weight_shape: Sequence[int]) -> int:
-    """Multiply-adds x 2 of the projection GEMM: 2 * B * N * D * C * Ph * Pw."""
+def patch_embed_flops(x_shape: Sequence[int], weight_shape: Sequence[int], kept: Optional[int] = None) -> int:
+    """Multiply-adds x 2 of the projection GEMM: 2 * B * N * D * C * Ph * Pw, N the patches multiplied
+    (``kept`` per image with keep_indices, else all (H/Ph)(W/Pw))."""
     B, C, H, W = x_shape
     D, _, PH, PW = weight_shape
-    return 2 * B * (H // PH) * (W // PW) * D * C * PH * PW
+    n = (H // PH) * (W // PW) if kept is None else kept
+    return 2 * B * n * D * C * PH * PW
 
 
-# FlopCounterMode learns our ops' cost.
+def _kept(keep_shape) -> Optional[int]:
+    return keep_shape[1] if keep_shape is not None else None
+
+
+# FlopCounterMode learns our ops' cost (only the kept patches are multiplied).
 @register_flop_formula(torch.ops.vitkern.patch_embed_fwd)
-def _fwd_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs):
-    return patch_embed_flops(x_shape, weight_shape)
+def _fwd_flops(x_shape, weight_shape, bias_shape=None, prefix_shape=None, pos_shape=None, covers=True,
+               keep_shape=None, *args, out_shape=None, **kwargs):
+    return patch_embed_flops(x_shape, weight_shape, _kept(keep_shape))
 
 
 @register_flop_formula(torch.ops.vitkern.patch_embed_bwd)
-def _bwd_flops(grad_shape, x_shape, weight_shape, has_cls, need_dx, need_dweight, *args, **kwargs):
-    return patch_embed_flops(x_shape, weight_shape) * (int(need_dx) + int(need_dweight))
+def _bwd_flops(grad_shape, x_shape, weight_shape, prefix, need_dx, need_dweight, need_row_sums=False,
+               keep_shape=None, *args, **kwargs):
+    return patch_embed_flops(x_shape, weight_shape, _kept(keep_shape)) * (int(need_dx) + int(need_dweight))
 
 
 # --------------------------------------------------------------------------- #
@@ -489,7 +540,11 @@ def _shape(t) -> str:
     return "None" if t is None else f"{tuple(t.shape)}"
 
 
-def _validate(x, weight, bias, cls_token, pos_embed) -> None:
+MAX_PREFIX_TOKENS = 64  # CLS + distillation + register tokens stay far below; the kernels loop over none of them
+
+
+def _validate(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix=True, keep_indices=None) -> None:
+    """Cheap host checks. ``prefix_tokens`` is already (PB, T, D) (cls_token reshaped by _prepare)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"patch_embed: x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(weight, Tensor):
@@ -511,7 +566,7 @@ def _validate(x, weight, bias, cls_token, pos_embed) -> None:
     if H % PH or W % PW:
         raise ValueError(f"patch_embed: image size (H, W)=({H}, {W}) must be divisible by the patch size "
                          f"({PH}, {PW}); pad the image (timm: dynamic_img_pad=True) or crop it first")
-    named = {"weight": weight, "bias": bias, "cls_token": cls_token, "pos_embed": pos_embed}
+    named = {"weight": weight, "bias": bias, "prefix_tokens": prefix_tokens, "pos_embed": pos_embed}
     for name, t in named.items():
         if t is None:
             continue
@@ -524,15 +579,55 @@ def _validate(x, weight, bias, cls_token, pos_embed) -> None:
                             f"one dtype (or run under torch.autocast)")
     if bias is not None and tuple(bias.shape) != (D,):
         raise ValueError(f"patch_embed: bias must have shape ({D},), got {_shape(bias)}")
-    if cls_token is not None and cls_token.numel() != D:
-        raise ValueError(f"patch_embed: cls_token must hold D={D} values, e.g. shape (1, 1, {D}); "
-                         f"got {_shape(cls_token)}")
+    T = 0
+    if prefix_tokens is not None:
+        PB, T, Dp = prefix_tokens.shape
+        if Dp != D or PB not in (1, B) or T > MAX_PREFIX_TOKENS:
+            raise ValueError(f"patch_embed: prefix_tokens must have shape (1, T, {D}), ({B}, T, {D}) or (T, {D}) "
+                             f"with T <= {MAX_PREFIX_TOKENS}, got {_shape(prefix_tokens)}")
+    if not isinstance(pos_embed_covers_prefix, bool):
+        raise TypeError(f"patch_embed: pos_embed_covers_prefix must be a bool, got "
+                        f"{type(pos_embed_covers_prefix).__name__}")
+    N = (H // PH) * (W // PW)
+    if keep_indices is not None:
+        _validate_keep(keep_indices, x, N)
     if pos_embed is not None:
-        tokens = (1 if cls_token is not None else 0) + (H // PH) * (W // PW)
-        if tuple(pos_embed.shape) not in ((1, tokens, D), (tokens, D)):
-            raise ValueError(f"patch_embed: pos_embed must have shape (1, {tokens}, {D}) for "
-                             f"{'1 CLS + ' if cls_token is not None else ''}{tokens - (cls_token is not None)} "
-                             f"patches, got {_shape(pos_embed)}")
+        rows = T + N if pos_embed_covers_prefix else N
+        if tuple(pos_embed.shape) not in ((1, rows, D), (rows, D)):
+            what = (f"{T} prefix + {N} patch rows (pos_embed_covers_prefix=True)" if pos_embed_covers_prefix
+                    else f"{N} patch rows (pos_embed_covers_prefix=False)")
+            raise ValueError(f"patch_embed: pos_embed must have shape (1, {rows}, {D}) for {what}, "
+                             f"got {_shape(pos_embed)}")
+
+
+def _validate_keep(keep: Tensor, x: Tensor, num_patches: int) -> None:
+    """dtype, shape and device on the host; range and distinctness from one sort of the (B, K) indices
+    (a repeated index would make the dx kernel store one patch twice and the dpos map lose a row).
+    Eagerly that costs one device sync; under torch.compile the same checks run as an async assert."""
+    B = x.shape[0]
+    if not isinstance(keep, Tensor):
+        raise TypeError(f"patch_embed: keep_indices must be a torch.Tensor or None, got {type(keep).__name__}")
+    if keep.dtype != torch.int64:
+        raise TypeError(f"patch_embed: keep_indices.dtype must be torch.int64, got {keep.dtype}")
+    if keep.dim() != 2 or keep.shape[0] != B or keep.shape[1] > num_patches:
+        raise ValueError(f"patch_embed: keep_indices must have shape ({B}, K) with K <= N={num_patches} patches, "
+                         f"got {_shape(keep)}")
+    if keep.device != x.device:
+        raise ValueError(f"patch_embed: keep_indices is on {keep.device} but x is on {x.device}")
+    if keep.numel() == 0:
+        return
+    ordered = keep.sort(dim=1).values
+    lo, hi = ordered[:, 0].min(), ordered[:, -1].max()
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any()
+    message = (f"patch_embed: keep_indices must hold distinct patch indices in [0, {num_patches}) per row "
+               f"(row-major patch order)")
+    if torch.compiler.is_compiling():
+        torch._assert_async((lo >= 0) & (hi < num_patches) & ~repeated, message)
+        return
+    lo, hi, repeated = torch.stack([lo, hi, repeated.long()]).tolist()
+    if lo < 0 or hi >= num_patches or repeated:
+        got = f"min {lo}, max {hi}" + (", a repeated index" if repeated else "")
+        raise ValueError(f"{message}; got {got}")
 
 
 @dataclass
@@ -541,32 +636,93 @@ class _Call:
     x: Tensor
     weight: Tensor
     bias: Optional[Tensor]
-    cls_token: Optional[Tensor]
+    prefix_tokens: Optional[Tensor]  # (1 or B, T, D); cls_token lands here as (1, 1, D)
     pos_embed: Optional[Tensor]
+    pos_embed_covers_prefix: bool = True
+    keep_indices: Optional[Tensor] = None
 
 
-def _prepare(x, weight, bias=None, *, cls_token=None, pos_embed=None) -> _Call:
+def _as_prefix(cls_token, prefix_tokens, D: int) -> Optional[Tensor]:
+    """cls_token / prefix_tokens -> one (PB, T, D) prefix (a view: gradients reach the caller's tensor)."""
+    if cls_token is not None and prefix_tokens is not None:
+        raise ValueError("patch_embed: give cls_token or prefix_tokens, not both (cls_token=t means "
+                         "prefix_tokens=t with one token)")
+    if cls_token is not None:
+        if not isinstance(cls_token, Tensor):
+            raise TypeError(f"patch_embed: cls_token must be a torch.Tensor or None, got {type(cls_token).__name__}")
+        if cls_token.numel() != D:
+            raise ValueError(f"patch_embed: cls_token must hold D={D} values, e.g. shape (1, 1, {D}); "
+                             f"got {_shape(cls_token)}")
+        return cls_token.reshape(1, 1, D)
+    if prefix_tokens is None:
+        return None
+    if not isinstance(prefix_tokens, Tensor):
+        raise TypeError(f"patch_embed: prefix_tokens must be a torch.Tensor or None, got "
+                        f"{type(prefix_tokens).__name__}")
+    if prefix_tokens.dim() == 2:
+        return prefix_tokens.unsqueeze(0)
+    if prefix_tokens.dim() != 3:
+        raise ValueError(f"patch_embed: prefix_tokens must be (1, T, {D}), (B, T, {D}) or (T, {D}), "
+                         f"got shape {_shape(prefix_tokens)}")
+    return prefix_tokens
+
+
+def _prepare(x, weight, bias=None, *, cls_token=None, prefix_tokens=None, pos_embed=None,
+             pos_embed_covers_prefix=True, keep_indices=None) -> _Call:
     """patch_embed()'s public boundary: autocast, then validate."""
-    x, weight, bias, cls_token, pos_embed = _autocast([x, weight, bias, cls_token, pos_embed])
-    _validate(x, weight, bias, cls_token, pos_embed)
-    return _Call(x, weight, bias, cls_token, pos_embed)
+    x, weight, bias, cls_token, prefix_tokens, pos_embed = _autocast(
+        [x, weight, bias, cls_token, prefix_tokens, pos_embed])
+    if isinstance(weight, Tensor) and weight.dim() == 4:
+        prefix_tokens = _as_prefix(cls_token, prefix_tokens, weight.shape[0])
+    elif cls_token is not None or prefix_tokens is not None:  # weight's own error first
+        prefix_tokens = cls_token if cls_token is not None else prefix_tokens
+    _validate(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix, keep_indices)
+    return _Call(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix, keep_indices)
+
+
+def _tensors(call: _Call) -> list:
+    return [call.x, call.weight, call.bias, call.prefix_tokens, call.pos_embed]
 
 
 def _why_not_triton(call: _Call) -> Optional[str]:
     x = call.x
     if x.dtype not in _KERNEL_DTYPES:
         return f"the Triton kernels take float32, float16 or bfloat16, got {x.dtype} (use backend='torch')"
-    return backends.triton_reason([x, call.weight, call.bias, call.cls_token, call.pos_embed], x.dtype)
+    reason = _why_not_epilogue(call, "the Triton path")
+    if reason is not None:
+        return reason
+    return backends.triton_reason(_tensors(call), x.dtype)
+
+
+def _why_not_epilogue(call: _Call, who: str) -> Optional[str]:
+    """The arguments beyond one broadcast CLS token and a full position embedding (not in the kernels yet)."""
+    prefix = call.prefix_tokens
+    if prefix is not None and prefix.shape[1] != 1:
+        return (f"{who} handles at most one prefix token (a CLS token) so far, got prefix_tokens of shape "
+                f"{_shape(prefix)} (use backend='torch')")
+    if prefix is not None and prefix.shape[0] != 1:
+        return (f"{who} handles only a prefix shared by the batch ((1, T, D)) so far, got prefix_tokens of "
+                f"shape {_shape(prefix)} (use backend='torch')")
+    if not call.pos_embed_covers_prefix and call.pos_embed is not None:
+        return (f"{who} handles only a pos_embed covering every row so far, got pos_embed_covers_prefix=False "
+                f"(use backend='torch')")
+    if call.keep_indices is not None:
+        return f"{who} does not handle keep_indices yet (use backend='torch')"
+    return None
 
 
 def _why_not_cuda(call: _Call) -> Optional[str]:
     x = call.x
-    tensors = [x, call.weight, call.bias, call.cls_token, call.pos_embed]
-    reason = backends.cuda_extension_reason("patch_embed", tensors, function="patch_embed_forward")
+    tensors = _tensors(call)
+    reason = backends.cuda_extension_reason("patch_embed", tensors + [call.keep_indices],
+                                            function="patch_embed_forward")
     if reason is not None:
         return reason
     if x.dtype not in _KERNEL_DTYPES:
         return f"the CUDA kernel takes float32, float16 or bfloat16, got {x.dtype}"
+    reason = _why_not_epilogue(call, "the CUDA kernel")
+    if reason is not None:
+        return reason
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return ("the CUDA patch_embed kernel is forward-only so far (no backward yet); "
                 "use backend='triton' when gradients are needed")
@@ -577,6 +733,7 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def _cuda_forward(x, weight, bias, cls_token, pos_embed) -> Tensor:
+    # cls_token: None or the (1, 1, D) prefix (the predicate refuses longer or per-image ones)
     """The compiled kernel (csrc/patch_embed.cu): pointers, sizes, strides and the current stream."""
     from vitkern import _C
 
@@ -619,29 +776,45 @@ def patch_embed(
     bias: Optional[Tensor] = None,
     *,
     cls_token: Optional[Tensor] = None,
+    prefix_tokens: Optional[Tensor] = None,
     pos_embed: Optional[Tensor] = None,
+    pos_embed_covers_prefix: bool = True,
+    keep_indices: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> Tensor:
-    """Patchify-projection: ``Conv2d(stride=patch)`` -> tokens (+ CLS row, + position embedding).
+    """Patchify-projection: ``Conv2d(stride=patch)`` -> tokens (+ prefix rows, + position embedding),
+    optionally of a subset of the patches (MAE's visible ones).
 
     Args:
         x: image (B, C, H, W), any strides; H and W divisible by the patch size.
         weight: (D, C, Ph, Pw), as ``Conv2d.weight``.
         bias: (D,) or None.
-        cls_token: D values (timm's (1, 1, D)) prepended as row 0, or None.
-        pos_embed: (1, T+N, D) or (T+N, D) added to every row (T = 1 with a CLS token), or None.
+        cls_token: D values (timm's (1, 1, D)) prepended as row 0, or None; the same as
+            ``prefix_tokens`` with T = 1 (giving both is an error).
+        prefix_tokens: (1, T, D) shared by the batch, (B, T, D) per image, or (T, D): rows 0..T-1
+            (timm's order: CLS, then distillation or register tokens), T <= MAX_PREFIX_TOKENS.
+        pos_embed: (1, T+N, D) or (T+N, D) added to every row when ``pos_embed_covers_prefix``, else
+            (1, N, D) or (N, D) added to the patch rows only (timm's ``no_embed_class``); or None.
+        keep_indices: (B, K) int64 patch indices (row-major, each in [0, N), distinct per row), or None
+            for every patch in order. Row T+j holds patch keep[b, j] with its position row; only the
+            kept patches are read and multiplied, and x's gradient is zero elsewhere. The range and
+            distinctness are checked (one sort of the indices and one device sync per call).
         backend: "auto" | "cuda" | "triton" | "torch" (see :mod:`vitkern.backends`).
 
     Returns:
-        (B, T+N, D) tokens in x's dtype, N = (H/Ph)(W/Pw). Differentiable w.r.t. every input.
+        (B, T+K, D) tokens in x's dtype, N = (H/Ph)(W/Pw), K = N without keep_indices.
+        Differentiable w.r.t. every floating-point input.
     """
-    c = _prepare(x, weight, bias, cls_token=cls_token, pos_embed=pos_embed)
+    c = _prepare(x, weight, bias, cls_token=cls_token, prefix_tokens=prefix_tokens, pos_embed=pos_embed,
+                 pos_embed_covers_prefix=pos_embed_covers_prefix, keep_indices=keep_indices)
     chosen = _BACKENDS.select(backend, c)
     if chosen == "triton":
-        return torch.ops.vitkern.patch_embed_fwd(c.x, c.weight, c.bias, c.cls_token, c.pos_embed)
+        return torch.ops.vitkern.patch_embed_fwd(c.x, c.weight, c.bias, c.prefix_tokens, c.pos_embed,
+                                                 c.pos_embed_covers_prefix, c.keep_indices)
     if chosen == "cuda":  # forward only: the predicate refuses calls that need gradients
-        return _cuda_forward(c.x, c.weight, c.bias, c.cls_token, c.pos_embed)
-    return patch_embed_reference(c.x, c.weight, c.bias, cls_token=c.cls_token, pos_embed=c.pos_embed)
+        return _cuda_forward(c.x, c.weight, c.bias, c.prefix_tokens, c.pos_embed)
+    return patch_embed_reference(c.x, c.weight, c.bias, prefix_tokens=c.prefix_tokens, pos_embed=c.pos_embed,
+                                 pos_embed_covers_prefix=c.pos_embed_covers_prefix, keep_indices=c.keep_indices)
 
 
 # --------------------------------------------------------------------------- #
@@ -690,7 +863,7 @@ def _patch_embed_layernorm_fwd_backward(ctx, dout, _dpre, _dmean, _drstd):
     dx = dweight = dbias = None
     if need_x or need_w or need_b:
         dx, dweight, token_sums = torch.ops.vitkern.patch_embed_bwd(
-            dpre.to(x.dtype), x, weight, False, need_x, need_w, need_b)
+            dpre.to(x.dtype), x, weight, 0, need_x, need_w, need_b)
         dbias = token_sums.sum(0).to(bias_dtype) if need_b else None
     return (dx if need_x else None, dweight if need_w else None, dbias, dln_w, dln_b, None)
 
