@@ -263,7 +263,7 @@ def test_sincos_position_embedding():
                                                     (mae_vit_huge_patch14, 1280, 32, 16, 14)])
 def test_constructors_on_meta(build, D, depth, heads, P):
     """The authors' three recipes: shapes of every parameter (== the reference built alike), on the
-    meta device (no memory); a meta forward gives the output shapes."""
+    meta device (no memory)."""
     with torch.device("meta"):
         model = build()
         ref = MaskedAutoencoderViTReference(patch_size=P, embed_dim=D, depth=depth, num_heads=heads,
@@ -280,9 +280,6 @@ def test_constructors_on_meta(build, D, depth, heads, P):
     assert shapes["decoder_blocks.7.attn.qkv.weight"] == (1536, 512) and "decoder_blocks.8.norm1.weight" not in shapes
     assert shapes["decoder_pred.weight"] == (P * P * 3, 512)
     assert model.blocks[0].attn.num_heads == heads and model.norm.eps == 1e-6
-    with torch.device("meta"):
-        loss, pred, mask = model(torch.randn(2, 3, 224, 224), noise=torch.rand(2, N))
-    assert loss.shape == () and pred.shape == (2, N, P * P * 3) and mask.shape == (2, N)
 
 
 # ----------------------------------------------------------------------------- bad input

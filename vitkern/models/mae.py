@@ -54,12 +54,6 @@ from vitkern.reference import (mae_build, mae_check_config, mae_check_images, ma
 __all__ = ["MaskedAutoencoderViT", "mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"]
 
 
-def _TEMP_patch_embed(imgs, w, b, *, cls_token, pos_embed, keep_indices, backend):  # TEMP until keep_indices lands
-    full = _ops.patch_embed(imgs, w, b, cls_token=cls_token, pos_embed=pos_embed, backend=backend)
-    kept = full[:, 1:].gather(1, keep_indices[:, :, None].expand(-1, -1, full.shape[-1]))
-    return torch.cat([full[:, :1], kept], dim=1)
-
-
 class _DecoderTokens(torch.autograd.Function):
     """out[b, t] = src[b, rows[b, t]] + pos[0, t] with src = [x | mask_token] (B, K+2, Dd)."""
 
@@ -169,7 +163,7 @@ class MaskedAutoencoderViT(nn.Module):
         ids_keep, mask, ids_restore = self.masking(imgs, mask_ratio, noise)
         proj = self.patch_embed.proj
         # CLS + pos[0], then kept patch keep[b, j] -> row 1 + j with pos[1 + keep[b, j]]: one kernel
-        x = _TEMP_patch_embed(imgs, proj.weight, proj.bias, cls_token=self.cls_token, pos_embed=self.pos_embed,
+        x = _ops.patch_embed(imgs, proj.weight, proj.bias, cls_token=self.cls_token, pos_embed=self.pos_embed,
                              keep_indices=ids_keep, backend=self.patch_embed.backend)
         for blk in self.blocks:
             x = blk(x)
