@@ -182,6 +182,22 @@ def test_blocks_are_timm_blocks_on_vitkern_attention():
     assert {m.backend for m in model.modules() if isinstance(getattr(m, "backend", None), str)} == {"auto"}
 
 
+def test_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces the masked patchify op, the attention ops and the
+    decoder's gather (autograd.Function) forward and backward; aot_eager keeps CPU compile short."""
+    model, _ = _pair("torch", torch.float32, depth=1)
+    imgs, noise = _inputs(model, 2, torch.float32)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    loss, pred, mask = compiled(imgs, noise=noise)
+    grads = torch.autograd.grad(loss, [model.cls_token, model.mask_token])
+    exp_loss, exp_pred, exp_mask = model(imgs, noise=noise)
+    exp_grads = torch.autograd.grad(exp_loss, [model.cls_token, model.mask_token])
+    assert torch.equal(mask, exp_mask)
+    for name, a, e in zip(("loss", "pred", "dcls_token", "dmask_token"), (loss, pred, *grads),
+                          (exp_loss, exp_pred, *exp_grads)):
+        assert_close(name, a, e)
+
+
 # ----------------------------------------------------------------------------- the decoder's gather
 @pytest.mark.parametrize("dtype", [HIGH, torch.bfloat16])
 def test_decoder_tokens_equal_cat_gather_cat(dtype):

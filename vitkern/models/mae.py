@@ -29,7 +29,9 @@ What runs on vitkern:
   source; ONE gather lays it out in patch order (row 0 CLS, a kept patch's row, or the mask-token
   row) and the position embedding is added (the reference: repeat the mask token, cat, gather,
   cat the CLS row back, + pos). Its backward is a gather too (each kept row has one destination)
-  plus a mask-weighted sum for the mask token: no scatter, no atomics, deterministic.
+  plus a mask-weighted sum for the mask token: no scatter, no atomics, deterministic. Measured on
+  CPU (one thread, fp32, MAE-B's decoder: B 32, N 196, K 49, Dd 512; median of 50): forward
+  ~10 ms vs ~13-15 ms for the reference's sequence, forward + backward ~15-18 ms vs ~37-38 ms.
 
 Extensions of the authors' model: ``img_size`` and ``patch_size`` may be (h, w) pairs (the
 sin-cos embedding follows the (gh, gw) grid: first half of the channels the column, second half
