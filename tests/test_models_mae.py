@@ -198,6 +198,31 @@ def test_compiles_without_graph_breaks():
         assert_close(name, a, e)
 
 
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="CPU autocast case; the GPU benchmark checks bf16 autocast")
+def test_bf16_autocast_follows_the_reference():
+    """Under CPU bf16 autocast the residual streams have the reference's dtypes (fp32 after the
+    fp32 position embeddings are added), and loss, prediction and every gradient, compared in bf16,
+    are within 2x (forward) / 3x (gradients) the error of the reference under the same autocast."""
+    model, ref = _pair("torch", torch.float32)
+    ref32 = MaskedAutoencoderViTReference(**TINY)
+    ref32.load_state_dict(ref.state_dict())
+    imgs, noise = _inputs(model, 4, torch.float32)
+    grad_loss = torch.randn((), dtype=HIGH)
+    grad_pred = torch.randn(4, 16, 192, dtype=HIGH)
+    high = _run(ref, imgs.to(HIGH), noise, 0.75, grad_loss, grad_pred)
+    out = {}
+    for name, mod in (("ours", model), ("same", ref32)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            latent = mod.forward_encoder(imgs, 0.75, noise)[0]
+            out[name] = _run(mod, imgs, noise, 0.75, grad_loss, grad_pred)
+        out[name]["latent dtype"] = latent.dtype
+    assert out["ours"].pop("latent dtype") == out["same"].pop("latent dtype") == torch.float32
+    for key in sorted(high):
+        if key != "mask":
+            low = torch.bfloat16
+            assert_close(key, out["ours"][key].to(low), high[key], out["same"][key].to(low), grad=key.startswith("d"))
+
+
 # ----------------------------------------------------------------------------- the decoder's gather
 @pytest.mark.parametrize("dtype", [HIGH, torch.bfloat16])
 def test_decoder_tokens_equal_cat_gather_cat(dtype):
