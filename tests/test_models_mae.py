@@ -266,6 +266,10 @@ def test_masking_keeps_the_smallest_noise():
     assert torch.equal(mask.sum(1), torch.full((4,), 7.0, dtype=torch.float64))
     assert torch.equal(mask.gather(1, ids_keep), torch.zeros(4, 3, dtype=torch.float64))
     assert torch.equal(ids_restore, noise.argsort(1).argsort(1))  # the rank of each patch
+    x = torch.randn(4, 10, 6)
+    kept, mask2, restore2 = MaskedAutoencoderViT(**TINY).random_masking(x, 0.7, noise)  # the authors' API
+    assert torch.equal(kept, x.gather(1, ids_keep[:, :, None].expand(-1, -1, 6)))
+    assert torch.equal(mask2, mask.float()) and torch.equal(restore2, ids_restore)
 
 
 def test_patchify_is_row_major_patches_flattened_i_j_c():

@@ -50,8 +50,9 @@ from vitkern import backends as _backends
 from vitkern import ops as _ops
 from vitkern.nn.attention import Attention
 from vitkern.nn.patch_embed import PatchEmbed
-from vitkern.reference import (mae_build, mae_check_config, mae_check_images, mae_check_noise, mae_len_keep, mae_loss,
-                               mae_masking, mae_patchify, mae_timm_block, mae_unpatchify)
+from vitkern.reference import (MaskedAutoencoderViTReference, mae_build, mae_check_config, mae_check_images,
+                               mae_check_noise, mae_len_keep, mae_loss, mae_masking, mae_patchify, mae_timm_block,
+                               mae_unpatchify)
 
 __all__ = ["MaskedAutoencoderViT", "mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"]
 
@@ -152,13 +153,9 @@ class MaskedAutoencoderViT(nn.Module):
         noise = mae_check_noise(type(self).__name__, noise, imgs.shape[0], n, imgs)
         return mae_masking(noise, mae_len_keep(n, mask_ratio), imgs.dtype)
 
-    def random_masking(self, x: Tensor, mask_ratio: float, noise: Optional[Tensor] = None):
-        """The authors' masking of tokens x (B, N, D): (kept tokens (B, K, D), mask, ids_restore).
-        The model's own encoder masks before the patchify instead (:meth:`masking`)."""
-        B, N, D = x.shape
-        noise = mae_check_noise(type(self).__name__, noise, B, N, x)
-        ids_keep, mask, ids_restore = mae_masking(noise, mae_len_keep(N, mask_ratio), x.dtype)
-        return x.gather(1, ids_keep[:, :, None].expand(-1, -1, D)), mask, ids_restore
+    # The authors' masking of a token tensor x (B, N, D) -> (kept tokens, mask, ids_restore); the
+    # encoder itself masks before the patchify (:meth:`masking`).
+    random_masking = MaskedAutoencoderViTReference.random_masking
 
     def forward_encoder(self, imgs: Tensor, mask_ratio: float, noise: Optional[Tensor] = None):
         mae_check_images(type(self).__name__, imgs, self.in_chans, self.img_size)
