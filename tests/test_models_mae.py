@@ -138,6 +138,25 @@ def test_triton_equals_reference(kwargs, batch, mask_ratio):
     _compare(model, ref, batch, mask_ratio, torch.float32)
 
 
+def test_triton_encoder_multiplies_only_the_kept_patches():
+    """The encoder's patchify is the fused op on the K kept patches: FlopCounterMode sees
+    2·B·K·D·C·P² in vitkern's patch_embed op and no convolution."""
+    from torch.utils.flop_counter import FlopCounterMode
+    _needs_interpreter()
+    model = MaskedAutoencoderViT(**TINY, backend="triton").to(DEVICE)
+    reason = _masked_patchify_triton_reason(model)
+    if reason is not None:
+        pytest.skip(f"patch_embed's Triton backend cannot run keep_indices yet: {reason}")
+    imgs, noise = _inputs(model, 2, torch.float32)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model.forward_encoder(imgs, 0.75, noise)
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    K = mae_len_keep(16, 0.75)
+    assert counts.get("vitkern.patch_embed_fwd") == 2 * 2 * K * 32 * 3 * 8 * 8, counts
+    assert "aten.convolution" not in counts, counts
+
+
 def test_reference_state_dict_loads_strictly_and_gives_the_same_loss():
     """A freshly initialised reference (the authors' layout and init) into the model: same keys,
     same requires_grad flags, same loss with fresh noise drawn from the same seed."""
