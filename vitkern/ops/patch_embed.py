@@ -354,6 +354,10 @@ def _launch_forward(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_
         cfg = _tuned("fwd_norm", cfg, x.dtype, D, K)  # BLOCK_N stays the whole row: entries omit it
     else:
         cfg = _tuned("fwd", cfg, x.dtype, D, K)
+        if keep_indices is not None and not _triton.INTERPRET:
+            # The gathered rows' int64 patch origins beside 3 stages of 128x128 tiles spilled 24 B on
+            # sm_80 under Triton 3.6 (`python -m vitkern.tools.compile_report`); 2 stages do not.
+            cfg["num_stages"] = min(cfg.get("num_stages", 2), 2)
     if M == 0:  # empty batch: nothing to compute, no zero-size grid to launch
         return out if norm is None else (out, pre, mean, rstd)
     grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(D, cfg["BLOCK_N"]))
