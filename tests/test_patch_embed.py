@@ -5,6 +5,7 @@ on a GPU the same tests run on CUDA tensors, plus bf16 and the ViT-B shapes.
 """
 from __future__ import annotations
 
+import importlib
 import re
 
 import pytest
@@ -16,7 +17,7 @@ from vitkern.ops import patch_embed
 from vitkern.reference import patch_embed_reference
 from vitkern.testing import poison_outputs
 
-from helpers import assert_close, nan_padded
+from helpers import assert_close, nan_padded, use_gpu_tiles
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -473,7 +474,8 @@ def test_cuda_refuses_what_its_kernel_lacks(monkeypatch):
 
 
 # (B, C, H, W, patch, D, T, per_image, covers, K): T = 0/1/2/5, a prefix shared by the batch or per
-# image, pos_embed over every row or the patch rows only, every patch (None), K = 1, odd K, K = N.
+# image, pos_embed over every row or the patch rows only, every patch (None), K = 1, odd K, K = N,
+# K = 0 (prefix rows only), an empty batch.
 PREFIX_CASES = [
     pytest.param(2, 3, 8, 12, (4, 4), 10, 0, False, True, None, id="T0-all-patches"),
     pytest.param(2, 3, 8, 12, (4, 4), 24, 1, False, True, 3, id="T1-K3"),
@@ -482,6 +484,7 @@ PREFIX_CASES = [
     pytest.param(1, 3, 16, 16, (8, 8), 16, 2, False, True, 1, id="T2-K1-b1"),
     pytest.param(2, 1, 12, 24, (4, 8), 33, 5, True, True, 5, id="T5-per-image-K5-rect"),
     pytest.param(0, 3, 8, 8, (4, 4), 8, 2, True, True, 3, id="empty-batch-keep"),
+    pytest.param(2, 3, 8, 8, (4, 4), 8, 1, False, True, 0, id="K0-prefix-only"),
 ]
 
 
@@ -521,6 +524,25 @@ def test_prefix_pos_keep_forward_and_every_gradient_match_reference(B, C, H, W, 
         kept = torch.zeros(B, dx.shape[2], dtype=torch.bool)
         kept.scatter_(1, keep.cpu(), True)
         assert torch.all(dx.permute(0, 2, 1, 3, 4)[~kept.to(DEVICE)] == 0)
+
+
+@pytest.mark.parametrize("T,per_image,K", [(1, False, 5), (3, True, None)], ids=["keep", "prefix-tile"])
+def test_prefix_and_keep_with_the_gpu_tiles(monkeypatch, T, per_image, K):
+    """The tiles a GPU launch picks (fp32 with kept patches or a prefix tile: 128x64, see _gathered_tiles),
+    run by the interpreter: rows and channels over several programs, masked edges."""
+    module = importlib.import_module("vitkern.ops.patch_embed")  # (vitkern.ops.patch_embed is the function)
+    use_gpu_tiles(monkeypatch, module, "_gemm_config", "_backward_tiles", "_gathered_tiles")
+    assert module._gathered_tiles(module._gemm_config(torch.float32, 512, 96, 48), torch.float32)["BLOCK_N"] == 64
+    base, keep = _prefix_inputs(3, 3, 16, 32, (4, 4), 96, T, per_image, False, K, torch.float32)
+    rows = T + (K if K is not None else 32)
+    g = torch.randn(3, rows, 96, device=DEVICE)
+    triton = lambda *a, **k: patch_embed(*a, **k, backend="triton")  # noqa: E731
+    with poison_outputs():
+        out, grads = _run_prefix(triton, _leaves(base), g, keep, False)
+    ref_out, ref_grads = _run_prefix(patch_embed_reference, _leaves(base, HIGH), g.to(HIGH), keep, False)
+    assert_close("out", out, ref_out)
+    for name in grads:
+        assert_close(f"d{name}", grads[name], ref_grads[name], grad=True)
 
 
 def test_prefix_pos_keep_strided_inputs_and_deterministic():

@@ -1,22 +1,26 @@
-"""Fused patchify-projection: image -> (B, T+N, D) tokens in one kernel.
+"""Fused patchify-projection: image -> (B, T+K, D) tokens in one kernel.
 
-out[b, T+n, :] = W @ patch(b, n) + bias + pos[T+n]      (patch rows)
-out[b, 0,   :] = cls + pos[0]                            (CLS row, T = 1)
+out[b, T+j, :] = W @ patch(b, n) + bias + pos[S + n]    (patch rows; n = keep[b, j], or j: K = N)
+out[b, t,   :] = prefix[b or 0, t] + pos[t]              (prefix rows t < T: CLS, distillation, registers)
 
-The forward is one implicit GEMM: rows are the output tokens b*(T+N)+t, so a
-tile of rows is a contiguous block of the output; each patch row gathers its
-K = C*Ph*Pw pixels straight from the image through its strides (no unfolded
-patch tensor), accumulates in fp32, and the epilogue adds bias, the CLS token and
-the position embedding before the single store. CLS rows load no pixels.
+S = T when pos_embed covers the prefix rows; S = 0 and no pos on prefix rows when it covers only the
+patches (timm's no_embed_class). The forward is one implicit GEMM: rows are the output tokens
+b*(T+K)+t, so a tile of rows is a contiguous block of the output; each patch row looks up its patch
+(keep[b, j] with kept patches: only those are read and multiplied), gathers its C*Ph*Pw pixels straight
+from the image through its strides (no unfolded patch tensor), accumulates in fp32, and the epilogue adds
+bias, the prefix rows and the position embedding before the single store. Prefix rows load no pixels.
 
-Backward, with no unfolded tensor either:
+Backward, with no unfolded tensor either, through the same row -> patch map:
 * dx  = dout_patches @ W, stored through the same patch arithmetic (stride ==
-  kernel, so patches do not overlap and every pixel of the covered image is written once);
+  kernel, so patches do not overlap and every pixel of a kept patch is written once; the
+  rest of dx is zeroed first unless every patch is kept);
 * dW  = dout_patchesᵀ @ patches, the patches gathered from x in place; the M
   reduction is split across programs into fp32 partials summed in a fixed order
   (deterministic, no atomics);
-* dpos = Σ_b dout, reduced in-kernel in a fixed order; dbias and dcls are its
-  patch rows' and CLS row's sums.
+* dpos = Σ_b dout in position-row order, reduced in-kernel over b in a fixed order; with kept
+  patches it reads dout[b, T + inv[b, n]] through a host-built inverse map (inv = -1: not kept),
+  so no atomics either; dbias and a shared prefix's gradient are sums of the same rows, a per-image
+  prefix's gradient is dout's prefix rows.
 
 Layout of this file: Triton kernels -> launchers -> torch.library custom ops with
 fake and autograd registrations -> backend predicates -> the public op.
@@ -92,7 +96,8 @@ def _patch_embed_fwd_kernel(
     spos_t, spos_d,
     skeep_b, skeep_j,
     PH: tl.constexpr, PW: tl.constexpr, WIDE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_POS: tl.constexpr, POS_ON_PREFIX: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_PREFIX: tl.constexpr, ONE_SHARED_PREFIX: tl.constexpr,
+    HAS_POS: tl.constexpr, POS_ON_PREFIX: tl.constexpr,
     HAS_KEEP: tl.constexpr, HAS_NORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -129,7 +134,10 @@ def _patch_embed_fwd_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc += tl.where(is_patch[:, None], bias[None, :], 0.0)
-    if HAS_PREFIX:
+    if ONE_SHARED_PREFIX:  # one row for the batch (a CLS token): a (D,) vector, not a gathered tile
+        cls = tl.load(prefix_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        acc += tl.where(is_patch[:, None], 0.0, cls[None, :])
+    elif HAS_PREFIX:
         is_prefix = row_ok & (t < PREFIX)
         pre_tok = tl.load(prefix_ptr + b[:, None] * spre_b + t[:, None] * spre_t + cols64[None, :] * spre_d,
                           mask=is_prefix[:, None] & col_ok[None, :], other=0.0)
@@ -293,6 +301,15 @@ def _backward_tiles(cfg: dict) -> dict:
     return dict(cfg, BLOCK_N=min(cfg["BLOCK_N"], 64), num_stages=2)
 
 
+def _gathered_tiles(cfg: dict, dtype: torch.dtype) -> dict:
+    """Forward tiles with kept patches or a prefix tile: in fp32, 128x128 tiles spill 32-96 B there (kept:
+    sm_80 under Triton 3.6; prefix: sm_90a under 3.8; `python -m vitkern.tools.compile_report`); 128x64
+    with 2 stages do not. 16-bit tiles stay."""
+    if _triton.INTERPRET or dtype != torch.float32:
+        return cfg
+    return dict(cfg, BLOCK_N=min(cfg["BLOCK_N"], 64), num_stages=2)
+
+
 def _tuned(group: str, cfg: dict, dtype: torch.dtype, d: int, k: int) -> dict:
     """``cfg`` with a tuned table entry (vitkern.configs) for ``patch_embed.<group>`` laid over it,
     where one exists. The class is the op's (D, K = C*Ph*Pw): M is the batch's, timed at the
@@ -328,11 +345,13 @@ def _launch_forward(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_
     pos2d = pos_embed.reshape(-1, D) if pos_embed is not None else None
     # The kernel reads bias and the LayerNorm affine as contiguous (D,) vectors and the prefix as a
     # contiguous (PB, T, D) block: a strided or expanded one is copied here (a few rows of D values;
-    # unit strides in the epilogue cost fewer registers). spre_b = 0 shares the prefix across the batch.
+    # unit strides in the epilogue cost fewer registers). spre_b = 0 shares the prefix across the batch;
+    # one shared row (a CLS token) is read as a (D,) vector (a gathered tile spilled 96 B in fp32 on sm_90a).
     bias = bias.contiguous() if bias is not None else None
     has_prefix = prefix_tokens is not None and prefix > 0
     pre_tok = prefix_tokens.contiguous() if has_prefix else None
     pre_strides = (pre_tok.stride(0) if pre_tok.shape[0] > 1 else 0, D, 1) if has_prefix else (0, 0, 0)
+    gathered_prefix = has_prefix and tuple(pre_tok.shape[:2]) != (1, 1)  # else one (D,) vector or none
     keep_strides = keep_indices.stride() if keep_indices is not None else (0, 0)
     cfg = _gemm_config(x.dtype, M, D, K)
     dummy = weight  # placeholder pointer for absent optional inputs (never read)
@@ -354,10 +373,8 @@ def _launch_forward(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_
         cfg = _tuned("fwd_norm", cfg, x.dtype, D, K)  # BLOCK_N stays the whole row: entries omit it
     else:
         cfg = _tuned("fwd", cfg, x.dtype, D, K)
-        if keep_indices is not None and not _triton.INTERPRET:
-            # The gathered rows' int64 patch origins beside 3 stages of 128x128 tiles spilled 24 B on
-            # sm_80 under Triton 3.6 (`python -m vitkern.tools.compile_report`); 2 stages do not.
-            cfg["num_stages"] = min(cfg.get("num_stages", 2), 2)
+        if keep_indices is not None or gathered_prefix:
+            cfg = _gathered_tiles(cfg, x.dtype)
     if M == 0:  # empty batch: nothing to compute, no zero-size grid to launch
         return out if norm is None else (out, pre, mean, rstd)
     grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(D, cfg["BLOCK_N"]))
@@ -368,7 +385,8 @@ def _launch_forward(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_
         *_image_strides(x, PH, PW), *weight.stride(), *pre_strides,
         *(pos2d.stride() if pos2d is not None else (0, 0)), *keep_strides,
         PH=PH, PW=PW, WIDE=_wide(PH, PW, x, weight),
-        HAS_BIAS=bias is not None, HAS_PREFIX=has_prefix, HAS_POS=pos_embed is not None,
+        HAS_BIAS=bias is not None, HAS_PREFIX=has_prefix,
+        ONE_SHARED_PREFIX=has_prefix and not gathered_prefix, HAS_POS=pos_embed is not None,
         POS_ON_PREFIX=pos_embed_covers_prefix, HAS_KEEP=keep_indices is not None, HAS_NORM=norm is not None,
         **cfg,
     )
