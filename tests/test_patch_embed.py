@@ -626,5 +626,9 @@ def test_flop_counter_counts_only_kept_patches():
     keep = torch.zeros(4, 49, dtype=torch.long, device="meta")
     with FlopCounterMode(display=False) as counter:
         out = torch.ops.vitkern.patch_embed_fwd(x, w, None, torch.zeros(1, 1, 768, device="meta"), None, True, keep)
+    gemm = 2 * 4 * 49 * 768 * (3 * 16 * 16)
     assert out.shape == (4, 50, 768)
-    assert counter.get_total_flops() == 2 * 4 * 49 * 768 * (3 * 16 * 16)
+    assert counter.get_total_flops() == gemm
+    with FlopCounterMode(display=False) as counter:
+        out.backward(torch.randn_like(out))
+    assert counter.get_total_flops() == gemm  # dW over the kept patches only: the image needs no gradient
