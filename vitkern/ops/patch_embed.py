@@ -750,8 +750,9 @@ def _why_not_triton(call: _Call) -> Optional[str]:
     return backends.triton_reason(_tensors(call) + [call.keep_indices], x.dtype)
 
 
-def _why_not_epilogue(call: _Call, who: str) -> Optional[str]:
-    """The arguments beyond one broadcast CLS token and a full position embedding (not in the CUDA kernel yet)."""
+def _why_not_cuda_arguments(call: _Call) -> Optional[str]:
+    """The arguments beyond one shared CLS token and a full position embedding (not in the CUDA kernel yet)."""
+    who = "the CUDA kernel"
     prefix = call.prefix_tokens
     if prefix is not None and prefix.shape[1] != 1:
         return (f"{who} handles at most one prefix token (a CLS token) so far, got prefix_tokens of shape "
@@ -776,7 +777,7 @@ def _why_not_cuda(call: _Call) -> Optional[str]:
         return reason
     if x.dtype not in _KERNEL_DTYPES:
         return f"the CUDA kernel takes float32, float16 or bfloat16, got {x.dtype}"
-    reason = _why_not_epilogue(call, "the CUDA kernel")
+    reason = _why_not_cuda_arguments(call)
     if reason is not None:
         return reason
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
