@@ -25,8 +25,7 @@ are importable; until then each of its rows is recorded as skipped with that rea
 "timm" rows are the reference MAE (timm blocks), its vitkern rows ``MaskedAutoencoderViT``
 loaded with the reference's state_dict (strict): its encoder patchifies only the kept patches
 (``patch_embed(..., keep_indices=...)``) and runs timm Blocks on ``vitkern.nn.Attention``; the loss
-is MAE's own (fixed noise). Its interpreter equality test waits for patch_embed's Triton
-``keep_indices`` path (skipped with the op's reason until then).
+is MAE's own (fixed noise).
 
 Modes: ``train`` = one optimizer step (``zero_grad(set_to_none=True)``, forward and
 cross-entropy loss on random labels under ``torch.autocast(bf16)``, ``backward``,
@@ -214,15 +213,6 @@ def mae_classes() -> Tuple[Callable[..., torch.nn.Module], Callable[..., torch.n
         if callable(getattr(ref, name, None)):
             return MaskedAutoencoderViT, getattr(ref, name)
     raise ImportError(f"no reference MAE in vitkern.reference (looked for {', '.join(MAE_REFERENCE_NAMES)})")
-
-
-def mae_masked_patchify_triton_reason() -> Optional[str]:
-    """Why patch_embed's Triton backend cannot run MAE's masked patchify (CLS prefix, position
-    embedding, keep_indices) on a tiny CPU call, or None."""
-    from vitkern import backends
-    x, w = torch.randn(1, 3, 8, 8), torch.randn(8, 3, 4, 4)
-    return backends.explain("patch_embed", x, w, torch.randn(8), cls_token=torch.randn(1, 1, 8),
-                            pos_embed=torch.randn(1, 5, 8), keep_indices=torch.tensor([[2, 0]]))["triton"]
 
 
 # --------------------------------------------------------------------------- #
@@ -493,10 +483,6 @@ def test_vitkern_model_interpreter_equality(case):
         if case.mae:
             mae_classes()
     harness.skip_unless_interpreter(needs)
-    if case.mae:
-        reason = mae_masked_patchify_triton_reason()
-        if reason is not None:
-            pytest.skip(f"MAE on backend='triton' needs patch_embed's Triton keep_indices path: {reason}")
     state = ModelState(case, TRAIN, torch.device("cpu"), torch.float32)
     model = to_vitkern(case, copy.deepcopy(state.master), backend="triton")
     converted = [type(m).__name__ for m in model.modules() if type(m).__module__.startswith("vitkern.")]

@@ -110,14 +110,6 @@ def _needs_interpreter():
         pytest.skip("the Triton backend needs a GPU or TRITON_INTERPRET=1")
 
 
-def _masked_patchify_triton_reason(model):
-    imgs, _ = _inputs(model, 1, torch.float32)
-    keep = torch.zeros(1, 1, dtype=torch.int64, device=DEVICE)
-    proj = model.patch_embed.proj
-    return backends.explain("patch_embed", imgs, proj.weight, proj.bias, cls_token=model.cls_token,
-                            pos_embed=model.pos_embed, keep_indices=keep)["triton"]
-
-
 @pytest.mark.parametrize("kwargs,batch,mask_ratio", [CASES[1], CASES[2], CASES[6]])
 def test_triton_attention_equals_reference(kwargs, batch, mask_ratio):
     """Every attention (encoder and decoder) on the Triton kernels, fp32 vs the float64 reference."""
@@ -132,9 +124,6 @@ def test_triton_equals_reference(kwargs, batch, mask_ratio):
     """The whole model on the Triton kernels (masked patchify included), fp32 vs float64."""
     _needs_interpreter()
     model, ref = _pair("triton", torch.float32, **kwargs)
-    reason = _masked_patchify_triton_reason(model)
-    if reason is not None:
-        pytest.skip(f"patch_embed's Triton backend cannot run keep_indices yet: {reason}")
     _compare(model, ref, batch, mask_ratio, torch.float32)
 
 
@@ -144,9 +133,6 @@ def test_triton_encoder_multiplies_only_the_kept_patches():
     from torch.utils.flop_counter import FlopCounterMode
     _needs_interpreter()
     model = MaskedAutoencoderViT(**TINY, backend="triton").to(DEVICE)
-    reason = _masked_patchify_triton_reason(model)
-    if reason is not None:
-        pytest.skip(f"patch_embed's Triton backend cannot run keep_indices yet: {reason}")
     imgs, noise = _inputs(model, 2, torch.float32)
     counter = FlopCounterMode(display=False)
     with counter:
