@@ -332,6 +332,16 @@ def test_constructors_on_meta(build, D, depth, heads, P):
     assert model.blocks[0].attn.num_heads == heads and model.norm.eps == 1e-6
 
 
+def test_forward_on_meta_gives_the_shapes():
+    """A forward on the meta device (FLOP counting, shape checks) runs: keep_indices' value check is
+    skipped for meta tensors, which hold no values."""
+    with torch.device("meta"):
+        model = mae_vit_base_patch16()
+        loss, pred, mask = model(torch.empty(2, 3, 224, 224))
+    assert loss.shape == () and pred.shape == (2, 196, 16 * 16 * 3) and mask.shape == (2, 196)
+    assert loss.is_meta and pred.is_meta
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_bad_input_names_the_argument():
     model = MaskedAutoencoderViT(**TINY)
