@@ -163,6 +163,11 @@ def test_training_with_pos_drop_equals_timm_with_the_same_seed():
     _compare(out, grads, out_ref, grads_ref, torch.float64)
     torch.manual_seed(12)  # and it does drop: another seed gives another output
     assert not torch.allclose(model(x), out)
+    # timm applies pos_drop only with a position embedding
+    no_pos = _randomise(_vit(pos_drop_rate=0.5, pos_embed="none")).double().train()
+    want = no_pos(x)
+    _optimize(no_pos, backend="torch")
+    assert rel_err(no_pos(x), want) <= TORCH_RTOL
 
 
 @pytest.mark.parametrize("vid", ["cls", "cls-reg2", "dynamic", "distilled"])
@@ -189,8 +194,8 @@ class _Recorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _record_embedding(model, x, monkeypatch):
-    """Run model(x), recording the aten ops from the start of the forward up to the first block."""
+def _record_embedding(model, x, monkeypatch, fn=None):
+    """Run model(x) (or fn(x)), recording the aten ops from the start up to the first block."""
     rec = _Recorder()
     real = vitkern.ops.patch_embed
 
@@ -213,7 +218,7 @@ def _record_embedding(model, x, monkeypatch):
     try:
         with torch.no_grad():
             active.append(rec.__enter__())
-            model(x)
+            (fn or model)(x)
     finally:
         stop_recording()
         hook.remove()
@@ -249,6 +254,8 @@ def test_embedding_is_one_patch_embed_call(vid, monkeypatch):
     cats = _assert_one_op(model, rec, x.shape[0])
     if not model.dynamic_img_size:  # no resampling: only the prefix join, when timm has two token parameters
         assert len(cats) == (len(type(model)._prefix_tokens(model)) > 1)
+    rec = _record_embedding(model, x, monkeypatch, fn=lambda t: model.forward_intermediates(t, indices=1))
+    assert len(_assert_one_op(model, rec, x.shape[0])) == len(cats)  # forward_intermediates: the same fused embedding
     timm_rec = _record_embedding(ref, x, monkeypatch)  # the recorder sees timm's cat and add
     names = [str(f) for f, _ in timm_rec.ops]
     assert any("add" in n for n in names) == (ref.pos_embed is not None), names
