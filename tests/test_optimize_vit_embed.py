@@ -63,7 +63,7 @@ VARIANTS = {
     "no-pos-no-prefix": (lambda: _vit(pos_embed="none", class_token=False, global_pool="avg"), (32, 32)),
     "dynamic": (lambda: _vit(dynamic_img_size=True), (40, 24)),  # 5x3 grid: pos_embed resampled from 4x4
     "dynamic-native-size": (lambda: _vit(dynamic_img_size=True, reg_tokens=1), (32, 32)),
-    "dynamic-pad": (lambda: _vit(dynamic_img_size=True, dynamic_img_pad=True), (36, 20)),  # padded to 40x24
+    "dynamic-pad": (lambda: _vit(dynamic_img_size=True, dynamic_img_pad=True), (36, 18)),  # padded to 40x24
     "dynamic-no-embed-class-reg": (lambda: _vit(dynamic_img_size=True, no_embed_class=True, reg_tokens=1),
                                    (24, 40)),
     "img-not-divisible": (lambda: _vit(img_size=35), (35, 35)),  # timm's conv ignores the last 3 rows/cols
