@@ -22,6 +22,7 @@ training, a bias-free patch projection) and for DeiT's distilled model:
 import copy
 import io
 import types
+import warnings
 
 import pytest
 import torch
@@ -472,3 +473,36 @@ def test_unfusable_configurations_keep_timms_embedding_and_are_reported(case):
     assert type(model) is cls
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     assert rel_err(model(x), ref(x)) <= TORCH_RTOL
+
+
+# ----------------------------------------------------------------------------- FX and TorchScript
+@pytest.mark.parametrize("vid", ["cls-reg2", "dynamic", "distilled"])
+def test_timm_fx_feature_extraction_keeps_the_embedding_one_call(vid):
+    from timm.models import create_feature_extractor
+
+    ref, x = _reference(vid)
+    model = copy.deepcopy(ref)
+    _optimize(model, backend="torch")
+    nodes = ["blocks.0", "norm"]
+    ours, theirs = create_feature_extractor(model, return_nodes=nodes), create_feature_extractor(ref, return_nodes=nodes)
+    calls = [n.target for n in ours.graph.nodes if n.op == "call_function"]
+    assert calls.count(timm_vit.vit_embedding) == 1 and torch.cat not in calls, calls
+    got, want = ours(x), theirs(x)
+    assert all(rel_err(got[k], want[k]) <= TORCH_RTOL for k in nodes)
+
+
+@pytest.mark.parametrize("cls", [VisionTransformer, VisionTransformerDistilled])
+def test_converted_classes_script_with_timms_embedding(cls):
+    """The converted classes' own methods compile under torch.jit.script, where they run timm's embedding
+    (patch module, then _pos_embed). Checked with timm's own child modules: scripting a model optimize()
+    converted also needs vitkern's drop-in modules to be scriptable."""
+    torch.manual_seed(0)
+    ref = _randomise(_vit(cls, reg_tokens=int(cls is VisionTransformer))).double().eval()
+    model = copy.deepcopy(ref)
+    model.__class__, model.backend = timm_vit.CONVERTED[cls], "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script's deprecation notice
+        scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert rel_err(scripted(x), ref(x)) <= TORCH_RTOL
+    assert rel_err(model(x), ref(x)) <= TORCH_RTOL  # and eagerly the fused path (timm's children)
