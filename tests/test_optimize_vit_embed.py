@@ -130,6 +130,11 @@ def _compare(out, grads, out_ref, grads_ref, dtype):
 
 def _check_parity(vid, backend, dtype, fn=None):
     ref, x = _reference(vid)
+    _check_parity_model(ref, x, fn, backend=backend, dtype=dtype)
+
+
+def _check_parity_model(ref, x, fn=None, *, backend="torch", dtype=torch.float64):
+    """optimize(copy of ref) in dtype: fn(model, x) (default model(x)) and every gradient equal timm's."""
     out_ref, grads_ref, g = _run(ref, x, fn=fn and (lambda t: fn(ref, t)))
     model = copy.deepcopy(ref).to(dtype)
     _optimize(model, backend=backend)
@@ -506,3 +511,17 @@ def test_converted_classes_script_with_timms_embedding(cls):
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     assert rel_err(scripted(x), ref(x)) <= TORCH_RTOL
     assert rel_err(model(x), ref(x)) <= TORCH_RTOL  # and eagerly the fused path (timm's children)
+
+
+@pytest.mark.parametrize("how", ["grad-checkpointing", "is-causal", "attn-mask"])
+def test_forward_features_block_paths_equal_timm(how):
+    """forward_features' other block paths (timm's checkpoint_seq; masks passed to every block)."""
+    ref, x = _reference("cls-reg2")
+    ref = copy.deepcopy(ref)
+    n = ref.patch_embed.num_patches + ref.num_prefix_tokens
+    mask = torch.randn(n, n, dtype=torch.float64)
+    kwargs = {"is-causal": {"is_causal": True}, "attn-mask": {"attn_mask": mask}}.get(how, {})
+    if how == "grad-checkpointing":
+        ref.set_grad_checkpointing(True)
+    _check_parity_model(ref, x, fn=lambda m, t: m.forward_features(t, **kwargs))
+
