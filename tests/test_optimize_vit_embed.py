@@ -460,6 +460,7 @@ UNFUSED = {
     "patch-embed-not-converted": (lambda: _padded_proj(_vit()),
                                   "patch_embed is timm.layers.patch_embed.PatchEmbed, not vitkern.nn.PatchEmbed"),
     "instance-override": (lambda: _replaced_forward_features(_vit()), "forward_features was replaced on the instance"),
+    "too-many-prefix-tokens": (lambda: _vit(reg_tokens=64), "65 prefix tokens; the fused op writes at most 64"),
 }
 
 
@@ -478,6 +479,21 @@ def test_unfusable_configurations_keep_timms_embedding_and_are_reported(case):
     assert type(model) is cls
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     assert rel_err(model(x), ref(x)) <= TORCH_RTOL
+
+
+def test_bad_input_names_the_sizes():
+    ref, _ = _reference("cls")
+    model = copy.deepcopy(ref)
+    _optimize(model, backend="torch")
+    with pytest.raises(ValueError, match=r"\(H, W\)=\(24, 32\) does not match patch_embed.img_size=\(32, 32\)"):
+        model(torch.randn(1, 3, 24, 32, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"weight has 3 input channels .* x has C=4"):
+        model(torch.randn(1, 4, 32, 32, dtype=torch.float64))
+    ref, _ = _reference("dynamic")  # strict_img_size=False: sizes not divisible by the patch are refused
+    model = copy.deepcopy(ref)
+    _optimize(model, backend="torch")
+    with pytest.raises(ValueError, match=r"\(H, W\)=\(36, 32\) must be divisible by the patch size \(8, 8\)"):
+        model(torch.randn(1, 3, 36, 32, dtype=torch.float64))
 
 
 # ----------------------------------------------------------------------------- FX and TorchScript
