@@ -449,6 +449,11 @@ def _padded_proj(m):  # a patch conv vitkern.nn.PatchEmbed cannot take (the grid
     return m
 
 
+def _hooked(m):  # a hook on the patch module expects to see (and may change) the patch tokens
+    m.patch_embed.register_forward_hook(lambda mod, args, out: 2 * out)
+    return m
+
+
 def _replaced_forward_features(m):  # the same function, bound on the instance
     m.forward_features = types.MethodType(VisionTransformer.forward_features, m)
     return m
@@ -460,6 +465,7 @@ UNFUSED = {
     "patch-embed-not-converted": (lambda: _padded_proj(_vit()),
                                   "patch_embed is timm.layers.patch_embed.PatchEmbed, not vitkern.nn.PatchEmbed"),
     "instance-override": (lambda: _replaced_forward_features(_vit()), "forward_features was replaced on the instance"),
+    "patch-embed-hook": (lambda: _hooked(_vit()), "patch_embed has hooks"),
     "too-many-prefix-tokens": (lambda: _vit(reg_tokens=64), "65 prefix tokens; the fused op writes at most 64"),
 }
 

@@ -24,7 +24,8 @@ embedding, ``no_embed_class`` and ``dynamic_img_size`` included) in one
 :func:`vitkern.ops.patch_embed` call instead of timm's ``torch.cat`` and ``+ pos_embed``; see
 :mod:`vitkern.models.timm_vit`. It stays on timm's embedding, reported as skipped with the
 reason, when the patch module was not converted, normalises the patch tokens
-(``embed_norm_layer``), is a subclass, or its methods were replaced on the instance.
+(``embed_norm_layer``) or has hooks, when the model is a subclass or its methods were replaced on
+the instance.
 
 MaxxViT's partition blocks (``PartitionAttentionCl``, ``PartitionAttention2d``,
 ``ParallelPartitionAttention``) are containers: they are descended into, not reported. The
@@ -516,6 +517,8 @@ def _convert_vit_embedding(model, backend: str) -> str:
                                f"flatten={pe.flatten}, output_fmt={pe.output_fmt.value}")
     elif not pe.flatten:
         raise _Unsupported(f"patch_embed must flatten to (B, N, D) tokens, got output_fmt={pe.output_fmt.value}")
+    if pe._forward_hooks or pe._forward_pre_hooks or pe._backward_hooks or pe._backward_pre_hooks:
+        raise _Unsupported("patch_embed has hooks, which the fused embedding (not calling it) would not run")
     for name in ("forward_features", "forward_intermediates", "_pos_embed", "_fused_tokens"):
         if name in model.__dict__:
             raise _Unsupported(f"{name} was replaced on the instance")
