@@ -555,3 +555,17 @@ def test_forward_features_block_paths_equal_timm(how):
         ref.set_grad_checkpointing(True)
     _check_parity_model(ref, x, fn=lambda m, t: m.forward_features(t, **kwargs))
 
+
+
+@pytest.mark.parametrize("vid", ["cls-reg2", "distilled"])
+def test_set_input_size_after_conversion_equals_timm(vid):
+    """timm's set_input_size resamples pos_embed into a new Parameter and resizes the patch grid: the fused
+    embedding reads both at each call."""
+    ref, _ = _reference(vid)
+    ref, model = copy.deepcopy(ref), copy.deepcopy(ref)
+    _optimize(model, backend="torch")
+    for m in (ref, model):
+        m.set_input_size(img_size=(40, 24))
+    x = torch.randn(2, 3, 40, 24, dtype=torch.float64)
+    assert model.pos_embed.shape == ref.pos_embed.shape == (1, 15 + ref.num_prefix_tokens, 32)
+    assert rel_err(model(x), ref(x)) <= TORCH_RTOL
