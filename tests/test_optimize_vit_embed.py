@@ -156,9 +156,10 @@ def test_forward_features_and_head_equal_timm(vid):
 
 
 def test_training_with_pos_drop_equals_timm_with_the_same_seed():
-    """pos_drop (p > 0, training) runs on the op's output: same dropout draws as timm's on its sum."""
+    """pos_drop (p > 0, training) runs on the op's output: same dropout draws as timm's on its sum; then
+    timm's PatchDropout, with the same draws too."""
     torch.manual_seed(3)
-    ref = _randomise(_vit(pos_drop_rate=0.5, reg_tokens=1)).double().train()
+    ref = _randomise(_vit(pos_drop_rate=0.5, patch_drop_rate=0.5, reg_tokens=1)).double().train()
     model = copy.deepcopy(ref)
     _optimize(model, backend="torch")
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
@@ -406,7 +407,7 @@ def test_features_only_model_is_converted_and_equals_timm():
 
 def test_distilled_training_returns_both_heads():
     ref, x = _reference("distilled")
-    model = copy.deepcopy(ref)
+    ref, model = copy.deepcopy(ref), copy.deepcopy(ref)
     _optimize(model, backend="torch")
     for m in (ref, model):
         m.set_distilled_training(True)
@@ -414,7 +415,6 @@ def test_distilled_training_returns_both_heads():
     got, want = model(x), ref(x)
     assert isinstance(got, tuple) and len(got) == 2
     assert all(rel_err(a, b) <= TORCH_RTOL for a, b in zip(got, want))
-    ref.eval(), ref.set_distilled_training(False)
 
 
 def test_deepcopy_and_pickle_keep_the_fused_model():
