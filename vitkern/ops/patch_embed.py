@@ -1,22 +1,26 @@
-"""Fused patchify-projection: image -> (B, T+N, D) tokens in one kernel.
+"""Fused patchify-projection: image -> (B, T+K, D) tokens in one kernel.
 
-out[b, T+n, :] = W @ patch(b, n) + bias + pos[T+n]      (patch rows)
-out[b, 0,   :] = cls + pos[0]                            (CLS row, T = 1)
+out[b, T+j, :] = W @ patch(b, n) + bias + pos[S + n]    (patch rows; n = keep[b, j], or j: K = N)
+out[b, t,   :] = prefix[b or 0, t] + pos[t]              (prefix rows t < T: CLS, distillation, registers)
 
-The forward is one implicit GEMM: rows are the output tokens b*(T+N)+t, so a
-tile of rows is a contiguous block of the output; each patch row gathers its
-K = C*Ph*Pw pixels straight from the image through its strides (no unfolded
-patch tensor), accumulates in fp32, and the epilogue adds bias, the CLS token and
-the position embedding before the single store. CLS rows load no pixels.
+S = T when pos_embed covers the prefix rows; S = 0 and no pos on prefix rows when it covers only the
+patches (timm's no_embed_class). The forward is one implicit GEMM: rows are the output tokens
+b*(T+K)+t, so a tile of rows is a contiguous block of the output; each patch row looks up its patch
+(keep[b, j] with kept patches: only those are read and multiplied), gathers its C*Ph*Pw pixels straight
+from the image through its strides (no unfolded patch tensor), accumulates in fp32, and the epilogue adds
+bias, the prefix rows and the position embedding before the single store. Prefix rows load no pixels.
 
-Backward, with no unfolded tensor either:
+Backward, with no unfolded tensor either, through the same row -> patch map:
 * dx  = dout_patches @ W, stored through the same patch arithmetic (stride ==
-  kernel, so patches do not overlap and every pixel of the covered image is written once);
+  kernel, so patches do not overlap and every pixel of a kept patch is written once; the
+  rest of dx is zeroed first unless every patch is kept);
 * dW  = dout_patchesᵀ @ patches, the patches gathered from x in place; the M
   reduction is split across programs into fp32 partials summed in a fixed order
   (deterministic, no atomics);
-* dpos = Σ_b dout, reduced in-kernel in a fixed order; dbias and dcls are its
-  patch rows' and CLS row's sums.
+* dpos = Σ_b dout in position-row order, reduced in-kernel over b in a fixed order; with kept
+  patches it reads dout[b, T + inv[b, n]] through a host-built inverse map (inv = -1: not kept),
+  so no atomics either; dbias and a shared prefix's gradient are sums of the same rows, a per-image
+  prefix's gradient is dout's prefix rows.
 
 Layout of this file: Triton kernels -> launchers -> torch.library custom ops with
 fake and autograd registrations -> backend predicates -> the public op.
@@ -74,15 +78,27 @@ def _patch_origin(b, n, GRID_W, s_b, step_h, step_w):
 
 
 @triton.jit
+def _kept_patch(b, j, keep_ptr, skeep_b, skeep_j, ok, HAS_KEEP: tl.constexpr):
+    """The patch (row-major on the grid) that patch row j of image b holds: keep[b, j], or j itself."""
+    if HAS_KEEP:
+        return tl.load(keep_ptr + b * skeep_b + j.to(tl.int64) * skeep_j, mask=ok, other=0)
+    return j
+
+
+@triton.jit
 def _patch_embed_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, cls_ptr, pos_ptr, out_ptr,
+    x_ptr, w_ptr, bias_ptr, prefix_ptr, pos_ptr, keep_ptr, out_ptr,
     ln_w_ptr, ln_b_ptr, pre_ptr, mean_ptr, rstd_ptr, eps,
-    M, D, K, TOKENS, PREFIX, GRID_W,
+    M, D, K, TOKENS, PREFIX, POS_SHIFT, GRID_W,
     sx_b, sx_c, sx_h, sx_w, sx_ph, sx_pw,
     sw_d, sw_c, sw_h, sw_w,
+    spre_b, spre_t, spre_d,
     spos_t, spos_d,
+    skeep_b, skeep_j,
     PH: tl.constexpr, PW: tl.constexpr, WIDE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr, HAS_POS: tl.constexpr, HAS_NORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_PREFIX: tl.constexpr, ONE_SHARED_PREFIX: tl.constexpr,
+    HAS_POS: tl.constexpr, POS_ON_PREFIX: tl.constexpr,
+    HAS_KEEP: tl.constexpr, HAS_NORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -95,7 +111,7 @@ def _patch_embed_fwd_kernel(
     b = rows // TOKENS
     t = rows % TOKENS
     is_patch = row_ok & (t >= PREFIX)
-    n = tl.where(is_patch, t - PREFIX, 0)
+    n = _kept_patch(b, tl.where(is_patch, t - PREFIX, 0), keep_ptr, skeep_b, skeep_j, is_patch, HAS_KEEP)
     row_base = _patch_origin(b, n, GRID_W, sx_b, sx_ph, sx_pw)
     cols64 = cols.to(tl.int64)
     w_cols = cols64 * sw_d
@@ -113,16 +129,26 @@ def _patch_embed_fwd_kernel(
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc += tl.dot(a, w)
 
-    # Epilogue: bias on patch rows, CLS on prefix rows, position embedding on all.
+    # Epilogue: bias on patch rows, the prefix tokens on prefix rows (spre_b = 0 when the batch shares
+    # them), the position embedding's row of each token: t on prefix rows, POS_SHIFT + patch on patch rows.
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc += tl.where(is_patch[:, None], bias[None, :], 0.0)
-    if HAS_CLS:
-        cls = tl.load(cls_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if ONE_SHARED_PREFIX:  # one row for the batch (a CLS token): a (D,) vector, not a gathered tile
+        cls = tl.load(prefix_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc += tl.where(is_patch[:, None], 0.0, cls[None, :])
+    elif HAS_PREFIX:
+        is_prefix = row_ok & (t < PREFIX)
+        pre_tok = tl.load(prefix_ptr + b[:, None] * spre_b + t[:, None] * spre_t + cols64[None, :] * spre_d,
+                          mask=is_prefix[:, None] & col_ok[None, :], other=0.0)
+        acc += pre_tok.to(tl.float32)
     if HAS_POS:
-        pos = tl.load(pos_ptr + t[:, None] * spos_t + cols64[None, :] * spos_d,
-                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        pos_ok = is_patch
+        if POS_ON_PREFIX:
+            pos_ok = row_ok
+        pos_row = tl.where(is_patch, n + POS_SHIFT, t)
+        pos = tl.load(pos_ptr + pos_row[:, None] * spos_t + cols64[None, :] * spos_d,
+                      mask=pos_ok[:, None] & col_ok[None, :], other=0.0)
         acc += pos.to(tl.float32)
     out_off = rows[:, None] * D + cols[None, :]
     if HAS_NORM:  # LayerNorm over D: the launcher gives each program whole rows (BLOCK_N >= D)
@@ -140,24 +166,25 @@ def _patch_embed_fwd_kernel(
 
 @triton.jit
 def _patch_embed_dx_kernel(
-    g_ptr, w_ptr, dx_ptr,
-    MP, D, K, NUM_PATCHES, PREFIX, GRID_W,
+    g_ptr, w_ptr, keep_ptr, dx_ptr,
+    MP, D, K, KEPT, PREFIX, GRID_W,
     sg_b, sg_t, sg_d,
     sw_d, sw_c, sw_h, sw_w,
+    skeep_b, skeep_j,
     sdx_b, sdx_c, sdx_h, sdx_w, sdx_ph, sdx_pw,
-    PH: tl.constexpr, PW: tl.constexpr, WIDE: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, WIDE: tl.constexpr, HAS_KEEP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dpatch[m, k] = sum_d dout[patch row m, d] * W[d, k], stored into dx's pixels."""
+    """dpatch[m, k] = sum_d dout[patch row m, d] * W[d, k], stored into dx's pixels of m's patch."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # patch rows b*N + n
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # patch rows b*KEPT + j
     ks = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < MP
     k_ok = ks < K
-    b = rows // NUM_PATCHES
-    n = rows % NUM_PATCHES
-    g_row = b * sg_b + (n + PREFIX) * sg_t
+    b = rows // KEPT
+    jr = rows % KEPT
+    g_row = b * sg_b + (jr + PREFIX) * sg_t
     c, i, j = _split_k(ks, PH, PW)
     w_k = _pixel_offset(c, i, j, sw_c, sw_h, sw_w, WIDE)
 
@@ -171,6 +198,7 @@ def _patch_embed_dx_kernel(
                     mask=d_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(g, w)
 
+    n = _kept_patch(b, jr, keep_ptr, skeep_b, skeep_j, row_ok, HAS_KEEP)
     dx_row = _patch_origin(b, n, GRID_W, sdx_b, sdx_ph, sdx_pw)
     dx_k = _pixel_offset(c, i, j, sdx_c, sdx_h, sdx_w, WIDE)
     tl.store(dx_ptr + dx_row[:, None] + dx_k[None, :], acc.to(dx_ptr.dtype.element_ty),
@@ -179,11 +207,12 @@ def _patch_embed_dx_kernel(
 
 @triton.jit
 def _patch_embed_dw_kernel(
-    g_ptr, x_ptr, partial_ptr,
-    MP, D, K, NUM_PATCHES, PREFIX, GRID_W, ROWS_PER_SPLIT,
+    g_ptr, x_ptr, keep_ptr, partial_ptr,
+    MP, D, K, KEPT, PREFIX, GRID_W, ROWS_PER_SPLIT,
     sg_b, sg_t, sg_d,
     sx_b, sx_c, sx_h, sx_w, sx_ph, sx_pw,
-    PH: tl.constexpr, PW: tl.constexpr, WIDE: tl.constexpr,
+    skeep_b, skeep_j,
+    PH: tl.constexpr, PW: tl.constexpr, WIDE: tl.constexpr, HAS_KEEP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """partial[s, d, k] = sum over split s's patch rows m of dout[m, d] * patch[m, k]."""
@@ -203,11 +232,12 @@ def _patch_embed_dw_kernel(
     for m0 in range(0, ROWS_PER_SPLIT, BLOCK_K):
         rows = row_start + m0 + tl.arange(0, BLOCK_K)
         row_ok = rows < MP
-        b = rows // NUM_PATCHES
-        n = rows % NUM_PATCHES
-        g_row = b * sg_b + (n + PREFIX) * sg_t
+        b = rows // KEPT
+        jr = rows % KEPT
+        g_row = b * sg_b + (jr + PREFIX) * sg_t
         g_t = tl.load(g_ptr + g_d[:, None] + g_row[None, :],
                       mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+        n = _kept_patch(b, jr, keep_ptr, skeep_b, skeep_j, row_ok, HAS_KEEP)
         x_row = _patch_origin(b, n, GRID_W, sx_b, sx_ph, sx_pw)
         a = tl.load(x_ptr + x_row[:, None] + x_k[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -219,20 +249,31 @@ def _patch_embed_dw_kernel(
 
 @triton.jit
 def _sum_over_batch_kernel(
-    g_ptr, out_ptr, BATCH, TOKENS, D,
-    sg_b, sg_t, sg_d,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    g_ptr, inv_ptr, out_ptr, BATCH, ROWS, PREFIX, D,
+    sg_b, sg_t, sg_d, sinv_b, sinv_n,
+    HAS_INV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out[t, d] = sum_b dout[b, t, d] in fp32, b in order (deterministic)."""
+    """out[r, d] = sum_b dout[b, src(b, r), d] in fp32, b in order (deterministic, no atomics).
+    src is r itself, or with kept patches r for prefix rows r < PREFIX and PREFIX + inv[b, r - PREFIX]
+    for position row r of patch r - PREFIX (skipped where image b did not keep it: inv = -1)."""
     ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    ok = (ts < TOKENS)[:, None] & (ds < D)[None, :]
-    ptrs = g_ptr + (ts[:, None].to(tl.int64) * sg_t + ds[None, :].to(tl.int64) * sg_d)
+    t_ok = ts < ROWS
+    d_ok = (ds < D)[None, :]
+    cols = ds[None, :].to(tl.int64) * sg_d
+    src = ts.to(tl.int64)
+    is_patch = t_ok & (ts >= PREFIX)
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     for _ in range(0, BATCH):
-        acc += tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-        ptrs += sg_b  # stepping the pointer: the batch offset never passes through an int32 product
-    tl.store(out_ptr + ts[:, None].to(tl.int64) * D + ds[None, :], acc, mask=ok)
+        ok = t_ok
+        if HAS_INV:
+            j = tl.load(inv_ptr + (ts - PREFIX).to(tl.int64) * sinv_n, mask=is_patch, other=-1)
+            src = tl.where(is_patch, PREFIX + j, ts)
+            ok = t_ok & ((ts < PREFIX) | (j >= 0))
+            inv_ptr += sinv_b
+        acc += tl.load(g_ptr + src[:, None] * sg_t + cols, mask=ok[:, None] & d_ok, other=0.0).to(tl.float32)
+        g_ptr += sg_b  # stepping the pointer: the batch offset never passes through an int32 product
+    tl.store(out_ptr + ts[:, None].to(tl.int64) * D + ds[None, :], acc, mask=t_ok[:, None] & d_ok)
 
 
 # --------------------------------------------------------------------------- #
@@ -260,6 +301,15 @@ def _backward_tiles(cfg: dict) -> dict:
     return dict(cfg, BLOCK_N=min(cfg["BLOCK_N"], 64), num_stages=2)
 
 
+def _gathered_tiles(cfg: dict, dtype: torch.dtype) -> dict:
+    """Forward tiles with kept patches or a prefix tile: in fp32, 128x128 tiles spill 32-96 B there (kept:
+    sm_80 under Triton 3.6; prefix: sm_90a under 3.8; `python -m vitkern.tools.compile_report`); 128x64
+    with 2 stages do not. 16-bit tiles stay."""
+    if _triton.INTERPRET or dtype != torch.float32:
+        return cfg
+    return dict(cfg, BLOCK_N=min(cfg["BLOCK_N"], 64), num_stages=2)
+
+
 def _tuned(group: str, cfg: dict, dtype: torch.dtype, d: int, k: int) -> dict:
     """``cfg`` with a tuned table entry (vitkern.configs) for ``patch_embed.<group>`` laid over it,
     where one exists. The class is the op's (D, K = C*Ph*Pw): M is the batch's, timed at the
@@ -278,26 +328,31 @@ def _image_strides(x: Tensor, ph: int, pw: int) -> tuple:
     return (*x.stride(), ph * x.stride(2), pw * x.stride(3))
 
 
+def _or(dummy: Tensor, *tensors: Optional[Tensor]) -> list:
+    """The tensors, with ``dummy`` as the placeholder pointer for absent ones (never read)."""
+    return [t if t is not None else dummy for t in tensors]
+
+
 def _launch_forward(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix=True, keep_indices=None,
                     norm=None):
     """Returns out; with ``norm = (ln_weight, ln_bias, eps)`` returns (out, pre-norm fp32, mean, rstd)."""
-    if _why_not_epilogue(_Call(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix, keep_indices),
-                         "the Triton path") is not None:
-        raise NotImplementedError("vitkern::patch_embed_fwd: " + _why_not_epilogue(
-            _Call(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix, keep_indices), "the Triton path"))
-    cls_token = prefix_tokens
     B, C, H, W = x.shape
     D, _, PH, PW = weight.shape
     grid_h, grid_w = H // PH, W // PW
-    prefix = 1 if cls_token is not None else 0
-    tokens = prefix + grid_h * grid_w
+    prefix, tokens = _token_count(x.shape, weight.shape, prefix_tokens, keep_indices)
     M, K = B * tokens, C * PH * PW
     out = new_output((B, tokens, D), dtype=x.dtype, device=x.device)
-    pos2d = pos_embed.reshape(tokens, D) if pos_embed is not None else None
-    # The kernel reads bias, CLS and the LayerNorm affine as contiguous (D,) vectors: a strided or
-    # expanded one is copied here (D values; fewer registers than strided loads in the epilogue).
+    pos2d = pos_embed.reshape(-1, D) if pos_embed is not None else None
+    # The kernel reads bias and the LayerNorm affine as contiguous (D,) vectors and the prefix as a
+    # contiguous (PB, T, D) block: a strided or expanded one is copied here (a few rows of D values;
+    # unit strides in the epilogue cost fewer registers). spre_b = 0 shares the prefix across the batch;
+    # one shared row (a CLS token) is read as a (D,) vector (a gathered tile spilled 96 B in fp32 on sm_90a).
     bias = bias.contiguous() if bias is not None else None
-    cls = cls_token.reshape(D).contiguous() if cls_token is not None else None
+    has_prefix = prefix_tokens is not None and prefix > 0
+    pre_tok = prefix_tokens.contiguous() if has_prefix else None
+    pre_strides = (pre_tok.stride(0) if pre_tok.shape[0] > 1 else 0, D, 1) if has_prefix else (0, 0, 0)
+    gathered_prefix = has_prefix and tuple(pre_tok.shape[:2]) != (1, 1)  # else one (D,) vector or none
+    keep_strides = keep_indices.stride() if keep_indices is not None else (0, 0)
     cfg = _gemm_config(x.dtype, M, D, K)
     dummy = weight  # placeholder pointer for absent optional inputs (never read)
     norm_args = (dummy, dummy, dummy, dummy, dummy, 0.0)
@@ -318,21 +373,21 @@ def _launch_forward(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_
         cfg = _tuned("fwd_norm", cfg, x.dtype, D, K)  # BLOCK_N stays the whole row: entries omit it
     else:
         cfg = _tuned("fwd", cfg, x.dtype, D, K)
+        if keep_indices is not None or gathered_prefix:
+            cfg = _gathered_tiles(cfg, x.dtype)
     if M == 0:  # empty batch: nothing to compute, no zero-size grid to launch
         return out if norm is None else (out, pre, mean, rstd)
     grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(D, cfg["BLOCK_N"]))
     _patch_embed_fwd_kernel[grid](
-        x, weight,
-        bias if bias is not None else dummy,
-        cls if cls is not None else dummy,
-        pos2d if pos2d is not None else dummy,
+        x, weight, *_or(dummy, bias, pre_tok, pos2d, keep_indices),
         out, *norm_args,
-        M, D, K, tokens, prefix, grid_w,
-        *_image_strides(x, PH, PW), *weight.stride(),
-        *(pos2d.stride() if pos2d is not None else (0, 0)),
+        M, D, K, tokens, prefix, prefix if pos_embed_covers_prefix else 0, grid_w,
+        *_image_strides(x, PH, PW), *weight.stride(), *pre_strides,
+        *(pos2d.stride() if pos2d is not None else (0, 0)), *keep_strides,
         PH=PH, PW=PW, WIDE=_wide(PH, PW, x, weight),
-        HAS_BIAS=bias is not None, HAS_CLS=cls_token is not None, HAS_POS=pos_embed is not None,
-        HAS_NORM=norm is not None,
+        HAS_BIAS=bias is not None, HAS_PREFIX=has_prefix,
+        ONE_SHARED_PREFIX=has_prefix and not gathered_prefix, HAS_POS=pos_embed is not None,
+        POS_ON_PREFIX=pos_embed_covers_prefix, HAS_KEEP=keep_indices is not None, HAS_NORM=norm is not None,
         **cfg,
     )
     return out if norm is None else (out, pre, mean, rstd)
@@ -346,35 +401,34 @@ def _dw_splits(d_tiles: int, k_tiles: int, row_tiles: int, device: torch.device)
     return max(1, min(row_tiles, cdiv(target, d_tiles * k_tiles)))
 
 
-def _launch_backward(grad_out, x, weight, prefix, need_dx, need_dweight, need_token_sums, keep_indices=None,
+def _launch_backward(grad_out, x, weight, prefix, need_dx, need_dweight, need_row_sums, keep_indices=None,
                      inverse_indices=None):
     B, C, H, W = x.shape
     D, _, PH, PW = weight.shape
     grid_h, grid_w = H // PH, W // PW
     num_patches = grid_h * grid_w
-    if keep_indices is not None or prefix > 1:
-        raise NotImplementedError("vitkern::patch_embed_bwd: keep_indices and several prefix rows are not in the "
-                                  "Triton kernels yet")
-    tokens = prefix + num_patches
-    MP, K = B * num_patches, C * PH * PW
+    kept = keep_indices.shape[1] if keep_indices is not None else num_patches
+    MP, K = B * kept, C * PH * PW  # patch rows: only the kept patches
     f32 = dict(dtype=torch.float32, device=x.device)
+    keep_args = (keep_indices if keep_indices is not None else weight,
+                 *(keep_indices.stride() if keep_indices is not None else (0, 0)))
 
     dx = x.new_empty(0)  # unrequested results are distinct empty tensors (outputs must not alias)
-    if need_dx and MP == 0:  # empty batch: an empty dx, no zero-size grid to launch
-        dx = new_output_like(x)
-    elif need_dx:
-        # Pixels beyond the last full patch (possible only for a cropped view) get no gradient.
+    # Pixels beyond the last full patch (possible only for a cropped view), and of patches not kept,
+    # get no gradient: zeros first unless the stores cover every pixel (distinct kept indices, K = N).
+    covered = (grid_h * PH == H) and (grid_w * PW == W) and kept == num_patches
+    if need_dx:
         # dx in x's memory format (e.g. the channels-last strides of a token grid viewed as an image),
         # so autograd maps it back through the view without a copy.
-        covered = (grid_h * PH == H) and (grid_w * PW == W)
         dx = new_output_like(x) if covered else torch.zeros_like(x)
+    if need_dx and MP > 0:  # (an empty batch or K = 0: no zero-size grid to launch)
         cfg = _tuned("dx", _backward_tiles(_gemm_config(x.dtype, MP, K, D)), x.dtype, D, K)
         grid = (cdiv(MP, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_N"]))
         _patch_embed_dx_kernel[grid](
-            grad_out, weight, dx,
-            MP, D, K, num_patches, prefix, grid_w,
-            *grad_out.stride(), *weight.stride(), *_image_strides(dx, PH, PW),
-            PH=PH, PW=PW, WIDE=_wide(PH, PW, weight, dx), **cfg,
+            grad_out, weight, keep_args[0], dx,
+            MP, D, K, kept, prefix, grid_w,
+            *grad_out.stride(), *weight.stride(), *keep_args[1:], *_image_strides(dx, PH, PW),
+            PH=PH, PW=PW, WIDE=_wide(PH, PW, weight, dx), HAS_KEEP=keep_indices is not None, **cfg,
         )
 
     dweight = x.new_empty(0)
@@ -389,25 +443,30 @@ def _launch_backward(grad_out, x, weight, prefix, need_dx, need_dweight, need_to
         splits = cdiv(MP, rows_per_split)
         partial = new_output((splits, D, K), **f32)
         _patch_embed_dw_kernel[(d_tiles, k_tiles, splits)](
-            grad_out, x, partial,
-            MP, D, K, num_patches, prefix, grid_w, rows_per_split,
-            *grad_out.stride(), *_image_strides(x, PH, PW),
-            PH=PH, PW=PW, WIDE=_wide(PH, PW, x), **cfg,
+            grad_out, x, keep_args[0], partial,
+            MP, D, K, kept, prefix, grid_w, rows_per_split,
+            *grad_out.stride(), *_image_strides(x, PH, PW), *keep_args[1:],
+            PH=PH, PW=PW, WIDE=_wide(PH, PW, x), HAS_KEEP=keep_indices is not None, **cfg,
         )
         summed = partial.sum(0) if splits > 1 else partial[0]  # fixed order: deterministic
         dweight = summed.to(weight.dtype).reshape(weight.shape)
 
-    token_sums = x.new_empty(0, dtype=torch.float32)
-    if need_token_sums and B == 0:  # a sum over no images
-        token_sums = torch.zeros((tokens, D), **f32)
-    elif need_token_sums:
-        token_sums = new_output((tokens, D), **f32)
+    rows = prefix + num_patches  # position-embedding rows
+    row_sums = x.new_empty(0, dtype=torch.float32)
+    if need_row_sums and B == 0:  # a sum over no images
+        row_sums = torch.zeros((rows, D), **f32)
+    elif need_row_sums:
+        inv = inverse_indices
+        if keep_indices is not None and inv is None:
+            inv = _inverse_indices(keep_indices, num_patches)
+        row_sums = new_output((rows, D), **f32)
         block_t, block_d = 16, min(128, next_power_of_2(D))
-        _sum_over_batch_kernel[(cdiv(tokens, block_t), cdiv(D, block_d))](
-            grad_out, token_sums, B, tokens, D, *grad_out.stride(),
-            BLOCK_T=block_t, BLOCK_D=block_d,
+        _sum_over_batch_kernel[(cdiv(rows, block_t), cdiv(D, block_d))](
+            grad_out, inv if inv is not None else weight, row_sums, B, rows, prefix, D,
+            *grad_out.stride(), *(inv.stride() if inv is not None else (0, 0)),
+            HAS_INV=inv is not None, BLOCK_T=block_t, BLOCK_D=block_d,
         )
-    return dx, dweight, token_sums
+    return dx, dweight, row_sums
 
 
 # --------------------------------------------------------------------------- #
@@ -688,14 +747,12 @@ def _why_not_triton(call: _Call) -> Optional[str]:
     x = call.x
     if x.dtype not in _KERNEL_DTYPES:
         return f"the Triton kernels take float32, float16 or bfloat16, got {x.dtype} (use backend='torch')"
-    reason = _why_not_epilogue(call, "the Triton path")
-    if reason is not None:
-        return reason
-    return backends.triton_reason(_tensors(call), x.dtype)
+    return backends.triton_reason(_tensors(call) + [call.keep_indices], x.dtype)
 
 
-def _why_not_epilogue(call: _Call, who: str) -> Optional[str]:
-    """The arguments beyond one broadcast CLS token and a full position embedding (not in the kernels yet)."""
+def _why_not_cuda_arguments(call: _Call) -> Optional[str]:
+    """The arguments beyond one shared CLS token and a full position embedding (not in the CUDA kernel yet)."""
+    who = "the CUDA kernel"
     prefix = call.prefix_tokens
     if prefix is not None and prefix.shape[1] != 1:
         return (f"{who} handles at most one prefix token (a CLS token) so far, got prefix_tokens of shape "
@@ -720,7 +777,7 @@ def _why_not_cuda(call: _Call) -> Optional[str]:
         return reason
     if x.dtype not in _KERNEL_DTYPES:
         return f"the CUDA kernel takes float32, float16 or bfloat16, got {x.dtype}"
-    reason = _why_not_epilogue(call, "the CUDA kernel")
+    reason = _why_not_cuda_arguments(call)
     if reason is not None:
         return reason
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
