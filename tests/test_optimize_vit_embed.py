@@ -8,14 +8,21 @@ training, a bias-free patch projection) and for DeiT's distilled model:
 * output and every gradient (input, every parameter; random upstream gradient) equal timm's,
   float64 on the torch backend within 1e-10 relative; float32 on the Triton backend (interpreter)
   and on ``backend="auto"`` against timm's float64 result (helpers.assert_close);
-* the embedding is one ``vitkern.ops.patch_embed`` call: outside it the forward runs no
-  ``aten.cat`` over the batch's tokens and no add (recorded with a TorchDispatchMode up to the
-  first block); on the Triton backend the whole forward runs no ``aten.cat`` and exactly one
-  ``vitkern::patch_embed_fwd``; the same for timm's vit_base_patch16_224, vit_small_patch16_224
-  with 4 register tokens and deit_base_distilled_patch16_224 (built on the meta device);
+* the embedding is one ``vitkern.ops.patch_embed`` call: outside it the forward runs no add and
+  no ``aten.cat`` over the batch's tokens (recorded with a TorchDispatchMode up to the first
+  block); the only cats are the (1, T, D) join of timm's separate token parameters (CLS with
+  register or distillation tokens) into the op's one prefix, and timm's own resampling of the
+  position embedding; with only a CLS token there is none. The same holds for timm's
+  vit_base_patch16_224, vit_small_patch16_224 with 4 register tokens and
+  deit_base_distilled_patch16_224 (built on the meta device). On the Triton backend the whole
+  forward runs exactly one ``vitkern::patch_embed_fwd`` and no other cat (these three models
+  too, with one block at 32x32); forward_intermediates and timm's FX feature extraction use
+  the same one call;
 * the model object, state_dict keys, Parameter objects and token attributes stay; no_weight_decay,
-  forward_features / forward_head / forward_intermediates (prefix tokens included), features_only,
-  set_distilled_training, deepcopy and pickling keep working; ``model.patch_embed(img)`` alone
+  forward_features (grad checkpointing, masks) / forward_head / forward_intermediates (prefix
+  tokens included), features_only, set_distilled_training, set_input_size, deepcopy and
+  pickling keep working; the converted classes compile under torch.jit.script (on timm's
+  embedding); ``model.patch_embed(img)`` alone
   still gives the patch tokens;
 * configurations the op cannot fuse keep timm's embedding and are reported with the reason.
 """
