@@ -5,6 +5,9 @@
 * :class:`MaskedAutoencoderViT` - MAE pretraining (the authors' model and keys) with the mask fused
   into the patchify; constructors :func:`mae_vit_base_patch16`, :func:`mae_vit_large_patch16`,
   :func:`mae_vit_huge_patch14`.
+* :mod:`vitkern.models.timm_vit` - timm's ``VisionTransformer`` / ``VisionTransformerDistilled`` with
+  the whole embedding in one op, the classes :func:`vitkern.optimize` gives those models; it imports
+  timm, so it is not imported here.
 """
 from vitkern.models.mae import (
     MaskedAutoencoderViT,
