@@ -693,6 +693,26 @@ def test_prefix_sequence_forward_and_every_gradient_match_reference(rows, kinds,
         assert_close(f"d{name}", grads[name], ref_grads[name], same_grads.get(name), grad=True)
 
 
+def test_two_prefix_tensors_with_the_gpu_tiles(monkeypatch):
+    """A second prefix tensor takes the narrower forward tiles in 16-bit too (see _gathered_tiles); those
+    tiles, run by the interpreter over several programs: CLS as a vector, the register rows as a tile."""
+    module = importlib.import_module("vitkern.ops.patch_embed")
+    use_gpu_tiles(monkeypatch, module, "_gemm_config", "_backward_tiles", "_gathered_tiles")
+    cfg = module._gemm_config(torch.float16, 512, 96, 48)
+    assert module._gathered_tiles(cfg, torch.float16) == cfg
+    assert module._gathered_tiles(cfg, torch.float16, True)["BLOCK_N"] == 64
+    base, _ = _seq_inputs((1, 4), ("shared", "shared"), True, None, torch.float16, B=3, D=96)
+    g = torch.randn(3, 11, 96, device=DEVICE).half()
+    triton = lambda *a, **k: patch_embed(*a, **k, backend="triton")  # noqa: E731
+    with poison_outputs():
+        out, grads = _run_seq(triton, _leaves(base), g, None, True)
+    ref_out, ref_grads = _run_seq(patch_embed_reference, _leaves(base, HIGH), g.to(HIGH), None, True)
+    same_out, same_grads = _run_seq(patch_embed_reference, _leaves(base), g, None, True)
+    assert_close("out", out, ref_out, same_out)
+    for name in grads:
+        assert_close(f"d{name}", grads[name], ref_grads[name], same_grads[name], grad=True)
+
+
 class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()

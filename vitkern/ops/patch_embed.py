@@ -143,13 +143,14 @@ def _patch_embed_fwd_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc += tl.where(is_patch[:, None], bias[None, :], 0.0)
-    if ONE_SHARED_PREFIX:  # one row for the batch (a CLS token): a (D,) vector, not a gathered tile
+    # Rows t < PREFIX1 from the first prefix tensor, the next ones (to PREFIX) from the second.
+    if ONE_SHARED_PREFIX:  # the first is one row for the batch (a CLS token): a (D,) vector, not a gathered tile
         cls = tl.load(prefix_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        acc += tl.where(is_patch[:, None], 0.0, cls[None, :])
-    elif HAS_PREFIX:  # rows t < PREFIX1 from the first prefix tensor, the next ones from the second
+        acc += tl.where((t < PREFIX1)[:, None], cls[None, :], 0.0)
+    elif HAS_PREFIX:
         acc += _prefix_tile(prefix_ptr, b, t, 0, PREFIX1, spre_b, spre_t, spre_d, cols64, row_ok, col_ok)
-        if HAS_PREFIX2:
-            acc += _prefix_tile(prefix2_ptr, b, t, PREFIX1, PREFIX, spre2_b, spre2_t, spre_d, cols64, row_ok, col_ok)
+    if HAS_PREFIX2:
+        acc += _prefix_tile(prefix2_ptr, b, t, PREFIX1, PREFIX, spre2_b, spre2_t, spre_d, cols64, row_ok, col_ok)
     if HAS_POS:
         pos_ok = is_patch
         if POS_ON_PREFIX:
@@ -309,11 +310,12 @@ def _backward_tiles(cfg: dict) -> dict:
     return dict(cfg, BLOCK_N=min(cfg["BLOCK_N"], 64), num_stages=2)
 
 
-def _gathered_tiles(cfg: dict, dtype: torch.dtype) -> dict:
+def _gathered_tiles(cfg: dict, dtype: torch.dtype, two_prefixes: bool = False) -> dict:
     """Forward tiles with kept patches or a prefix tile: in fp32, 128x128 tiles spill 32-96 B there (kept:
     sm_80 under Triton 3.6; prefix: sm_90a under 3.8; `python -m vitkern.tools.compile_report`); 128x64
-    with 2 stages do not. 16-bit tiles stay."""
-    if _triton.INTERPRET or dtype != torch.float32:
+    with 2 stages do not. 16-bit tiles stay, except with a second prefix tensor (CLS + register tokens:
+    12-304 B of spills at 128x128, 3 stages, under both Triton versions)."""
+    if _triton.INTERPRET or (dtype != torch.float32 and not two_prefixes):
         return cfg
     return dict(cfg, BLOCK_N=min(cfg["BLOCK_N"], 64), num_stages=2)
 
@@ -367,7 +369,9 @@ def _launch_forward(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_
     pre_strides = (batch_stride(pre_tok), D, 1) if has_prefix else (0, 0, 0)
     pre_strides += (batch_stride(pre2), D) if pre2 is not None else (0, 0)
     prefix1 = pre_tok.shape[1] if has_prefix else 0
-    gathered_prefix = has_prefix and (tuple(pre_tok.shape[:2]) != (1, 1) or pre2 is not None)  # else one (D,) vector
+    # timm's CLS token, first: one (D,) vector (two gathered prefix tiles spilled 80-364 B in 16-bit)
+    one_shared = has_prefix and tuple(pre_tok.shape[:2]) == (1, 1)
+    gathered_prefix = has_prefix and (not one_shared or pre2 is not None)  # a prefix tile (not only a vector)
     keep_strides = keep_indices.stride() if keep_indices is not None else (0, 0)
     cfg = _gemm_config(x.dtype, M, D, K)
     dummy = weight  # placeholder pointer for absent optional inputs (never read)
@@ -390,7 +394,7 @@ def _launch_forward(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_
     else:
         cfg = _tuned("fwd", cfg, x.dtype, D, K)
         if keep_indices is not None or gathered_prefix:
-            cfg = _gathered_tiles(cfg, x.dtype)
+            cfg = _gathered_tiles(cfg, x.dtype, pre2 is not None)
     if M == 0:  # empty batch: nothing to compute, no zero-size grid to launch
         return out if norm is None else (out, pre, mean, rstd)
     grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(D, cfg["BLOCK_N"]))
@@ -402,7 +406,7 @@ def _launch_forward(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_
         *(pos2d.stride() if pos2d is not None else (0, 0)), *keep_strides,
         PH=PH, PW=PW, WIDE=_wide(PH, PW, x, weight),
         HAS_BIAS=bias is not None, HAS_PREFIX=has_prefix,
-        ONE_SHARED_PREFIX=has_prefix and not gathered_prefix, HAS_PREFIX2=pre2 is not None, HAS_POS=pos_embed is not None,
+        ONE_SHARED_PREFIX=one_shared, HAS_PREFIX2=pre2 is not None, HAS_POS=pos_embed is not None,
         POS_ON_PREFIX=pos_embed_covers_prefix, HAS_KEEP=keep_indices is not None, HAS_NORM=norm is not None,
         **cfg,
     )
