@@ -348,6 +348,24 @@ def test_torch_compile_fullgraph_forward_and_backward():
         assert torch.equal(eager_grads[name], comp_grads[name]), name
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "fp16-autocast"])
+def test_torch_compile_fullgraph_with_two_prefix_tensors(autocast):
+    """A prefix list and autocast's mixed dtypes trace whole (the fake gives the promoted dtype)."""
+    base, _ = _seq_inputs((1, 2), ("shared", "image"), True, None, torch.float32)
+
+    def fn(*a, **k):
+        with torch.autocast(DEVICE.type, dtype=torch.float16, enabled=autocast):
+            return patch_embed(*a, **k, backend="triton")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    g = torch.randn(2, 9, 20, device=DEVICE)
+    eager_out, eager_grads = _run_seq(fn, _leaves(base), g, None, True)
+    comp_out, comp_grads = _run_seq(compiled, _leaves(base), g, None, True)
+    assert comp_out.dtype == eager_out.dtype == torch.float32 and torch.equal(eager_out, comp_out)
+    for name in eager_grads:
+        assert torch.equal(eager_grads[name], comp_grads[name]), name
+
+
 def test_flop_counter_counts_the_custom_ops_on_meta():
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -492,6 +492,9 @@ def _launch_backward(grad_out, x, weight, prefix, need_dx, need_dweight, need_ro
 # --------------------------------------------------------------------------- #
 # torch.library custom ops: opaque to torch.compile, counted by FlopCounterMode
 # --------------------------------------------------------------------------- #
+# Two optional prefix tensors, not a Tensor[]: the kernel has exactly two prefix pointers, so the schema
+# says so (a longer list would have no kernel to run it); each gets its own slot in the autograd result and
+# in the fake's dtype promotion; prefix_tokens2 comes last, so existing positional calls stay valid.
 @torch.library.custom_op("vitkern::patch_embed_fwd", mutates_args=())
 def _patch_embed_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], prefix_tokens: Optional[Tensor], pos_embed: Optional[Tensor],
