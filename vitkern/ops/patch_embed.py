@@ -3,6 +3,11 @@
 out[b, T+j, :] = W @ patch(b, n) + bias + pos[S + n]    (patch rows; n = keep[b, j], or j: K = N)
 out[b, t,   :] = prefix[b or 0, t] + pos[t]              (prefix rows t < T: CLS, distillation, registers)
 
+The prefix may come as two tensors (timm's separate cls_token and reg_token / dist_token), each read in
+place through its own pointer and batch stride. Under autocast x, weight and bias are 16-bit while the
+prefix and pos_embed may stay fp32: the output has their promoted dtype (as timm's cat / add give), and
+the backward GEMMs cast the wider upstream gradient to x's dtype per tile before tl.dot.
+
 S = T when pos_embed covers the prefix rows; S = 0 and no pos on prefix rows when it covers only the
 patches (timm's no_embed_class). The forward is one implicit GEMM: rows are the output tokens
 b*(T+K)+t, so a tile of rows is a contiguous block of the output; each patch row looks up its patch
