@@ -17,7 +17,7 @@ from vitkern.ops import patch_embed
 from vitkern.reference import patch_embed_reference
 from vitkern.testing import poison_outputs
 
-from helpers import assert_close, nan_padded, use_gpu_tiles
+from helpers import assert_close, nan_padded, rel_err, use_gpu_tiles
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -348,6 +348,24 @@ def test_torch_compile_fullgraph_forward_and_backward():
         assert torch.equal(eager_grads[name], comp_grads[name]), name
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "fp16-autocast"])
+def test_torch_compile_fullgraph_with_two_prefix_tensors(autocast):
+    """A prefix list and autocast's mixed dtypes trace whole (the fake gives the promoted dtype)."""
+    base, _ = _seq_inputs((1, 2), ("shared", "image"), True, None, torch.float32)
+
+    def fn(*a, **k):
+        with torch.autocast(DEVICE.type, dtype=torch.float16, enabled=autocast):
+            return patch_embed(*a, **k, backend="triton")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    g = torch.randn(2, 9, 20, device=DEVICE)
+    eager_out, eager_grads = _run_seq(fn, _leaves(base), g, None, True)
+    comp_out, comp_grads = _run_seq(compiled, _leaves(base), g, None, True)
+    assert comp_out.dtype == eager_out.dtype == torch.float32 and torch.equal(eager_out, comp_out)
+    for name in eager_grads:
+        assert torch.equal(eager_grads[name], comp_grads[name]), name
+
+
 def test_flop_counter_counts_the_custom_ops_on_meta():
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -430,9 +448,18 @@ def test_cls_token_is_prefix_tokens_of_one_row():
     (lambda a: a.update(prefix_tokens=torch.randn(1, 2, 7)),
      r"prefix_tokens must have shape \(1, T, 8\), \(2, T, 8\) or \(T, 8\) .* got \(1, 2, 7\)"),
     (lambda a: a.update(prefix_tokens=torch.randn(3, 2, 8)), r"prefix_tokens must have shape .* got \(3, 2, 8\)"),
-    (lambda a: a.update(prefix_tokens=torch.randn(1, 65, 8)), r"T <= 64, got \(1, 65, 8\)"),
+    (lambda a: a.update(prefix_tokens=torch.randn(1, 65, 8)), r"T <= 64 prefix rows in all, got \(1, 65, 8\)"),
     (lambda a: a.update(prefix_tokens=torch.randn(8)), r"prefix_tokens must be .* got shape \(8,\)"),
-    (lambda a: a.update(prefix_tokens=[1.0]), r"prefix_tokens must be a torch.Tensor or None, got list"),
+    (lambda a: a.update(prefix_tokens=1.0), r"prefix_tokens must be a torch.Tensor, a list/tuple of tensors or None, "
+                                            r"got float"),
+    (lambda a: a.update(prefix_tokens=[torch.randn(1, 1, 8), 1.0]), r"prefix_tokens\[1\] must be a torch.Tensor, got float"),
+    (lambda a: a.update(prefix_tokens=[torch.randn(1, 1, 8), torch.randn(8)]), r"prefix_tokens\[1\] must be .* got shape \(8,\)"),
+    (lambda a: a.update(prefix_tokens=[torch.randn(1, 1, 8), torch.randn(3, 2, 8)]),
+     r"prefix_tokens\[1\] must have shape \(1, T, 8\), \(2, T, 8\) .* got \(3, 2, 8\)"),
+    (lambda a: a.update(prefix_tokens=[torch.randn(1, 1, 8), torch.randn(1, 64, 8)]),
+     r"prefix_tokens\[1\] must have shape .* T <= 64 prefix rows in all, got \(1, 64, 8\)"),
+    (lambda a: a.update(prefix_tokens=(torch.randn(1, 1, 8), torch.randn(1, 2, 8, dtype=torch.float16))),
+     r"prefix_tokens\[1\].dtype is torch.float16 but x.dtype is torch.float32"),
     (lambda a: a.update(prefix_tokens=torch.randn(1, 2, 8, dtype=torch.float16)), r"prefix_tokens.dtype is"),
     (lambda a: a.update(prefix_tokens=torch.randn(1, 2, 8), pos_embed=torch.randn(1, 4, 8)),
      r"pos_embed must have shape \(1, 6, 8\) for 2 prefix \+ 4 patch rows .* got \(1, 4, 8\)"),
@@ -632,3 +659,175 @@ def test_flop_counter_counts_only_kept_patches():
     with FlopCounterMode(display=False) as counter:
         out.backward(torch.randn_like(out))
     assert counter.get_total_flops() == gemm  # dW over the kept patches only: the image needs no gradient
+
+
+# --------------------------------------------------------------------------- #
+# The prefix as a sequence of tensors (timm's separate cls_token and reg_token / dist_token)
+# --------------------------------------------------------------------------- #
+# (rows of each prefix tensor, their kinds: "shared" (1, t, D), "image" (B, t, D), "2d" (t, D)), covers, K
+SEQ_CASES = [
+    pytest.param((1,), ("shared",), True, None, id="one-in-a-list"),
+    pytest.param((1, 3), ("shared", "shared"), True, None, id="cls+reg3-shared"),
+    pytest.param((1, 2), ("shared", "image"), False, 4, id="cls+per-image2-patch-pos-keep"),
+    pytest.param((2, 1), ("image", "2d"), True, None, id="per-image2+2d"),
+    pytest.param((1, 1, 2), ("shared", "image", "2d"), True, 3, id="three-joined-keep"),
+]
+
+
+def _seq_inputs(rows, kinds, covers, K, dtype, B=2, D=20):
+    base, keep = _prefix_inputs(B, 3, 8, 12, (4, 4), D, sum(rows), False, covers, K, dtype)
+    del base["prefix_tokens"]
+    for i, (t, kind) in enumerate(zip(rows, kinds)):
+        shape = {"shared": (1, t, D), "image": (B, t, D), "2d": (t, D)}[kind]
+        base[f"prefix{i}"] = torch.randn(*shape, device=DEVICE).to(dtype)
+    return base, keep
+
+
+def _run_seq(fn, inputs, grad_out, keep, covers):
+    prefix = [t for n, t in inputs.items() if n.startswith("prefix")]
+    out = fn(inputs["x"], inputs["weight"], inputs["bias"], prefix_tokens=prefix, pos_embed=inputs["pos_embed"],
+             pos_embed_covers_prefix=covers, keep_indices=keep)
+    grads = torch.autograd.grad(out, list(inputs.values()), grad_out)
+    return out, dict(zip(inputs, grads))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,kinds,covers,K", SEQ_CASES)
+def test_prefix_sequence_forward_and_every_gradient_match_reference(rows, kinds, covers, K, dtype):
+    base, keep = _seq_inputs(rows, kinds, covers, K, dtype)
+    kernel_in = {n: nan_padded(t).requires_grad_(True) for n, t in base.items()}
+    tokens = sum(rows) + (K if K is not None else 6)
+    grad_out = torch.randn(2, tokens, 20, device=DEVICE).to(dtype)
+    triton = lambda *a, **k: patch_embed(*a, **k, backend="triton")  # noqa: E731
+    with poison_outputs():
+        out, grads = _run_seq(triton, kernel_in, grad_out, keep, covers)
+    ref_out, ref_grads = _run_seq(patch_embed_reference, _leaves(base, HIGH), grad_out.to(HIGH), keep, covers)
+    same_out, same_grads = (None, {}) if dtype == torch.float32 else \
+        _run_seq(patch_embed_reference, _leaves(base), grad_out, keep, covers)
+    assert out.dtype == dtype and out.shape == ref_out.shape == (2, tokens, 20)
+    assert_close("out", out, ref_out, same_out)
+    for name in base:
+        assert grads[name].shape == base[name].shape, name
+        assert_close(f"d{name}", grads[name], ref_grads[name], same_grads.get(name), grad=True)
+
+
+def test_two_prefix_tensors_with_the_gpu_tiles(monkeypatch):
+    """A second prefix tensor takes the narrower forward tiles in 16-bit too (see _gathered_tiles); those
+    tiles, run by the interpreter over several programs: CLS as a vector, the register rows as a tile."""
+    module = importlib.import_module("vitkern.ops.patch_embed")
+    use_gpu_tiles(monkeypatch, module, "_gemm_config", "_backward_tiles", "_gathered_tiles")
+    cfg = module._gemm_config(torch.float16, 512, 96, 48)
+    assert module._gathered_tiles(cfg, torch.float16) == cfg
+    assert module._gathered_tiles(cfg, torch.float16, True)["BLOCK_N"] == 64
+    base, _ = _seq_inputs((1, 4), ("shared", "shared"), True, None, torch.float16, B=3, D=96)
+    g = torch.randn(3, 11, 96, device=DEVICE).half()
+    triton = lambda *a, **k: patch_embed(*a, **k, backend="triton")  # noqa: E731
+    with poison_outputs():
+        out, grads = _run_seq(triton, _leaves(base), g, None, True)
+    ref_out, ref_grads = _run_seq(patch_embed_reference, _leaves(base, HIGH), g.to(HIGH), None, True)
+    same_out, same_grads = _run_seq(patch_embed_reference, _leaves(base), g, None, True)
+    assert_close("out", out, ref_out, same_out)
+    for name in grads:
+        assert_close(f"d{name}", grads[name], ref_grads[name], same_grads[name], grad=True)
+
+
+class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append((func, args))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_two_prefix_tensors_are_read_in_place_more_are_joined(count):
+    """CLS + register tokens reach the kernel as two tensors (no aten.cat); a third is joined on the host."""
+    base, _ = _seq_inputs((1, 2, 1)[:count], ("shared", "image", "shared")[:count], True, None, torch.float32)
+    rec = _AtenOps()
+    with rec:
+        patch_embed(base["x"], base["weight"], base["bias"], pos_embed=base["pos_embed"], backend="triton",
+                    prefix_tokens=[t for n, t in base.items() if n.startswith("prefix")])
+    cats = [f for f, _ in rec.ops if f is torch.ops.aten.cat.default]
+    calls = [args for f, args in rec.ops if f is torch.ops.vitkern.patch_embed_fwd.default]
+    assert len(calls) == 1 and len(cats) == (count > 2)
+    if count == 2:  # the caller's tensors themselves (contiguous already: the launcher copies nothing)
+        assert calls[0][3] is base["prefix0"] and calls[0][7] is base["prefix1"]
+
+
+@pytest.mark.parametrize("per_image", [False, True], ids=["shared", "per-image"])
+def test_custom_op_with_two_prefix_tensors_passes_opcheck(per_image):
+    base, keep = _seq_inputs((1, 3), ("shared", "image" if per_image else "shared"), False, 4, torch.float32)
+    leaves = _leaves(base)
+    args = (leaves["x"], leaves["weight"], leaves["bias"], leaves["prefix0"], leaves["pos_embed"], False, keep,
+            leaves["prefix1"])
+    torch.library.opcheck(torch.ops.vitkern.patch_embed_fwd.default, args)
+
+
+# --------------------------------------------------------------------------- #
+# Autocast: x, weight, bias cast; the prefix and pos_embed keep their dtype; the output promotes
+# --------------------------------------------------------------------------- #
+def _autocast_inputs(param_dtype=torch.float32):
+    base, _ = _seq_inputs((1, 2), ("shared", "shared"), True, None, torch.float32)
+    return {n: (t.to(param_dtype) if n.startswith(("prefix", "pos")) else t) for n, t in base.items()}
+
+
+@pytest.mark.parametrize("params,want", [
+    ("float32", torch.float32), ("bfloat16", torch.bfloat16), ("none", torch.bfloat16),
+])
+def test_bf16_autocast_output_dtype_follows_timms_promotion(params, want):
+    """timm's embedding under bf16 autocast: bf16 conv output, then cat / add with its token parameters,
+    which promote (float32 parameters: float32 tokens). Both backends that run on CPU give that dtype; the
+    torch backend's values are that composition's exactly."""
+    base = _autocast_inputs(torch.float32 if params != "bfloat16" else torch.bfloat16)
+    prefix = [base["prefix0"], base["prefix1"]] if params != "none" else None
+    pos = base["pos_embed"] if params != "none" else None
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = patch_embed(base["x"], base["weight"], base["bias"], prefix_tokens=prefix, pos_embed=pos,
+                          backend="torch")
+        conv = torch.nn.functional.conv2d(base["x"], base["weight"], base["bias"], stride=4).flatten(2).transpose(1, 2)
+        timm_like = conv if prefix is None else torch.cat([*(t.expand(2, -1, -1) for t in prefix), conv], 1) + pos
+    assert conv.dtype == torch.bfloat16 and timm_like.dtype == want and out.dtype == want
+    assert torch.equal(out, timm_like)
+
+
+def test_outside_autocast_mixed_dtypes_are_refused_naming_the_argument():
+    base = _autocast_inputs(torch.float16)
+    with pytest.raises(TypeError, match=r"pos_embed.dtype is torch.float16 but x.dtype is torch.float32"):
+        patch_embed(base["x"], base["weight"], base["bias"], prefix_tokens=[base["prefix0"].float(), base["prefix1"].float()], pos_embed=base["pos_embed"])
+
+
+def _within_factor(name, out, high, same, factor):
+    """The 2x (3x for gradients) rule of vitkern.testing on outputs that are float32 but carry 16-bit error."""
+    err, same_err = rel_err(out, high), rel_err(same, high)
+    assert out.dtype == same.dtype and 0 < same_err and err <= factor * same_err, (name, err, same_err)
+
+
+def test_triton_under_autocast_promotes_and_every_gradient_matches_reference():
+    """The kernels under fp16 autocast (what CPU's interpreter computes; bf16 on a GPU is the same code):
+    fp16 x / weight / bias, fp32 prefix tokens and pos_embed, a float32 output, and a float32 upstream
+    gradient that the backward kernels cast to fp16 per tile. Forward and every gradient against the
+    float64 reference, within 2x / 3x the torch backend's error under the same autocast."""
+    base = _autocast_inputs()
+    grad_out = torch.randn(2, 9, 20, device=DEVICE)
+
+    def run(backend, inputs, g):
+        with torch.autocast(DEVICE.type, dtype=torch.float16):
+            return _run_seq(lambda *a, **k: patch_embed(*a, **k, backend=backend), inputs, g, None, True)
+
+    kernel_in = {n: nan_padded(t).requires_grad_(True) for n, t in base.items()}
+    with poison_outputs():
+        out, grads = run("triton", kernel_in, grad_out)
+    same_out, same_grads = run("torch", _leaves(base), grad_out)
+    ref_out, ref_grads = _run_seq(patch_embed_reference, _leaves(_cast16(base), HIGH), grad_out.to(HIGH), None, True)
+    assert out.dtype == same_out.dtype == torch.float32
+    _within_factor("out", out, ref_out, same_out, vitkern.testing.FORWARD_FACTOR)
+    for name in base:
+        assert grads[name].dtype == same_grads[name].dtype == torch.float32, name
+        _within_factor(f"d{name}", grads[name], ref_grads[name], same_grads[name], vitkern.testing.GRAD_FACTOR)
+
+
+def _cast16(base):
+    """The values autocast gives the conv inputs (x, weight, bias rounded to fp16), for the float64 oracle."""
+    return {n: (t if n.startswith(("prefix", "pos")) else t.half().float()) for n, t in base.items()}

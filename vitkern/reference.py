@@ -6,7 +6,7 @@ baseline, so both always check against the same code.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ def patch_embed_reference(
     bias: Optional[torch.Tensor] = None,
     *,
     cls_token: Optional[torch.Tensor] = None,
-    prefix_tokens: Optional[torch.Tensor] = None,
+    prefix_tokens: Union[torch.Tensor, Sequence[torch.Tensor], None] = None,
     pos_embed: Optional[torch.Tensor] = None,
     pos_embed_covers_prefix: bool = True,
     keep_indices: Optional[torch.Tensor] = None,
@@ -42,10 +42,11 @@ def patch_embed_reference(
 
     x (B, C, H, W), weight (D, C, Ph, Pw), bias (D,). ``prefix_tokens`` (1, T, D), (B, T, D) or
     (T, D) become rows 0..T-1; ``cls_token`` (D values, timm's (1, 1, D)) is ``prefix_tokens`` with
-    T = 1. ``keep_indices`` (B, K) keeps patches keep[b, j] (row-major) as rows T+j; without it
+    T = 1; a list/tuple of such tensors is written one after the other. ``keep_indices`` (B, K) keeps patches keep[b, j] (row-major) as rows T+j; without it
     K = N = (H/Ph)(W/Pw), all patches in order. ``pos_embed`` is (1, T+N, D) or (T+N, D) added to
     every row when ``pos_embed_covers_prefix``, else (1, N, D) or (N, D) added to the patch rows only;
-    a kept patch's row gets the position row of its patch. Returns (B, T+K, D).
+    a kept patch's row gets the position row of its patch. Returns (B, T+K, D), in the dtype torch's
+    promotion gives the conv output, the prefix and pos_embed (x's when they share it).
     """
     if cls_token is not None:
         if prefix_tokens is not None:
@@ -61,10 +62,11 @@ def patch_embed_reference(
         tokens = tokens.gather(1, keep_indices[:, :, None].expand(-1, -1, D))  # (B, K, D)
     T = 0
     if prefix_tokens is not None:
-        T = prefix_tokens.shape[-2]
-        prefix = prefix_tokens if prefix_tokens.dim() == 3 else prefix_tokens[None]  # (T, D) -> (1, T, D)
-        prefix = prefix.expand(B, T, D)
-        tokens = torch.cat([prefix, tokens], dim=1)  # (B, T+K, D)
+        seq = list(prefix_tokens) if isinstance(prefix_tokens, (list, tuple)) else [prefix_tokens]
+        # (T, D) -> (1, T, D), then each to the batch; cat promotes to the widest dtype
+        prefix = [(p if p.dim() == 3 else p[None]).expand(B, -1, D) for p in seq]
+        T = sum(p.shape[1] for p in prefix)
+        tokens = torch.cat([*prefix, tokens], dim=1)  # (B, T+K, D)
     if pos_embed is not None:
         pos = pos_embed.reshape(1, -1, D).expand(B, -1, D)
         if pos_embed_covers_prefix:  # pos row t for prefix row t, pos row T+n for patch n

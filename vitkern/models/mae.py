@@ -164,9 +164,6 @@ class MaskedAutoencoderViT(nn.Module):
         # CLS + pos[0], then kept patch keep[b, j] -> row 1 + j with pos[1 + keep[b, j]]: one kernel
         x = _ops.patch_embed(imgs, proj.weight, proj.bias, cls_token=self.cls_token, pos_embed=self.pos_embed,
                              keep_indices=ids_keep, backend=self.patch_embed.backend)
-        # Under autocast the op returns bf16 where the reference's conv output + fp32 pos promotes to
-        # fp32: keep the residual stream in the reference's dtype.
-        x = x.to(torch.promote_types(x.dtype, self.pos_embed.dtype))
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x), mask, ids_restore

@@ -77,10 +77,9 @@ def vit_embedding(
     if pos_embed is not None and resample_from is not None:
         pos_embed = resample_abs_pos_embed(pos_embed, new_size=[gh, gw], old_size=list(resample_from),
                                            num_prefix_tokens=resample_prefix)
-    # The op takes one (1, T, D) prefix; CLS with register or distillation tokens are separate parameters in timm,
-    # so those T rows (not the batch's tokens) are joined here.
-    tokens = prefix[0] if len(prefix) == 1 else torch.cat(prefix, dim=1) if prefix else None
-    return _ops.patch_embed(x, weight, bias, prefix_tokens=tokens, pos_embed=pos_embed,
+    # timm's separate CLS and register / distillation token parameters go in as a list: the kernel reads both
+    # in place (no cat)
+    return _ops.patch_embed(x, weight, bias, prefix_tokens=prefix if prefix else None, pos_embed=pos_embed,
                             pos_embed_covers_prefix=pos_embed_covers_prefix, backend=backend)
 
 

@@ -3,6 +3,11 @@
 out[b, T+j, :] = W @ patch(b, n) + bias + pos[S + n]    (patch rows; n = keep[b, j], or j: K = N)
 out[b, t,   :] = prefix[b or 0, t] + pos[t]              (prefix rows t < T: CLS, distillation, registers)
 
+The prefix may come as two tensors (timm's separate cls_token and reg_token / dist_token), each read in
+place through its own pointer and batch stride. Under autocast x, weight and bias are 16-bit while the
+prefix and pos_embed may stay fp32: the output has their promoted dtype (as timm's cat / add give), and
+the backward GEMMs cast the wider upstream gradient to x's dtype per tile before tl.dot.
+
 S = T when pos_embed covers the prefix rows; S = 0 and no pos on prefix rows when it covers only the
 patches (timm's no_embed_class). The forward is one implicit GEMM: rows are the output tokens
 b*(T+K)+t, so a tile of rows is a contiguous block of the output; each patch row looks up its patch
@@ -28,7 +33,7 @@ fake and autograd registrations -> backend predicates -> the public op.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -86,18 +91,27 @@ def _kept_patch(b, j, keep_ptr, skeep_b, skeep_j, ok, HAS_KEEP: tl.constexpr):
 
 
 @triton.jit
+def _prefix_tile(ptr, b, t, lo, hi, s_b, s_t, s_d, cols64, row_ok, col_ok):
+    """Rows lo <= t < hi of the tile read prefix[b (or 0: s_b = 0), t - lo] in fp32; other rows get 0."""
+    mine = row_ok & (t >= lo) & (t < hi)
+    tok = tl.load(ptr + b[:, None] * s_b + (t - lo)[:, None] * s_t + cols64[None, :] * s_d,
+                  mask=mine[:, None] & col_ok[None, :], other=0.0)
+    return tok.to(tl.float32)
+
+
+@triton.jit
 def _patch_embed_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, prefix_ptr, pos_ptr, keep_ptr, out_ptr,
+    x_ptr, w_ptr, bias_ptr, prefix_ptr, prefix2_ptr, pos_ptr, keep_ptr, out_ptr,
     ln_w_ptr, ln_b_ptr, pre_ptr, mean_ptr, rstd_ptr, eps,
-    M, D, K, TOKENS, PREFIX, POS_SHIFT, GRID_W,
+    M, D, K, TOKENS, PREFIX, PREFIX1, POS_SHIFT, GRID_W,
     sx_b, sx_c, sx_h, sx_w, sx_ph, sx_pw,
     sw_d, sw_c, sw_h, sw_w,
-    spre_b, spre_t, spre_d,
+    spre_b, spre_t, spre_d, spre2_b, spre2_t,
     spos_t, spos_d,
     skeep_b, skeep_j,
     PH: tl.constexpr, PW: tl.constexpr, WIDE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_PREFIX: tl.constexpr, ONE_SHARED_PREFIX: tl.constexpr,
-    HAS_POS: tl.constexpr, POS_ON_PREFIX: tl.constexpr,
+    HAS_PREFIX2: tl.constexpr, HAS_POS: tl.constexpr, POS_ON_PREFIX: tl.constexpr,
     HAS_KEEP: tl.constexpr, HAS_NORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -134,14 +148,14 @@ def _patch_embed_fwd_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc += tl.where(is_patch[:, None], bias[None, :], 0.0)
-    if ONE_SHARED_PREFIX:  # one row for the batch (a CLS token): a (D,) vector, not a gathered tile
+    # Rows t < PREFIX1 from the first prefix tensor, the next ones (to PREFIX) from the second.
+    if ONE_SHARED_PREFIX:  # the first is one row for the batch (a CLS token): a (D,) vector, not a gathered tile
         cls = tl.load(prefix_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        acc += tl.where(is_patch[:, None], 0.0, cls[None, :])
+        acc += tl.where((t < PREFIX1)[:, None], cls[None, :], 0.0)
     elif HAS_PREFIX:
-        is_prefix = row_ok & (t < PREFIX)
-        pre_tok = tl.load(prefix_ptr + b[:, None] * spre_b + t[:, None] * spre_t + cols64[None, :] * spre_d,
-                          mask=is_prefix[:, None] & col_ok[None, :], other=0.0)
-        acc += pre_tok.to(tl.float32)
+        acc += _prefix_tile(prefix_ptr, b, t, 0, PREFIX1, spre_b, spre_t, spre_d, cols64, row_ok, col_ok)
+    if HAS_PREFIX2:
+        acc += _prefix_tile(prefix2_ptr, b, t, PREFIX1, PREFIX, spre2_b, spre2_t, spre_d, cols64, row_ok, col_ok)
     if HAS_POS:
         pos_ok = is_patch
         if POS_ON_PREFIX:
@@ -196,7 +210,7 @@ def _patch_embed_dx_kernel(
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         w = tl.load(w_ptr + ds[:, None].to(tl.int64) * sw_d + w_k[None, :],
                     mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.dot(g, w)
+        acc += tl.dot(g.to(w.dtype), w)  # grad_out may be wider than x under autocast (fp32 over bf16)
 
     n = _kept_patch(b, jr, keep_ptr, skeep_b, skeep_j, row_ok, HAS_KEEP)
     dx_row = _patch_origin(b, n, GRID_W, sdx_b, sdx_ph, sdx_pw)
@@ -241,7 +255,7 @@ def _patch_embed_dw_kernel(
         x_row = _patch_origin(b, n, GRID_W, sx_b, sx_ph, sx_pw)
         a = tl.load(x_ptr + x_row[:, None] + x_k[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.dot(g_t, a)
+        acc += tl.dot(g_t.to(a.dtype), a)  # (as in the dx kernel)
 
     out_off = split.to(tl.int64) * D * K + ds[:, None].to(tl.int64) * K + ks[None, :]
     tl.store(partial_ptr + out_off, acc, mask=d_ok[:, None] & k_ok[None, :])
@@ -301,11 +315,12 @@ def _backward_tiles(cfg: dict) -> dict:
     return dict(cfg, BLOCK_N=min(cfg["BLOCK_N"], 64), num_stages=2)
 
 
-def _gathered_tiles(cfg: dict, dtype: torch.dtype) -> dict:
+def _gathered_tiles(cfg: dict, dtype: torch.dtype, two_prefixes: bool = False) -> dict:
     """Forward tiles with kept patches or a prefix tile: in fp32, 128x128 tiles spill 32-96 B there (kept:
     sm_80 under Triton 3.6; prefix: sm_90a under 3.8; `python -m vitkern.tools.compile_report`); 128x64
-    with 2 stages do not. 16-bit tiles stay."""
-    if _triton.INTERPRET or dtype != torch.float32:
+    with 2 stages do not. 16-bit tiles stay, except with a second prefix tensor (CLS + register tokens:
+    12-304 B of spills at 128x128, 3 stages, under both Triton versions)."""
+    if _triton.INTERPRET or (dtype != torch.float32 and not two_prefixes):
         return cfg
     return dict(cfg, BLOCK_N=min(cfg["BLOCK_N"], 64), num_stages=2)
 
@@ -334,24 +349,34 @@ def _or(dummy: Tensor, *tensors: Optional[Tensor]) -> list:
 
 
 def _launch_forward(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix=True, keep_indices=None,
-                    norm=None):
+                    prefix_tokens2=None, norm=None):
     """Returns out; with ``norm = (ln_weight, ln_bias, eps)`` returns (out, pre-norm fp32, mean, rstd)."""
     B, C, H, W = x.shape
     D, _, PH, PW = weight.shape
     grid_h, grid_w = H // PH, W // PW
-    prefix, tokens = _token_count(x.shape, weight.shape, prefix_tokens, keep_indices)
+    prefix, tokens = _token_count(x.shape, weight.shape, prefix_tokens, keep_indices, prefix_tokens2)
     M, K = B * tokens, C * PH * PW
-    out = new_output((B, tokens, D), dtype=x.dtype, device=x.device)
+    out = new_output((B, tokens, D), dtype=_out_dtype(x, prefix_tokens, prefix_tokens2, pos_embed), device=x.device)
     pos2d = pos_embed.reshape(-1, D) if pos_embed is not None else None
     # The kernel reads bias and the LayerNorm affine as contiguous (D,) vectors and the prefix as a
     # contiguous (PB, T, D) block: a strided or expanded one is copied here (a few rows of D values;
     # unit strides in the epilogue cost fewer registers). spre_b = 0 shares the prefix across the batch;
     # one shared row (a CLS token) is read as a (D,) vector (a gathered tile spilled 96 B in fp32 on sm_90a).
     bias = bias.contiguous() if bias is not None else None
-    has_prefix = prefix_tokens is not None and prefix > 0
-    pre_tok = prefix_tokens.contiguous() if has_prefix else None
-    pre_strides = (pre_tok.stride(0) if pre_tok.shape[0] > 1 else 0, D, 1) if has_prefix else (0, 0, 0)
-    gathered_prefix = has_prefix and tuple(pre_tok.shape[:2]) != (1, 1)  # else one (D,) vector or none
+    # A second prefix tensor (timm's register or distillation tokens after its CLS token) is its own pointer
+    # with its own batch stride: rows PREFIX1.. of the prefix, read in place (no cat on the host).
+    pre_tok, pre2 = (t.contiguous() if t is not None and t.shape[1] > 0 else None
+                     for t in (prefix_tokens, prefix_tokens2))
+    if pre_tok is None:
+        pre_tok, pre2 = pre2, None
+    has_prefix = pre_tok is not None
+    batch_stride = lambda t: t.stride(0) if t.shape[0] > 1 else 0  # noqa: E731  (0: shared by the batch)
+    pre_strides = (batch_stride(pre_tok), D, 1) if has_prefix else (0, 0, 0)
+    pre_strides += (batch_stride(pre2), D) if pre2 is not None else (0, 0)
+    prefix1 = pre_tok.shape[1] if has_prefix else 0
+    # timm's CLS token, first: one (D,) vector (two gathered prefix tiles spilled 80-364 B in 16-bit)
+    one_shared = has_prefix and tuple(pre_tok.shape[:2]) == (1, 1)
+    gathered_prefix = has_prefix and (not one_shared or pre2 is not None)  # a prefix tile (not only a vector)
     keep_strides = keep_indices.stride() if keep_indices is not None else (0, 0)
     cfg = _gemm_config(x.dtype, M, D, K)
     dummy = weight  # placeholder pointer for absent optional inputs (never read)
@@ -374,19 +399,19 @@ def _launch_forward(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_
     else:
         cfg = _tuned("fwd", cfg, x.dtype, D, K)
         if keep_indices is not None or gathered_prefix:
-            cfg = _gathered_tiles(cfg, x.dtype)
+            cfg = _gathered_tiles(cfg, x.dtype, pre2 is not None)
     if M == 0:  # empty batch: nothing to compute, no zero-size grid to launch
         return out if norm is None else (out, pre, mean, rstd)
     grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(D, cfg["BLOCK_N"]))
     _patch_embed_fwd_kernel[grid](
-        x, weight, *_or(dummy, bias, pre_tok, pos2d, keep_indices),
+        x, weight, *_or(dummy, bias, pre_tok, pre2, pos2d, keep_indices),
         out, *norm_args,
-        M, D, K, tokens, prefix, prefix if pos_embed_covers_prefix else 0, grid_w,
+        M, D, K, tokens, prefix, prefix1, prefix if pos_embed_covers_prefix else 0, grid_w,
         *_image_strides(x, PH, PW), *weight.stride(), *pre_strides,
         *(pos2d.stride() if pos2d is not None else (0, 0)), *keep_strides,
         PH=PH, PW=PW, WIDE=_wide(PH, PW, x, weight),
         HAS_BIAS=bias is not None, HAS_PREFIX=has_prefix,
-        ONE_SHARED_PREFIX=has_prefix and not gathered_prefix, HAS_POS=pos_embed is not None,
+        ONE_SHARED_PREFIX=one_shared, HAS_PREFIX2=pre2 is not None, HAS_POS=pos_embed is not None,
         POS_ON_PREFIX=pos_embed_covers_prefix, HAS_KEEP=keep_indices is not None, HAS_NORM=norm is not None,
         **cfg,
     )
@@ -472,29 +497,46 @@ def _launch_backward(grad_out, x, weight, prefix, need_dx, need_dweight, need_ro
 # --------------------------------------------------------------------------- #
 # torch.library custom ops: opaque to torch.compile, counted by FlopCounterMode
 # --------------------------------------------------------------------------- #
+# Two optional prefix tensors, not a Tensor[]: the kernel has exactly two prefix pointers, so the schema
+# says so (a longer list would have no kernel to run it); each gets its own slot in the autograd result and
+# in the fake's dtype promotion; prefix_tokens2 comes last, so existing positional calls stay valid.
 @torch.library.custom_op("vitkern::patch_embed_fwd", mutates_args=())
 def _patch_embed_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], prefix_tokens: Optional[Tensor], pos_embed: Optional[Tensor],
     pos_embed_covers_prefix: bool = True, keep_indices: Optional[Tensor] = None,
+    prefix_tokens2: Optional[Tensor] = None,
 ) -> Tensor:
-    """(B, T+K, D) tokens; prefix_tokens (1 or B, T, D), keep_indices (B, K) int64 (see patch_embed)."""
-    return _launch_forward(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix, keep_indices)
+    """(B, T+K, D) tokens; prefix_tokens (1 or B, T1, D) then prefix_tokens2 (1 or B, T2, D) as rows
+    0..T1+T2-1, keep_indices (B, K) int64 (see patch_embed). The output dtype promotes x's with the
+    prefix and pos_embed dtypes (they differ from x's only under autocast)."""
+    return _launch_forward(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix, keep_indices,
+                           prefix_tokens2)
 
 
-def _token_count(x_shape, weight_shape, prefix_tokens, keep_indices) -> Tuple[int, int]:
+def _token_count(x_shape, weight_shape, prefix_tokens, keep_indices, prefix_tokens2=None) -> Tuple[int, int]:
     """(T, T + K): prefix rows, and rows in all (K = N without keep_indices)."""
     _, _, H, W = x_shape
     _, _, PH, PW = weight_shape
-    prefix = prefix_tokens.shape[1] if prefix_tokens is not None else 0
+    prefix = sum(t.shape[1] for t in (prefix_tokens, prefix_tokens2) if t is not None)
     kept = keep_indices.shape[1] if keep_indices is not None else (H // PH) * (W // PW)
     return prefix, prefix + kept
 
 
+def _out_dtype(x: Tensor, *others: Optional[Tensor]) -> torch.dtype:
+    """What timm's conv output + cat(prefix) + pos_embed gives: x's dtype promoted with the others'."""
+    dtype = x.dtype
+    for t in others:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 @_patch_embed_fwd.register_fake
 def _patch_embed_fwd_fake(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix=True,
-                          keep_indices=None):
-    _, tokens = _token_count(x.shape, weight.shape, prefix_tokens, keep_indices)
-    return x.new_empty((x.shape[0], tokens, weight.shape[0]))
+                          keep_indices=None, prefix_tokens2=None):
+    _, tokens = _token_count(x.shape, weight.shape, prefix_tokens, keep_indices, prefix_tokens2)
+    return x.new_empty((x.shape[0], tokens, weight.shape[0]),
+                       dtype=_out_dtype(x, prefix_tokens, prefix_tokens2, pos_embed))
 
 
 @torch.library.custom_op("vitkern::patch_embed_bwd", mutates_args=())
@@ -524,11 +566,12 @@ def _patch_embed_bwd_fake(grad_out, x, weight, prefix, need_dx, need_dweight, ne
 
 
 def _patch_embed_fwd_setup_context(ctx, inputs, output):
-    x, weight, bias, prefix_tokens, pos_embed, covers, keep = inputs
+    x, weight, bias, prefix_tokens, pos_embed, covers, keep, prefix_tokens2 = inputs
     ctx.save_for_backward(x, weight, keep)
     ctx.covers = covers
     ctx.meta = {name: (tuple(t.shape), t.dtype) if t is not None else None
-                for name, t in (("bias", bias), ("prefix", prefix_tokens), ("pos", pos_embed))}
+                for name, t in (("bias", bias), ("prefix", prefix_tokens), ("pos", pos_embed),
+                                ("prefix2", prefix_tokens2))}
 
 
 def _inverse_indices(keep: Tensor, num_patches: int) -> Tensor:
@@ -540,27 +583,38 @@ def _inverse_indices(keep: Tensor, num_patches: int) -> Tensor:
 
 def _patch_embed_fwd_backward(ctx, grad_out):
     x, weight, keep = ctx.saved_tensors
-    need_x, need_w, need_b, need_prefix, need_pos = ctx.needs_input_grad[:5]
-    bias_meta, prefix_meta, pos_meta = ctx.meta["bias"], ctx.meta["prefix"], ctx.meta["pos"]
-    T = prefix_meta[0][1] if prefix_meta is not None else 0
-    per_image_prefix = need_prefix and prefix_meta[0][0] != 1  # (B, T, D): its gradient is dout's rows
-    need_sums = need_b or need_pos or (need_prefix and not per_image_prefix)
+    given = len(ctx.needs_input_grad)  # the arguments the call passed (trailing defaults are not listed)
+    need_x, need_w, need_b, need_prefix, need_pos, _, _, need_prefix2 = (*ctx.needs_input_grad, False, False, False)[:8]
+    bias_meta, pos_meta = ctx.meta["bias"], ctx.meta["pos"]
+    # each prefix tensor: (needed, its first row, its meta); a per-image one's gradient is dout's rows,
+    # a shared one's the batch sum of them
+    T, parts = 0, []
+    for need, meta in ((need_prefix, ctx.meta["prefix"]), (need_prefix2, ctx.meta["prefix2"])):
+        parts.append((need, T, meta))
+        T += meta[0][1] if meta is not None else 0
+    need_sums = need_b or need_pos or any(need and meta[0][0] == 1 for need, _, meta in parts)
     inv = None
     if keep is not None and need_sums:
         _, _, H, W = x.shape
         inv = _inverse_indices(keep, (H // weight.shape[2]) * (W // weight.shape[3]))
     dx, dweight, row_sums = torch.ops.vitkern.patch_embed_bwd(
         grad_out, x, weight, T, need_x, need_w, need_sums, keep, inv)
-    dbias = dprefix = dpos = None
+    dbias = dpos = None
     if need_b:
         dbias = row_sums[T:].sum(0).to(bias_meta[1])
-    if need_prefix:
-        shape, dtype = prefix_meta
-        dprefix = (grad_out[:, :T] if per_image_prefix else row_sums[:T]).to(dtype).reshape(shape)
+    dprefix = []
+    for need, lo, meta in parts:
+        if not need:
+            dprefix.append(None)
+            continue
+        (pb, t, _), dtype = meta
+        rows = grad_out[:, lo:lo + t] if pb != 1 else row_sums[lo:lo + t]
+        dprefix.append(rows.to(dtype).reshape(meta[0]))
     if need_pos:
         shape, dtype = pos_meta
         dpos = (row_sums if ctx.covers else row_sums[T:]).to(dtype).reshape(shape)
-    return (dx if need_x else None, dweight if need_w else None, dbias, dprefix, dpos, None, None)
+    return (dx if need_x else None, dweight if need_w else None, dbias, dprefix[0], dpos, None, None,
+            dprefix[1])[:given]
 
 
 _patch_embed_fwd.register_autograd(_patch_embed_fwd_backward, setup_context=_patch_embed_fwd_setup_context)
@@ -602,8 +656,10 @@ def _shape(t) -> str:
 MAX_PREFIX_TOKENS = 64  # CLS + distillation + register tokens stay far below; the kernels loop over none of them
 
 
-def _validate(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix=True, keep_indices=None) -> None:
-    """Cheap host checks. ``prefix_tokens`` is already (PB, T, D) (cls_token reshaped by _prepare)."""
+def _validate(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix=True, keep_indices=None,
+              prefix_tokens2=None, autocast=False) -> None:
+    """Cheap host checks. The prefix tensors are already (PB, T, D) (cls_token reshaped by _prepare);
+    ``autocast``: x, weight and bias were cast to the autocast dtype, the prefix and pos_embed keep theirs."""
     if not isinstance(x, Tensor):
         raise TypeError(f"patch_embed: x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(weight, Tensor):
@@ -625,7 +681,9 @@ def _validate(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix
     if H % PH or W % PW:
         raise ValueError(f"patch_embed: image size (H, W)=({H}, {W}) must be divisible by the patch size "
                          f"({PH}, {PW}); pad the image (timm: dynamic_img_pad=True) or crop it first")
-    named = {"weight": weight, "bias": bias, "prefix_tokens": prefix_tokens, "pos_embed": pos_embed}
+    two = prefix_tokens2 is not None
+    named = {"weight": weight, "bias": bias, "prefix_tokens[0]" if two else "prefix_tokens": prefix_tokens,
+             "prefix_tokens[1]": prefix_tokens2, "pos_embed": pos_embed}
     for name, t in named.items():
         if t is None:
             continue
@@ -633,17 +691,24 @@ def _validate(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix
             raise TypeError(f"patch_embed: {name} must be a torch.Tensor or None, got {type(t).__name__}")
         if t.device != x.device:
             raise ValueError(f"patch_embed: {name} is on {t.device} but x is on {x.device}")
-        if t.dtype != x.dtype:
+        if autocast and name not in ("weight", "bias"):  # kept in its dtype, promoted with x's in the output
+            if t.dtype not in _SUPPORTED_DTYPES:
+                raise TypeError(f"patch_embed: {name}.dtype must be one of float64/float32/float16/bfloat16, "
+                                f"got {t.dtype}")
+        elif t.dtype != x.dtype:
             raise TypeError(f"patch_embed: {name}.dtype is {t.dtype} but x.dtype is {x.dtype}; cast them to "
                             f"one dtype (or run under torch.autocast)")
     if bias is not None and tuple(bias.shape) != (D,):
         raise ValueError(f"patch_embed: bias must have shape ({D},), got {_shape(bias)}")
     T = 0
-    if prefix_tokens is not None:
-        PB, T, Dp = prefix_tokens.shape
+    for name, t in list(named.items())[2:4]:
+        if t is None:
+            continue
+        PB, Ti, Dp = t.shape
+        T += Ti
         if Dp != D or PB not in (1, B) or T > MAX_PREFIX_TOKENS:
-            raise ValueError(f"patch_embed: prefix_tokens must have shape (1, T, {D}), ({B}, T, {D}) or (T, {D}) "
-                             f"with T <= {MAX_PREFIX_TOKENS}, got {_shape(prefix_tokens)}")
+            raise ValueError(f"patch_embed: {name} must have shape (1, T, {D}), ({B}, T, {D}) or (T, {D}) "
+                             f"with T <= {MAX_PREFIX_TOKENS} prefix rows in all, got {_shape(t)}")
     if not isinstance(pos_embed_covers_prefix, bool):
         raise TypeError(f"patch_embed: pos_embed_covers_prefix must be a bool, got "
                         f"{type(pos_embed_covers_prefix).__name__}")
@@ -695,14 +760,17 @@ class _Call:
     x: Tensor
     weight: Tensor
     bias: Optional[Tensor]
-    prefix_tokens: Optional[Tensor]  # (1 or B, T, D); cls_token lands here as (1, 1, D)
+    prefix_tokens: Optional[Tensor]  # (1 or B, T1, D); cls_token lands here as (1, 1, D)
     pos_embed: Optional[Tensor]
     pos_embed_covers_prefix: bool = True
     keep_indices: Optional[Tensor] = None
+    prefix_tokens2: Optional[Tensor] = None  # (1 or B, T2, D): rows T1.. (a second tensor of a sequence)
 
 
-def _as_prefix(cls_token, prefix_tokens, D: int) -> Optional[Tensor]:
-    """cls_token / prefix_tokens -> one (PB, T, D) prefix (a view: gradients reach the caller's tensor)."""
+def _as_prefix(cls_token, prefix_tokens, D: int) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """cls_token / prefix_tokens -> at most two (PB, T, D) prefix tensors (views: gradients reach the
+    caller's tensors). A sequence of more than two is joined into one here (expanded to the batch where
+    any of them is per-image); the kernel reads two in place."""
     if cls_token is not None and prefix_tokens is not None:
         raise ValueError("patch_embed: give cls_token or prefix_tokens, not both (cls_token=t means "
                          "prefix_tokens=t with one token)")
@@ -712,48 +780,65 @@ def _as_prefix(cls_token, prefix_tokens, D: int) -> Optional[Tensor]:
         if cls_token.numel() != D:
             raise ValueError(f"patch_embed: cls_token must hold D={D} values, e.g. shape (1, 1, {D}); "
                              f"got {_shape(cls_token)}")
-        return cls_token.reshape(1, 1, D)
+        return cls_token.reshape(1, 1, D), None
     if prefix_tokens is None:
-        return None
-    if not isinstance(prefix_tokens, Tensor):
-        raise TypeError(f"patch_embed: prefix_tokens must be a torch.Tensor or None, got "
-                        f"{type(prefix_tokens).__name__}")
-    if prefix_tokens.dim() == 2:
-        return prefix_tokens.unsqueeze(0)
-    if prefix_tokens.dim() != 3:
-        raise ValueError(f"patch_embed: prefix_tokens must be (1, T, {D}), (B, T, {D}) or (T, {D}), "
-                         f"got shape {_shape(prefix_tokens)}")
-    return prefix_tokens
+        return None, None
+    many = isinstance(prefix_tokens, (list, tuple))
+    seq = list(prefix_tokens) if many else [prefix_tokens]
+    out = []
+    for i, t in enumerate(seq):
+        name = f"prefix_tokens[{i}]" if many else "prefix_tokens"
+        if not isinstance(t, Tensor):
+            raise TypeError(f"patch_embed: {name} must be a torch.Tensor"
+                            f"{'' if many else ', a list/tuple of tensors or None'}, got {type(t).__name__}")
+        if t.dim() not in (2, 3):
+            raise ValueError(f"patch_embed: {name} must be (1, T, {D}), (B, T, {D}) or (T, {D}), "
+                             f"got shape {_shape(t)}")
+        out.append(t.unsqueeze(0) if t.dim() == 2 else t)
+    if len(out) > 2:  # the kernel has two prefix pointers: join the rest on the host
+        pb = max(t.shape[0] for t in out)
+        out = [torch.cat([t.expand(pb, -1, -1) if t.shape[0] == 1 else t for t in out], dim=1)]
+    return (out + [None, None])[0], (out + [None, None])[1]
 
 
 def _prepare(x, weight, bias=None, *, cls_token=None, prefix_tokens=None, pos_embed=None,
              pos_embed_covers_prefix=True, keep_indices=None) -> _Call:
-    """patch_embed()'s public boundary: autocast, then validate."""
-    x, weight, bias, cls_token, prefix_tokens, pos_embed = _autocast(
-        [x, weight, bias, cls_token, prefix_tokens, pos_embed])
+    """patch_embed()'s public boundary: autocast (x, weight, bias only), then validate."""
+    autocast = backends.autocast_dtype(x) is not None
+    x, weight, bias = _autocast([x, weight, bias])
+    prefix2 = None
     if isinstance(weight, Tensor) and weight.dim() == 4:
-        prefix_tokens = _as_prefix(cls_token, prefix_tokens, weight.shape[0])
+        prefix_tokens, prefix2 = _as_prefix(cls_token, prefix_tokens, weight.shape[0])
     elif cls_token is not None or prefix_tokens is not None:  # weight's own error first
         prefix_tokens = cls_token if cls_token is not None else prefix_tokens
-    _validate(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix, keep_indices)
-    return _Call(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix, keep_indices)
+    _validate(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix, keep_indices, prefix2, autocast)
+    return _Call(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix, keep_indices, prefix2)
 
 
 def _tensors(call: _Call) -> list:
-    return [call.x, call.weight, call.bias, call.prefix_tokens, call.pos_embed]
+    return [call.x, call.weight, call.bias, call.prefix_tokens, call.pos_embed, call.prefix_tokens2]
 
 
 def _why_not_triton(call: _Call) -> Optional[str]:
-    x = call.x
-    if x.dtype not in _KERNEL_DTYPES:
-        return f"the Triton kernels take float32, float16 or bfloat16, got {x.dtype} (use backend='torch')"
-    return backends.triton_reason(_tensors(call) + [call.keep_indices], x.dtype)
+    tensors = [t for t in _tensors(call) if t is not None]
+    for dtype in dict.fromkeys(t.dtype for t in tensors):  # x's first; others only under autocast
+        if dtype not in _KERNEL_DTYPES:
+            return f"the Triton kernels take float32, float16 or bfloat16, got {dtype} (use backend='torch')"
+        reason = backends.triton_reason(tensors + [call.keep_indices], dtype)
+        if reason is not None:
+            return reason
+    return None
 
 
 def _why_not_cuda_arguments(call: _Call) -> Optional[str]:
     """The arguments beyond one shared CLS token and a full position embedding (not in the CUDA kernel yet)."""
     who = "the CUDA kernel"
     prefix = call.prefix_tokens
+    if call.prefix_tokens2 is not None:
+        return f"{who} reads one prefix tensor so far, got two in prefix_tokens (use backend='torch')"
+    if any(t is not None and t.dtype != call.x.dtype for t in _tensors(call)):
+        return (f"{who} takes one dtype so far, got prefix or pos_embed dtypes other than x's "
+                f"{call.x.dtype} under autocast (use backend='torch')")
     if prefix is not None and prefix.shape[1] != 1:
         return (f"{who} handles at most one prefix token (a CLS token) so far, got prefix_tokens of shape "
                 f"{_shape(prefix)} (use backend='torch')")
@@ -833,7 +918,7 @@ def patch_embed(
     bias: Optional[Tensor] = None,
     *,
     cls_token: Optional[Tensor] = None,
-    prefix_tokens: Optional[Tensor] = None,
+    prefix_tokens: Union[Tensor, Sequence[Tensor], None] = None,
     pos_embed: Optional[Tensor] = None,
     pos_embed_covers_prefix: bool = True,
     keep_indices: Optional[Tensor] = None,
@@ -849,7 +934,10 @@ def patch_embed(
         cls_token: D values (timm's (1, 1, D)) prepended as row 0, or None; the same as
             ``prefix_tokens`` with T = 1 (giving both is an error).
         prefix_tokens: (1, T, D) shared by the batch, (B, T, D) per image, or (T, D): rows 0..T-1
-            (timm's order: CLS, then distillation or register tokens), T <= MAX_PREFIX_TOKENS.
+            (timm's order: CLS, then distillation or register tokens), T <= MAX_PREFIX_TOKENS; or a
+            list/tuple of such tensors, written one after the other (timm's separate cls_token and
+            reg_token / dist_token parameters): the kernel reads up to two of them in place, more are
+            joined into one first (a torch.cat of their rows). Each gets its own gradient.
         pos_embed: (1, T+N, D) or (T+N, D) added to every row when ``pos_embed_covers_prefix``, else
             (1, N, D) or (N, D) added to the patch rows only (timm's ``no_embed_class``); or None.
         keep_indices: (B, K) int64 patch indices (row-major, each in [0, N), distinct per row), or None
@@ -858,19 +946,25 @@ def patch_embed(
             distinctness are checked (one sort of the indices and one device sync per call).
         backend: "auto" | "cuda" | "triton" | "torch" (see :mod:`vitkern.backends`).
 
+    Under ``torch.autocast``, x, weight and bias are cast to the autocast dtype (as Conv2d's are) and
+    the prefix tokens and pos_embed keep theirs, so the output dtype is what timm's conv output, cat and
+    add give: ``torch.promote_types`` of the autocast dtype and theirs (float32 for float32 parameters).
+    Outside autocast every floating-point input must have x's dtype.
+
     Returns:
-        (B, T+K, D) tokens in x's dtype, N = (H/Ph)(W/Pw), K = N without keep_indices.
-        Differentiable w.r.t. every floating-point input.
+        (B, T+K, D) tokens, N = (H/Ph)(W/Pw), K = N without keep_indices; in x's dtype (promoted as
+        above under autocast). Differentiable w.r.t. every floating-point input.
     """
     c = _prepare(x, weight, bias, cls_token=cls_token, prefix_tokens=prefix_tokens, pos_embed=pos_embed,
                  pos_embed_covers_prefix=pos_embed_covers_prefix, keep_indices=keep_indices)
     chosen = _BACKENDS.select(backend, c)
     if chosen == "triton":
         return torch.ops.vitkern.patch_embed_fwd(c.x, c.weight, c.bias, c.prefix_tokens, c.pos_embed,
-                                                 c.pos_embed_covers_prefix, c.keep_indices)
+                                                 c.pos_embed_covers_prefix, c.keep_indices, c.prefix_tokens2)
     if chosen == "cuda":  # forward only: the predicate refuses calls that need gradients
         return _cuda_forward(c.x, c.weight, c.bias, c.prefix_tokens, c.pos_embed)
-    return patch_embed_reference(c.x, c.weight, c.bias, prefix_tokens=c.prefix_tokens, pos_embed=c.pos_embed,
+    prefix = c.prefix_tokens if c.prefix_tokens2 is None else [c.prefix_tokens, c.prefix_tokens2]
+    return patch_embed_reference(c.x, c.weight, c.bias, prefix_tokens=prefix, pos_embed=c.pos_embed,
                                  pos_embed_covers_prefix=c.pos_embed_covers_prefix, keep_indices=c.keep_indices)
 
 
