@@ -22,8 +22,8 @@ training, a bias-free patch projection) and for DeiT's distilled model:
 * the model object, state_dict keys, Parameter objects and token attributes stay; no_weight_decay,
   forward_features (grad checkpointing, masks) / forward_head / forward_intermediates (prefix
   tokens included), features_only, set_distilled_training, set_input_size, deepcopy and
-  pickling keep working; the converted classes compile under torch.jit.script (on timm's
-  embedding); ``model.patch_embed(img)`` alone
+  pickling keep working; a scripted converted model runs the fused
+  embedding op; ``model.patch_embed(img)`` alone
   still gives the patch tokens;
 * configurations the op cannot fuse keep timm's embedding and are reported with the reason.
 """
@@ -529,21 +529,50 @@ def test_timm_fx_feature_extraction_keeps_the_embedding_one_call(vid):
     assert all(rel_err(got[k], want[k]) <= TORCH_RTOL for k in nodes)
 
 
+class _AtenOps(TorchDispatchMode):
+    """Names of every op dispatched (TorchScript's calls go through the dispatcher too)."""
+
+    def __enter__(self):
+        self.names = set()
+        super().__enter__()
+        return self.names
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("cls", [VisionTransformer, VisionTransformerDistilled])
-def test_converted_classes_script_with_timms_embedding(cls):
-    """The converted classes' own methods compile under torch.jit.script, where they run timm's embedding
-    (patch module, then _pos_embed). Checked with timm's own child modules: scripting a model optimize()
-    converted also needs vitkern's drop-in modules to be scriptable."""
+def test_scripted_converted_model_runs_the_fused_embedding(cls):
+    """torch.jit.script of an optimize()d model: the scripted graph makes the tokens with the registered
+    torch.ops.vitkern.patch_embed (prefix parameters passed as a list, no cat) and equals timm, output and
+    every gradient."""
     torch.manual_seed(0)
-    ref = _randomise(_vit(cls, reg_tokens=int(cls is VisionTransformer))).double().eval()
+    ref = _randomise(_vit(cls, reg_tokens=int(cls is VisionTransformer))).double()
     model = copy.deepcopy(ref)
-    model.__class__, model.backend = timm_vit.CONVERTED[cls], "torch"
+    _optimize(model, backend="torch")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script's deprecation notice
         scripted = torch.jit.script(model)
+    assert "vitkern::patch_embed(" in str(scripted.inlined_graph)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    assert rel_err(scripted(x), ref(x)) <= TORCH_RTOL
-    assert rel_err(model(x), ref(x)) <= TORCH_RTOL  # and eagerly the fused path (timm's children)
+    got, want = scripted(x), ref(x)
+    assert rel_err(got, want) <= TORCH_RTOL
+    g = torch.randn_like(want)
+    got.backward(g)
+    want.backward(g)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert rel_err(p.grad, q.grad) <= TORCH_RTOL, name
+    # On the Triton backend the scripted forward runs the kernel op and no cat at all.
+    fused = copy.deepcopy(ref).float()
+    _optimize(fused, backend="triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(fused)
+    with _AtenOps() as ran:
+        got = scripted(x.float())
+    assert "patch_embed_fwd.default" in ran and "cat.default" not in ran, sorted(ran)
+    assert rel_err(got.double(), want) <= 1e-4
 
 
 @pytest.mark.parametrize("how", ["grad-checkpointing", "is-causal", "attn-mask"])

@@ -15,8 +15,8 @@ output, as timm runs it on the sum.
 Everything else is timm's: ``model.patch_embed(img)`` alone still returns the patch tokens,
 ``_pos_embed`` is timm's method, ``forward_intermediates`` is timm's code run with the fused
 embedding, ``forward_head``, pooling, ``no_weight_decay()``, ``set_distilled_training`` and so on
-are inherited. Under ``torch.jit.script`` the model runs timm's unfused embedding (the patch
-module, then ``_pos_embed``), so a scripted model computes what timm's does.
+are inherited. Under ``torch.jit.script`` (and in an FX graph) the embedding is the registered
+``torch.ops.vitkern.patch_embed`` op with the same arguments, so a scripted model runs it fused too.
 
 This module imports timm (the classes subclass timm's); :mod:`vitkern.models` does not import it.
 """
@@ -31,7 +31,7 @@ from timm.models import checkpoint_seq
 from timm.models.deit import VisionTransformerDistilled as _TimmDistilled
 from timm.models.vision_transformer import VisionTransformer as _TimmViT
 
-from vitkern import ops as _ops
+from vitkern.nn import _graph
 
 __all__ = ["VisionTransformer", "VisionTransformerDistilled", "vit_embedding", "CONVERTED"]
 
@@ -61,26 +61,30 @@ def vit_embedding(
     patch module's, as :class:`vitkern.nn.PatchEmbed` reads them.
     """
     H, W = x.shape[-2], x.shape[-1]
-    ph, pw = patch_size
-    if img_size is not None and strict_img_size and (H, W) != tuple(img_size):
-        raise ValueError(
-            f"VisionTransformer: input image size (H, W)=({H}, {W}) does not match patch_embed.img_size="
-            f"{tuple(img_size)} (strict_img_size=True); resize the input, or build the model with "
-            f"dynamic_img_size=True")
+    ph, pw = patch_size[0], patch_size[1]
+    if img_size is not None and strict_img_size:
+        if H != img_size[0] or W != img_size[1]:
+            raise ValueError(
+                "VisionTransformer: input image size (H, W)=(" + str(H) + ", " + str(W) + ") does not match "
+                "patch_embed.img_size=" + str(img_size) + " (strict_img_size=True); resize the input, or build "
+                "the model with dynamic_img_size=True")
     if dynamic_img_pad:
-        x = F.pad(x, (0, (pw - W % pw) % pw, 0, (ph - H % ph) % ph))
-    elif (H % ph or W % pw) and (img_size is None or strict_img_size):
+        x = F.pad(x, [0, (pw - W % pw) % pw, 0, (ph - H % ph) % ph])
+    elif (H % ph != 0 or W % pw != 0) and (img_size is None or strict_img_size):
         # timm's Conv2d ignores the trailing rows/columns (a strided view, no copy); with strict_img_size=False
         # such a size is refused by the op, as by timm's PatchEmbed
-        x = x[..., : H - H % ph, : W - W % pw]
+        x = x[:, :, : H - H % ph, : W - W % pw]
     gh, gw = x.shape[-2] // ph, x.shape[-1] // pw
     if pos_embed is not None and resample_from is not None:
-        pos_embed = resample_abs_pos_embed(pos_embed, new_size=[gh, gw], old_size=list(resample_from),
+        pos_embed = resample_abs_pos_embed(pos_embed, new_size=[gh, gw], old_size=[resample_from[0], resample_from[1]],
                                            num_prefix_tokens=resample_prefix)
     # timm's separate CLS and register / distillation token parameters go in as a list: the kernel reads both
-    # in place (no cat)
-    return _ops.patch_embed(x, weight, bias, prefix_tokens=prefix if prefix else None, pos_embed=pos_embed,
-                            pos_embed_covers_prefix=pos_embed_covers_prefix, backend=backend)
+    # in place (no cat). Scripted or FX-traced, the call is the registered torch.ops.vitkern.patch_embed.
+    prefix_tokens: Optional[List[Tensor]] = None
+    if len(prefix) > 0:
+        prefix_tokens = prefix
+    return _graph.patch_embed(x, weight, bias, None, pos_embed, backend, prefix_tokens=prefix_tokens,
+                              pos_embed_covers_prefix=pos_embed_covers_prefix)
 
 
 torch.fx.wrap("vit_embedding")  # torch.fx.symbolic_trace keeps it as one call too
@@ -144,8 +148,6 @@ class _FusedEmbedding:
         return tokens if pos is None else self.pos_drop(tokens)
 
     def _tokens(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            return self._pos_embed(self.patch_embed(x))  # timm's own path: a scripted model computes timm's
         return self._fused_tokens(x)
 
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:

@@ -52,12 +52,15 @@ def attention_packed(qkv: Tensor, num_heads: int, scale: Optional[float], attn_b
 
 
 def patch_embed(x: Tensor, weight: Tensor, bias: Optional[Tensor], cls_token: Optional[Tensor],
-                pos_embed: Optional[Tensor], backend: str) -> Tensor:
+                pos_embed: Optional[Tensor], backend: str, prefix_tokens: Optional[List[Tensor]] = None,
+                pos_embed_covers_prefix: bool = True, keep_indices: Optional[Tensor] = None) -> Tensor:
     if torch.jit.is_scripting():
-        return torch.ops.vitkern.patch_embed(x, weight, bias, cls_token=cls_token, pos_embed=pos_embed,
-                                             backend=backend)
+        return torch.ops.vitkern.patch_embed(x, weight, bias, cls_token=cls_token, prefix_tokens=prefix_tokens,
+                                             pos_embed=pos_embed, pos_embed_covers_prefix=pos_embed_covers_prefix,
+                                             keep_indices=keep_indices, backend=backend)
     op = torch.ops.vitkern.patch_embed if fx_proxy(x) else _ops.patch_embed
-    return op(x, weight, bias, cls_token=cls_token, pos_embed=pos_embed, backend=backend)
+    return op(x, weight, bias, cls_token=cls_token, prefix_tokens=prefix_tokens, pos_embed=pos_embed,
+              pos_embed_covers_prefix=pos_embed_covers_prefix, keep_indices=keep_indices, backend=backend)
 
 
 def window_attention(qkv: Tensor, table: Tensor, num_heads: int, window_size: Tuple[int, int],

@@ -40,8 +40,11 @@ def _attention_packed(qkv: Tensor, num_heads: int, scale: Optional[float] = None
 
 
 def _patch_embed(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, cls_token: Optional[Tensor] = None,
-                 pos_embed: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
-    return patch_embed(x, weight, bias, cls_token=cls_token, pos_embed=pos_embed, backend=backend)
+                 prefix_tokens: Optional[List[Tensor]] = None, pos_embed: Optional[Tensor] = None,
+                 pos_embed_covers_prefix: bool = True, keep_indices: Optional[Tensor] = None,
+                 backend: str = "auto") -> Tensor:
+    return patch_embed(x, weight, bias, cls_token=cls_token, prefix_tokens=prefix_tokens, pos_embed=pos_embed,
+                       pos_embed_covers_prefix=pos_embed_covers_prefix, keep_indices=keep_indices, backend=backend)
 
 
 def _window_attention(qkv: Tensor, rel_pos_bias_table: Tensor, num_heads: int, window_size: List[int],
@@ -77,7 +80,8 @@ ENTRY_OPS = {
         "float dropout_p=0.0, bool is_causal=False, str backend='auto') -> Tensor", _attention_packed),
     "patch_embed": (
         "patch_embed(Tensor x, Tensor weight, Tensor? bias=None, *, Tensor? cls_token=None, "
-        "Tensor? pos_embed=None, str backend='auto') -> Tensor", _patch_embed),
+        "Tensor[]? prefix_tokens=None, Tensor? pos_embed=None, bool pos_embed_covers_prefix=True, "
+        "Tensor? keep_indices=None, str backend='auto') -> Tensor", _patch_embed),
     "window_attention": (
         "window_attention(Tensor qkv, Tensor rel_pos_bias_table, *, int num_heads, int[2] window_size, "
         "int[2] shift_size=[0, 0], float? scale=None, Tensor? qkv_bias=None, float mask_value=-100.0, "
