@@ -133,6 +133,9 @@ def test_reference_logit_scale_is_clamped_and_takes_both_shapes():
     torch.testing.assert_close(a, c, rtol=1e-14, atol=0)  # 7 > log(100): clamped
     d = window_attention_reference(qkv, table, logit_scale=raw - 0.5, **kw)
     assert not torch.allclose(a, d)
+    # a float32 parameter (timm's, under autocast) with 16-bit activations: the scores stay in qkv's dtype
+    e = window_attention_reference(qkv.half(), table.half(), logit_scale=raw.float(), **kw)
+    assert e.dtype == torch.float16
 
 
 @pytest.mark.parametrize("over,match", [

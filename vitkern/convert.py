@@ -606,8 +606,8 @@ def convert(model: nn.Module, *, backend: Optional[str] = None) -> ConversionRep
         report.timm_note = ("timm is installed but was not imported, so the model holds no timm modules"
                             if installed else "timm is not installed, so the model holds no timm modules")
     else:
-        report.timm_note = ("no timm PatchEmbed, Attention, SwinTransformerBlock, pvt_v2.Attention, beit.Attention "
-                            "or maxxvit AttentionCl / Attention2d in the model")
+        report.timm_note = ("no timm PatchEmbed, Attention, SwinTransformerBlock, SwinTransformerV2Block, "
+                            "pvt_v2.Attention, beit.Attention or maxxvit AttentionCl / Attention2d in the model")
     memo: Dict[int, nn.Module] = {}
 
     def try_convert(module: nn.Module, path: str) -> Optional[nn.Module]:

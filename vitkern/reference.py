@@ -256,7 +256,7 @@ def window_attention_reference(
     if logit_scale is not None:
         # cosine attention: unit q and k rows, the per-head scale folded into q (a (heads, 1, 1) factor)
         head_scale = torch.clamp(logit_scale.reshape(num_heads, 1, 1), max=math.log(100.0)).exp()
-        q, k, scale = F.normalize(q, dim=-1) * head_scale, F.normalize(k, dim=-1), 1.0
+        q, k, scale = F.normalize(q, dim=-1) * head_scale.to(q.dtype), F.normalize(k, dim=-1), 1.0
     if dropout_mask is None:
         out = attention_reference(q, k, v, scale=scale, attn_bias=bias, dropout_p=dropout_p)  # (B, nW, heads, n, d)
     else:
