@@ -227,6 +227,15 @@ def test_windows_interface_matches_timm(with_mask):
     _assert_all_close(out, g, out_ref, g_ref)
 
 
+def test_windows_interface_with_a_mask_has_no_fused_path():
+    """The window op takes no arbitrary mask: an explicit Triton backend says so (auto / torch run PyTorch)."""
+    mod = SwinTransformerV2Block(**_kw((8, 8), 4, 2), backend="triton")
+    mask = mod.get_attn_mask(device=torch.device("cpu"), dtype=torch.float32)
+    with pytest.raises(backends.BackendUnavailableError, match=r"backend='triton' cannot run the windows interface "
+                                                                r"with a mask"):
+        mod.attn(torch.randn(8, 16, 16), mask)
+
+
 def test_block_calls_the_window_op_with_the_raw_logit_scale(monkeypatch):
     """The block hands qkv, the final CPB table, the qkv bias and the raw logit_scale to the op."""
     kwargs = _kw((7, 10), 4, 2)

@@ -16,7 +16,8 @@
 * :class:`WindowAttention` - timm V2 ``WindowAttention``: the same parameters (``logit_scale``
   (heads, 1, 1), ``cpb_mlp``, ``qkv`` without bias, ``q_bias`` / ``v_bias``), buffers (``k_bias``,
   ``relative_coords_table``, ``relative_position_index``, all non-persistent as in timm) and
-  windows interface ``forward(x (B*nW, N, C), mask=None)``.
+  windows interface ``forward(x (B*nW, N, C), mask=None)`` (on the window op without a mask; with
+  a mask, which the op cannot take, in PyTorch).
 
 Same constructor arguments, order and defaults as timm 1.0.31 plus a keyword-only ``backend``;
 same attributes and ``state_dict`` keys, so weights load strictly both ways. Window rules
@@ -40,7 +41,7 @@ from vitkern import backends as _backends
 from vitkern import ops as _ops
 from vitkern._args import pair
 from vitkern.nn.window_attention import DropPath, Mlp, SwinTransformerBlock
-from vitkern.reference import relative_position_index, window_attention_reference
+from vitkern.reference import attention_reference, relative_position_index, window_attention_reference
 
 __all__ = ["SwinTransformerV2Block", "WindowAttention", "relative_coords_table"]
 
@@ -109,8 +110,7 @@ class WindowAttention(nn.Module):
 
     :class:`SwinTransformerV2Block` reads them to call the window op on the whole grid.
     :meth:`forward` keeps timm's windows interface ((B*nW, N, C) windows, optional (nW, N, N)
-    additive mask) on vitkern's attention op: q and k rows normalised, the per-head
-    exp(clamp(logit_scale)) folded into q, and the CPB bias (plus mask) as ``attn_bias``.
+    additive mask): on the window op (each window its own grid) without a mask, in PyTorch with one.
 
     Args: as timm's, plus ``backend`` (``"auto" | "cuda" | "triton" | "torch"``) for :meth:`forward`.
     """
@@ -218,30 +218,45 @@ class WindowAttention(nn.Module):
         return 16 * torch.sigmoid(self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads))
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        """Cosine attention within windows x (B*nW, N, C), N = window area; mask (nW, N, N) additive, or None."""
+        """Cosine attention within windows x (B*nW, N, C), N = window area; mask (nW, N, N) additive, or None.
+
+        Without a mask: the window op, each window a grid of its own (q, k normalised in-kernel). With a
+        mask: the op cannot take an arbitrary mask (it builds the shift mask itself), so this runs the
+        reference math in PyTorch, and an explicit "triton" / "cuda" backend raises.
+        """
         owner = type(self).__name__
-        n = self.window_size[0] * self.window_size[1]
+        (mh, mw), heads = self.window_size, self.num_heads
+        n = mh * mw
         if x.dim() != 3 or x.shape[1] != n or x.shape[2] != self.dim:
             raise ValueError(f"{owner}: x must be (B*nW, N={n}, C={self.dim}) windows, got shape {tuple(x.shape)}")
         B_, N, C = x.shape
-        heads = self.num_heads
         qkv, _ = self.qkv_and_bias(x)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        if mask is None:
+            y = _window_attention_cosine_tmp(qkv.reshape(B_, mh, mw, 3 * C), self.bias_table(), num_heads=heads,
+                                             window_size=self.window_size, shift_size=0, qkv_bias=None,
+                                             logit_scale=self.logit_scale, dropout_p=dropout_p,
+                                             backend=self.backend)
+            return self.proj_drop(self.proj(y.reshape(B_, N, C)))
+        num_win = mask.shape[0] if mask.dim() == 3 else 0
+        if mask.dim() != 3 or mask.shape[1:] != (N, N) or num_win == 0 or B_ % num_win:
+            raise ValueError(f"{owner}: mask must be (nW, {N}, {N}) with B*nW={B_} a multiple of nW, "
+                             f"got shape {tuple(mask.shape)}")
+        if self.backend in ("triton", "cuda"):
+            raise _backends.BackendUnavailableError(
+                f"{owner}: backend={self.backend!r} cannot run the windows interface with a mask: the fused window "
+                f"op takes no arbitrary mask (it builds the shift mask itself; SwinTransformerV2Block needs none). "
+                f"Use backend='auto' or 'torch' here")
         q, k, v = qkv.reshape(B_, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)  # (B_, heads, N, d)
         q = F.normalize(q, dim=-1) * torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
         k = F.normalize(k, dim=-1)
         table = self.bias_table()
-        bias = table[self.relative_position_index.view(-1)].view(N, N, heads).permute(2, 0, 1).unsqueeze(0)
-        num_win = 1
-        if mask is not None:
-            num_win = mask.shape[0] if mask.dim() == 3 else 0
-            if mask.dim() != 3 or mask.shape[1:] != (N, N) or num_win == 0 or B_ % num_win:
-                raise ValueError(f"{owner}: mask must be (nW, {N}, {N}) with B*nW={B_} a multiple of nW, "
-                                 f"got shape {tuple(mask.shape)}")
-            # windows w of every image share mask[w]: heads of the nW windows side by side, broadcast over B
-            bias = (bias + mask.unsqueeze(1).to(bias.dtype)).reshape(1, num_win * heads, N, N)
+        bias = table[self.relative_position_index.view(-1)].view(N, N, heads).permute(2, 0, 1)
+        # windows w of every image share mask[w]: heads of the nW windows side by side, broadcast over B
+        bias = (bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)).reshape(1, num_win * heads, N, N)
         shape = (B_ // num_win, num_win * heads, N, C // heads)
-        y = _ops.attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), scale=1.0, attn_bias=bias,
-                           dropout_p=self.attn_drop.p if self.training else 0.0, backend=self.backend)
+        y = attention_reference(q.reshape(shape), k.reshape(shape), v.reshape(shape), scale=1.0, attn_bias=bias,
+                                dropout_p=dropout_p)
         y = y.reshape(B_, heads, N, C // heads).transpose(1, 2).reshape(B_, N, C)
         return self.proj_drop(self.proj(y))
 
