@@ -2,8 +2,10 @@
 
 Grid (GPU, bf16): ViT-B's patch embedding with its ``_pos_embed`` (Conv2d(3, 768, P, P) ->
 tokens -> CLS row -> + position embedding) at resolution 224 / 384 / 512 x patch 16 / 32,
-batch 64 and 256; and Swin's stem (Conv2d(3, 96, 4, 4), no CLS, no position embedding)
-at 224, batch 64 and 256.
+batch 64 and 256; Swin's stem (Conv2d(3, 96, 4, 4), no CLS, no position embedding)
+at 224, batch 64 and 256; and MAE's masked patchify (ViT-B/16 at 224 keeping 49 of the 196
+patches, a random subset per image as MAE's argsort of noise, + CLS row and the kept patches'
+position rows), batch 64 and 256.
 
 Modes:
 * ``fwd``: forward only (inputs do not require grad, no graph is built).
@@ -21,7 +23,9 @@ Implementations, timed in the same run (one pytest-benchmark group per case and 
 * ``conv2d_channels_last``: the same with image and weight in channels_last (converted outside
   the timing, as a channels_last data pipeline would deliver them).
 * ``unfold_linear``: reshape/permute the image into patches, F.linear, cat, + pos (the
-  "reshape + linear" route that beats some cuDNN choices for stride == kernel).
+  "reshape + linear" route that beats some cuDNN choices for stride == kernel). With kept
+  patches it gathers them before the F.linear, so it multiplies only those (conv2d peers run
+  the full convolution, then gather, as MAE's reference code does).
 * ``compile_reference``: ``torch.compile`` of the reference (compiled outside the timing;
   a failing compile is recorded and that peer skipped).
 * ``vitkern_triton``: ``patch_embed(..., backend="triton")``.
@@ -51,7 +55,7 @@ from vitkern.ops import patch_embed
 from vitkern.reference import patch_embed_reference
 
 FAMILY = "patch_embed"
-INPUTS = ("x", "weight", "bias", "cls_token", "pos_embed")
+INPUTS = ("x", "weight", "bias", "cls_token", "pos_embed", "keep")  # keep: (B, K) int64 or None
 
 
 # --------------------------------------------------------------------------- #
@@ -67,13 +71,23 @@ class PECase:
     P: int
     D: int
     cls_pos: bool  # CLS token + position embedding (ViT) or neither (Swin stem)
+    kept: Optional[int] = None  # patches kept per image (MAE's keep_indices), or None: all
 
     @property
     def num_patches(self) -> int:
         return (self.H // self.P) * (self.W // self.P)
 
     @property
+    def rows(self) -> int:
+        """Patch rows per image: the patches read and multiplied."""
+        return self.num_patches if self.kept is None else self.kept
+
+    @property
     def tokens(self) -> int:
+        return self.rows + (1 if self.cls_pos else 0)
+
+    @property
+    def pos_rows(self) -> int:
         return self.num_patches + (1 if self.cls_pos else 0)
 
     @property
@@ -82,7 +96,7 @@ class PECase:
 
     def shape(self) -> Dict[str, object]:
         return dict(B=self.B, C=self.C, H=self.H, W=self.W, P=self.P, D=self.D, N=self.num_patches,
-                    tokens=self.tokens, cls_pos=self.cls_pos)
+                    tokens=self.tokens, cls_pos=self.cls_pos, kept=self.kept)
 
 
 Mode = harness.Mode
@@ -113,6 +127,8 @@ def full_grid() -> List[PECase]:
                 cases.append(PECase(f"vitb_p{patch}_{res}_bs{batch}", batch, 3, res, res, patch, 768, True))
     for batch in (64, 256):
         cases.append(PECase(f"swin_stem_p4_224_bs{batch}", batch, 3, 224, 224, 4, 96, False))
+    for batch in (64, 256):  # MAE ViT-B/16 pretraining: 75 % of the patches masked
+        cases.append(PECase(f"mae_vitb_p16_224_keep49_bs{batch}", batch, 3, 224, 224, 16, 768, True, kept=49))
     return cases
 
 
@@ -121,6 +137,7 @@ def smoke_grid() -> List[PECase]:
         PECase("vitb_p16_224_bs2", 2, 3, 224, 224, 16, 768, True),
         PECase("vitb_p32_224_bs2", 2, 3, 224, 224, 32, 768, True),
         PECase("swin_stem_p4_224_bs2", 2, 3, 224, 224, 4, 96, False),
+        PECase("mae_vitb_p16_224_keep49_bs2", 2, 3, 224, 224, 16, 768, True, kept=49),
     ]
 
 
@@ -132,8 +149,8 @@ def pytest_generate_tests(metafunc):
 # FLOPs and minimum bytes
 # --------------------------------------------------------------------------- #
 def flops(case: PECase, mode: Mode) -> int:
-    """2*B*N*D*C*P^2 forward; the backward adds dW (1x) and, with dx, dX (1x more)."""
-    fwd = 2 * case.B * case.num_patches * case.D * case.K
+    """2*B*N*D*C*P^2 forward (N: the kept patches); the backward adds dW (1x) and, with dx, dX (1x more)."""
+    fwd = 2 * case.B * case.rows * case.D * case.K
     if not mode.backward:
         return fwd
     return fwd + fwd * (2 if mode.dx else 1)
@@ -142,56 +159,69 @@ def flops(case: PECase, mode: Mode) -> int:
 def min_bytes(case: PECase, mode: Mode, elem: int) -> int:
     """Bytes each pass must move at least (every tensor read or written once).
 
-    forward: read x, weight, bias (+ cls, pos); write out.
-    backward: read dout, x (for dW) (+ weight for dx); write dW, dbias (+ dcls, dpos) (+ dx).
-    The forward and backward are separate passes, so fwd+bwd counts x twice.
+    forward: read x (its kept patches), weight, bias (+ cls, pos); write out.
+    backward: read dout, x (for dW) (+ weight for dx); write dW, dbias (+ dcls, dpos) (+ dx, all of it).
+    The forward and backward are separate passes, so fwd+bwd counts x twice. (The kept indices,
+    B*K int64, are not counted.)
     """
     x = case.B * case.C * case.H * case.W
+    x_read = x * case.rows // case.num_patches
     w = case.D * case.K
     b = case.D
     cls = case.D if case.cls_pos else 0
-    pos = case.tokens * case.D if case.cls_pos else 0
+    pos = case.pos_rows * case.D if case.cls_pos else 0
     out = case.B * case.tokens * case.D
-    total = x + w + b + cls + pos + out
+    total = x_read + w + b + cls + pos + out
     if mode.backward:
-        total += out + x + w + b + cls + pos
+        total += out + x_read + w + b + cls + pos
         if mode.dx:
             total += w + x
     return total * elem
 
 
 # --------------------------------------------------------------------------- #
-# Implementations: fn(x, weight, bias, cls_token, pos_embed) -> (B, T+N, D)
+# Implementations: fn(x, weight, bias, cls_token, pos_embed, keep) -> (B, T+K, D)
 # --------------------------------------------------------------------------- #
-def _naive(x, weight, bias, cls_token, pos_embed):
-    return patch_embed_reference(x, weight, bias, cls_token=cls_token, pos_embed=pos_embed)
+def _naive(x, weight, bias, cls_token, pos_embed, keep=None):
+    return patch_embed_reference(x, weight, bias, cls_token=cls_token, pos_embed=pos_embed, keep_indices=keep)
 
 
-def _add_cls_pos(tokens, cls_token, pos_embed):
-    if cls_token is not None:
-        tokens = torch.cat([cls_token.reshape(1, 1, -1).expand(tokens.shape[0], -1, -1), tokens], dim=1)
+def _kept_rows(t, keep):
+    """Rows keep[b, j] of t (B or 1, N, F) per image: (B, K, F); t itself without keep."""
+    if keep is None:
+        return t
+    return t.expand(keep.shape[0], -1, -1).gather(1, keep[:, :, None].expand(-1, -1, t.shape[-1]))
+
+
+def _add_cls_pos(tokens, cls_token, pos_embed, keep=None):
+    """tokens (B, K, D) of the kept patches -> CLS row first, + the position rows of CLS and the kept patches."""
+    T = 1 if cls_token is not None else 0
     if pos_embed is not None:
-        tokens = tokens + pos_embed.reshape(1, tokens.shape[1], tokens.shape[2])
+        pos = pos_embed.reshape(1, -1, tokens.shape[2])
+        tokens = tokens + _kept_rows(pos[:, T:], keep)
+    if cls_token is not None:
+        cls = cls_token.reshape(1, 1, -1) + (pos[:, :1] if pos_embed is not None else 0)
+        tokens = torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
     return tokens
 
 
-def _conv2d(x, weight, bias, cls_token, pos_embed):
-    """F.conv2d + flatten/transpose/cat/+pos; NCHW or channels_last, as the inputs come."""
+def _conv2d(x, weight, bias, cls_token, pos_embed, keep=None):
+    """F.conv2d + flatten/transpose (+ gather the kept patches)/cat/+pos; NCHW or channels_last, as the inputs come."""
     y = F.conv2d(x, weight, bias, stride=tuple(weight.shape[-2:]))
-    return _add_cls_pos(y.flatten(2).transpose(1, 2), cls_token, pos_embed)
+    return _add_cls_pos(_kept_rows(y.flatten(2).transpose(1, 2), keep), cls_token, pos_embed, keep)
 
 
-def _unfold_linear(x, weight, bias, cls_token, pos_embed):
+def _unfold_linear(x, weight, bias, cls_token, pos_embed, keep=None):
     B, C, H, W = x.shape
     D, _, ph, pw = weight.shape
     gh, gw = H // ph, W // pw
     patches = x.reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * ph * pw)
-    y = F.linear(patches, weight.reshape(D, C * ph * pw), bias)
-    return _add_cls_pos(y, cls_token, pos_embed)
+    y = F.linear(_kept_rows(patches, keep), weight.reshape(D, C * ph * pw), bias)  # only the kept patches
+    return _add_cls_pos(y, cls_token, pos_embed, keep)
 
 
-def _vitkern_triton(x, weight, bias, cls_token, pos_embed):
-    return patch_embed(x, weight, bias, cls_token=cls_token, pos_embed=pos_embed, backend="triton")
+def _vitkern_triton(x, weight, bias, cls_token, pos_embed, keep=None):
+    return patch_embed(x, weight, bias, cls_token=cls_token, pos_embed=pos_embed, keep_indices=keep, backend="triton")
 
 
 _DYNAMIC_COMPILED: Optional[Callable] = None
@@ -251,7 +281,10 @@ class CaseState:
             "weight": rnd(c.D, c.C, c.P, c.P, scale=c.K ** -0.5, name="weight"),
             "bias": rnd(c.D, scale=0.5, name="bias"),
             "cls_token": rnd(1, 1, c.D, scale=0.5, name="cls_token") if c.cls_pos else None,
-            "pos_embed": rnd(1, c.tokens, c.D, scale=0.5, name="pos_embed") if c.cls_pos else None,
+            "pos_embed": rnd(1, c.pos_rows, c.D, scale=0.5, name="pos_embed") if c.cls_pos else None,
+            # MAE's choice: the first K of each image's argsort of uniform noise
+            "keep": (torch.rand(c.B, c.num_patches, generator=gen, device=dev).argsort(1)[:, :c.kept]
+                     if c.kept is not None else None),
         }
         if self.mode.backward:
             s["grad"] = rnd(c.B, c.tokens, c.D)
@@ -262,8 +295,8 @@ class CaseState:
         leaves = {}
         for name in INPUTS:
             t = s[name]
-            if t is None:
-                leaves[name] = None
+            if t is None or name == "keep":
+                leaves[name] = t
                 continue
             u = t.detach()
             if high is not None:
@@ -302,10 +335,10 @@ def _make_step(fn: Callable, wrt: Tuple[str, ...]) -> Callable[[dict], tuple]:
     """One timed call: the forward, and with ``wrt`` the backward for those leaves."""
     if not wrt:
         def step(a):
-            return fn(a["x"], a["weight"], a["bias"], a["cls_token"], a["pos_embed"]), ()
+            return fn(*(a[n] for n in INPUTS)), ()
     else:
         def step(a):
-            out = fn(a["x"], a["weight"], a["bias"], a["cls_token"], a["pos_embed"])
+            out = fn(*(a[n] for n in INPUTS))
             return out, torch.autograd.grad(out, [a[n] for n in wrt], a["grad"])
     return step
 
@@ -318,9 +351,10 @@ def _note_floors(case: PECase, mode: Mode) -> None:
     def naive():
         wrt = CaseState.wrt_names(case, mode)
         shapes = {"x": (case.B, case.C, case.H, case.W), "weight": (case.D, case.C, case.P, case.P),
-                  "bias": (case.D,), "cls_token": (1, 1, case.D), "pos_embed": (1, case.tokens, case.D)}
+                  "bias": (case.D,), "cls_token": (1, 1, case.D), "pos_embed": (1, case.pos_rows, case.D)}
         leaves = {n: floors.meta(shapes[n], n in wrt) if (case.cls_pos or n not in ("cls_token", "pos_embed"))
-                  else None for n in INPUTS}
+                  else None for n in INPUTS if n != "keep"}
+        leaves["keep"] = (floors.meta((case.B, case.kept), dtype=torch.int64) if case.kept is not None else None)
         grad = floors.meta((case.B, case.tokens, case.D)) if mode.backward else None
         harness.grad_step(_naive, [leaves[n] for n in INPUTS], grad)()
 
@@ -368,6 +402,7 @@ def test_patch_embed(benchmark, vk_settings, vk_ceilings, pe_point):
 TINY = [
     PECase("tiny_vit_p16_32_bs1", 1, 3, 32, 32, 16, 64, True),
     PECase("tiny_stem_p4_16_bs1", 1, 3, 16, 16, 4, 16, False),
+    PECase("tiny_mae_p8_32_keep5_bs2", 2, 3, 32, 32, 8, 64, True, kept=5),
 ]
 
 

@@ -5,6 +5,9 @@ on a GPU the same tests run on CUDA tensors, plus bf16 and the ViT-B shapes.
 """
 from __future__ import annotations
 
+import importlib
+import re
+
 import pytest
 import torch
 
@@ -14,7 +17,7 @@ from vitkern.ops import patch_embed
 from vitkern.reference import patch_embed_reference
 from vitkern.testing import poison_outputs
 
-from helpers import assert_close, nan_padded
+from helpers import assert_close, nan_padded, use_gpu_tiles
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -326,10 +329,11 @@ def test_custom_ops_pass_opcheck(batch):
     base = _leaves(_make_inputs(batch, 3, 16, 24, (8, 8), 24, True, True, True, torch.float32))
     args = (base["x"], base["weight"], base["bias"], base["cls_token"], base["pos_embed"])
     torch.library.opcheck(torch.ops.vitkern.patch_embed_fwd.default, args)
+    torch.library.opcheck(torch.ops.vitkern.patch_embed_fwd.default, (*args, True, None))
     g = torch.randn(batch, 7, 24, device=DEVICE)
     plain = tuple(a.detach() for a in args[:2])
-    torch.library.opcheck(torch.ops.vitkern.patch_embed_bwd.default, (g, *plain, True, True, True, True))
-    torch.library.opcheck(torch.ops.vitkern.patch_embed_bwd.default, (g, *plain, True, False, True, False))
+    torch.library.opcheck(torch.ops.vitkern.patch_embed_bwd.default, (g, *plain, 1, True, True, True))
+    torch.library.opcheck(torch.ops.vitkern.patch_embed_bwd.default, (g, *plain, 1, False, True, False, None, None))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
@@ -356,3 +360,275 @@ def test_flop_counter_counts_the_custom_ops_on_meta():
     with FlopCounterMode(display=False) as counter:
         out.backward(torch.randn_like(out))
     assert counter.get_total_flops() == gemm  # dW only: the image needs no gradient
+
+
+# --------------------------------------------------------------------------- #
+# Prefix tokens, patch-only position embedding, kept patches (MAE)
+# --------------------------------------------------------------------------- #
+def _prefix_inputs(B, C, H, W, patch, D, T, per_image, covers, K, dtype, with_bias=True, device=DEVICE):
+    """Inputs for T prefix rows ((B, T, D) when per_image, else (1, T, D)), a pos_embed over all rows
+    (covers) or the patch rows only, and K kept patches per image (None: every patch)."""
+    PH, PW = patch
+    N = (H // PH) * (W // PW)
+    scale = (C * PH * PW) ** -0.5
+    keep = None
+    if K is not None:  # a different random subset per image, in shuffled order (as MAE's argsort)
+        keep = torch.stack([torch.randperm(N)[:K] for _ in range(B)]) if B else torch.zeros(0, K, dtype=torch.long)
+        keep = keep.to(device)
+    inputs = dict(
+        x=torch.randn(B, C, H, W, device=device).to(dtype),
+        weight=(torch.randn(D, C, PH, PW, device=device) * scale).to(dtype),
+        bias=torch.randn(D, device=device).to(dtype) if with_bias else None,
+        prefix_tokens=torch.randn(B if per_image else 1, T, D, device=device).to(dtype),
+        pos_embed=torch.randn(1, N + (T if covers else 0), D, device=device).to(dtype),
+    )
+    return inputs, keep
+
+
+def _run_prefix(fn, inputs, grad_out, keep, covers):
+    out = fn(inputs["x"], inputs["weight"], inputs["bias"], prefix_tokens=inputs["prefix_tokens"],
+             pos_embed=inputs["pos_embed"], pos_embed_covers_prefix=covers, keep_indices=keep)
+    names = [n for n, t in inputs.items() if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(out, [inputs[n] for n in names], grad_out, allow_unused=True)
+    return out, dict(zip(names, grads))
+
+
+@pytest.mark.parametrize("T,per_image,covers,K", [
+    (0, False, True, None), (2, False, False, None), (3, True, True, 5), (1, False, False, 1), (2, True, False, 6),
+])
+def test_reference_follows_the_row_by_row_definition(T, per_image, covers, K):
+    """The oracle itself, against the definition written one row at a time."""
+    inputs, keep = _prefix_inputs(2, 3, 8, 12, (4, 4), 5, T, per_image, covers, K, torch.float64)
+    out = patch_embed_reference(inputs["x"], inputs["weight"], inputs["bias"], prefix_tokens=inputs["prefix_tokens"],
+                                pos_embed=inputs["pos_embed"], pos_embed_covers_prefix=covers, keep_indices=keep)
+    x, w, bias, prefix, pos = (inputs[n] for n in ("x", "weight", "bias", "prefix_tokens", "pos_embed"))
+    grid_w = x.shape[3] // 4
+    kept = keep.tolist() if keep is not None else [list(range(6))] * 2
+    assert out.shape == (2, T + len(kept[0]), 5)
+    for b in range(2):
+        for t in range(T):
+            want = prefix[b if per_image else 0, t] + (pos[0, t] if covers else 0)
+            assert torch.allclose(out[b, t], want), (b, t)
+        for j, n in enumerate(kept[b]):
+            i0, j0 = (n // grid_w) * 4, (n % grid_w) * 4
+            want = (w.flatten(1) @ x[b, :, i0:i0 + 4, j0:j0 + 4].flatten()) + bias + pos[0, n + (T if covers else 0)]
+            assert torch.allclose(out[b, T + j], want), (b, j)
+
+
+def test_cls_token_is_prefix_tokens_of_one_row():
+    base = _make_inputs(2, 3, 16, 16, (8, 8), 12, True, True, True, torch.float64)
+    a = patch_embed(base["x"], base["weight"], base["bias"], cls_token=base["cls_token"], pos_embed=base["pos_embed"],
+                    backend="torch")
+    b = patch_embed(base["x"], base["weight"], base["bias"], prefix_tokens=base["cls_token"].reshape(1, 12),
+                    pos_embed=base["pos_embed"], backend="torch")
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda a: a.update(cls_token=torch.randn(1, 1, 8), prefix_tokens=torch.randn(1, 1, 8)),
+     r"give cls_token or prefix_tokens, not both"),
+    (lambda a: a.update(prefix_tokens=torch.randn(1, 2, 7)),
+     r"prefix_tokens must have shape \(1, T, 8\), \(2, T, 8\) or \(T, 8\) .* got \(1, 2, 7\)"),
+    (lambda a: a.update(prefix_tokens=torch.randn(3, 2, 8)), r"prefix_tokens must have shape .* got \(3, 2, 8\)"),
+    (lambda a: a.update(prefix_tokens=torch.randn(1, 65, 8)), r"T <= 64, got \(1, 65, 8\)"),
+    (lambda a: a.update(prefix_tokens=torch.randn(8)), r"prefix_tokens must be .* got shape \(8,\)"),
+    (lambda a: a.update(prefix_tokens=[1.0]), r"prefix_tokens must be a torch.Tensor or None, got list"),
+    (lambda a: a.update(prefix_tokens=torch.randn(1, 2, 8, dtype=torch.float16)), r"prefix_tokens.dtype is"),
+    (lambda a: a.update(prefix_tokens=torch.randn(1, 2, 8), pos_embed=torch.randn(1, 4, 8)),
+     r"pos_embed must have shape \(1, 6, 8\) for 2 prefix \+ 4 patch rows .* got \(1, 4, 8\)"),
+    (lambda a: a.update(prefix_tokens=torch.randn(1, 2, 8), pos_embed=torch.randn(1, 6, 8),
+                        pos_embed_covers_prefix=False),
+     r"pos_embed must have shape \(1, 4, 8\) for 4 patch rows \(pos_embed_covers_prefix=False\), got \(1, 6, 8\)"),
+    (lambda a: a.update(pos_embed_covers_prefix=1), r"pos_embed_covers_prefix must be a bool, got int"),
+    (lambda a: a.update(keep_indices=torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)),
+     r"keep_indices.dtype must be torch.int64, got torch.int32"),
+    (lambda a: a.update(keep_indices=torch.tensor([0, 1])), r"keep_indices must have shape \(2, K\) .* got \(2,\)"),
+    (lambda a: a.update(keep_indices=torch.zeros(2, 5, dtype=torch.long)), r"K <= N=4 patches, got \(2, 5\)"),
+    (lambda a: a.update(keep_indices=torch.tensor([[0, 1], [2, 4]])), r"distinct patch indices in \[0, 4\) .* max 4"),
+    (lambda a: a.update(keep_indices=torch.tensor([[0, -1], [2, 3]])), r"in \[0, 4\) .* got min -1, max 3"),
+    (lambda a: a.update(keep_indices=torch.tensor([[0, 1], [3, 3]])), r"distinct .* a repeated index"),
+    (lambda a: a.update(keep_indices=torch.zeros(2, 1, dtype=torch.long, device="meta")), r"keep_indices is on meta"),
+    (lambda a: a.update(keep_indices=[[0], [1]]), r"keep_indices must be a torch.Tensor or None, got list"),
+])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_prefix_pos_keep_raise_clear_errors(change, match, backend):
+    args = _ok()
+    change(args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        patch_embed(args.pop("x"), args.pop("weight"), args.pop("bias", None), backend=backend, **args)
+
+
+def test_cuda_refuses_what_its_kernel_lacks(monkeypatch):
+    """The CUDA forward takes one shared CLS row and a full pos_embed; past the extension check (not
+    built here) its predicate names the argument it lacks."""
+    monkeypatch.setattr(vitkern.backends, "cuda_extension_reason", lambda *a, **k: None)
+    args = _ok()
+    cases = [(dict(prefix_tokens=torch.randn(1, 2, 8)), r"at most one prefix token .* \(1, 2, 8\)"),
+             (dict(prefix_tokens=torch.randn(2, 1, 8)), r"prefix shared by the batch .* \(2, 1, 8\)"),
+             (dict(pos_embed=torch.randn(1, 4, 8), pos_embed_covers_prefix=False), r"pos_embed_covers_prefix=False"),
+             (dict(keep_indices=torch.tensor([[0], [3]])), r"does not handle keep_indices")]
+    for kwargs, match in cases:
+        reasons = vitkern.backends.explain("patch_embed", *args.values(), **kwargs)
+        assert reasons["cuda"] is not None and re.search(match, reasons["cuda"]), (kwargs, reasons["cuda"])
+        assert reasons["torch"] is None and reasons["triton"] is None
+
+
+# (B, C, H, W, patch, D, T, per_image, covers, K): T = 0/1/2/5, a prefix shared by the batch or per
+# image, pos_embed over every row or the patch rows only, every patch (None), K = 1, odd K, K = N,
+# K = 0 (prefix rows only), an empty batch.
+PREFIX_CASES = [
+    pytest.param(2, 3, 8, 12, (4, 4), 10, 0, False, True, None, id="T0-all-patches"),
+    pytest.param(2, 3, 8, 12, (4, 4), 24, 1, False, True, 3, id="T1-K3"),
+    pytest.param(3, 2, 12, 8, (4, 4), 20, 2, True, False, None, id="T2-per-image-patch-pos"),
+    pytest.param(2, 3, 8, 12, (4, 4), 40, 5, False, False, 6, id="T5-K=N-patch-pos"),
+    pytest.param(1, 3, 16, 16, (8, 8), 16, 2, False, True, 1, id="T2-K1-b1"),
+    pytest.param(2, 1, 12, 24, (4, 8), 33, 5, True, True, 5, id="T5-per-image-K5-rect"),
+    pytest.param(0, 3, 8, 8, (4, 4), 8, 2, True, True, 3, id="empty-batch-keep"),
+    pytest.param(2, 3, 8, 8, (4, 4), 8, 1, False, True, 0, id="K0-prefix-only"),
+]
+
+
+def _strided_keep(keep, junk=-1000):
+    """keep as every other column of a buffer whose other columns are out of range: a kernel that
+    ignores keep's strides reads junk (a wild address, or the wrong patch)."""
+    if keep is None:
+        return None
+    buf = torch.full((keep.shape[0], 2 * keep.shape[1]), junk, dtype=keep.dtype, device=keep.device)
+    buf[:, ::2] = keep
+    return buf[:, ::2]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,C,H,W,patch,D,T,per_image,covers,K", PREFIX_CASES)
+def test_prefix_pos_keep_forward_and_every_gradient_match_reference(B, C, H, W, patch, D, T, per_image, covers, K,
+                                                                     dtype):
+    base, keep = _prefix_inputs(B, C, H, W, patch, D, T, per_image, covers, K, dtype)
+    kernel_in = {n: (nan_padded(t).requires_grad_(True) if t is not None else None) for n, t in base.items()}
+    rows = T + (K if K is not None else (H // patch[0]) * (W // patch[1]))
+    grad_out = torch.randn(B, rows, D, device=DEVICE).to(dtype)
+    triton = lambda *a, **k: patch_embed(*a, **k, backend="triton")  # noqa: E731
+    with poison_outputs():
+        out, grads = _run_prefix(triton, kernel_in, grad_out, _strided_keep(keep), covers)
+    ref_out, ref_grads = _run_prefix(patch_embed_reference, _leaves(base, HIGH), grad_out.to(HIGH), keep, covers)
+    same_out, same_grads = (None, {}) if dtype == torch.float32 else \
+        _run_prefix(patch_embed_reference, _leaves(base), grad_out, keep, covers)
+
+    assert out.dtype == dtype and out.shape == ref_out.shape == (B, rows, D)
+    assert_close("out", out, ref_out, same_out)
+    assert set(grads) == set(ref_grads) == set(base)
+    for name in grads:
+        assert grads[name].shape == base[name].shape, name
+        assert_close(f"d{name}", grads[name], ref_grads[name], same_grads.get(name), grad=True)
+    if keep is not None and B > 0:  # the patches not kept get exactly zero
+        dx = grads["x"].unfold(2, patch[0], patch[0]).unfold(3, patch[1], patch[1]).flatten(2, 3)  # (B, C, N, ., .)
+        kept = torch.zeros(B, dx.shape[2], dtype=torch.bool)
+        kept.scatter_(1, keep.cpu(), True)
+        assert torch.all(dx.permute(0, 2, 1, 3, 4)[~kept.to(DEVICE)] == 0)
+
+
+@pytest.mark.parametrize("T,per_image,K", [(1, False, 5), (3, True, None)], ids=["keep", "prefix-tile"])
+def test_prefix_and_keep_with_the_gpu_tiles(monkeypatch, T, per_image, K):
+    """The tiles a GPU launch picks (fp32 with kept patches or a prefix tile: 128x64, see _gathered_tiles),
+    run by the interpreter: rows and channels over several programs, masked edges."""
+    module = importlib.import_module("vitkern.ops.patch_embed")  # (vitkern.ops.patch_embed is the function)
+    use_gpu_tiles(monkeypatch, module, "_gemm_config", "_backward_tiles", "_gathered_tiles")
+    assert module._gathered_tiles(module._gemm_config(torch.float32, 512, 96, 48), torch.float32)["BLOCK_N"] == 64
+    base, keep = _prefix_inputs(3, 3, 16, 32, (4, 4), 96, T, per_image, False, K, torch.float32)
+    rows = T + (K if K is not None else 32)
+    g = torch.randn(3, rows, 96, device=DEVICE)
+    triton = lambda *a, **k: patch_embed(*a, **k, backend="triton")  # noqa: E731
+    with poison_outputs():
+        out, grads = _run_prefix(triton, _leaves(base), g, keep, False)
+    ref_out, ref_grads = _run_prefix(patch_embed_reference, _leaves(base, HIGH), g.to(HIGH), keep, False)
+    assert_close("out", out, ref_out)
+    for name in grads:
+        assert_close(f"d{name}", grads[name], ref_grads[name], grad=True)
+
+
+def test_prefix_pos_keep_strided_inputs_and_deterministic():
+    """Channels-last image, a prefix and pos_embed read through strides (transposed views), an
+    upstream gradient with stride 0 (from .sum()); two runs agree bit for bit."""
+    base, keep = _prefix_inputs(2, 3, 8, 12, (4, 4), 12, 2, True, False, 5, torch.float32)
+
+    def strided(inputs):
+        out = dict(inputs)
+        out["x"] = inputs["x"].contiguous(memory_format=torch.channels_last)
+        out["prefix_tokens"] = inputs["prefix_tokens"].transpose(1, 2).contiguous().transpose(1, 2)
+        out["pos_embed"] = inputs["pos_embed"].transpose(1, 2).contiguous().transpose(1, 2)
+        return out
+
+    def run(fn, leaves):
+        views = strided(leaves)
+        out = fn(views["x"], views["weight"], views["bias"], prefix_tokens=views["prefix_tokens"],
+                 pos_embed=views["pos_embed"], pos_embed_covers_prefix=False, keep_indices=keep)
+        return out, torch.autograd.grad(out.sum(), list(leaves.values()))
+
+    triton = lambda *a, **k: patch_embed(*a, **k, backend="triton")  # noqa: E731
+    runs = [run(triton, _leaves(base)) for _ in range(2)]
+    ref_out, ref_grads = run(patch_embed_reference, _leaves(base, HIGH))
+    assert_close("out", runs[0][0], ref_out)
+    for name, g, r in zip(base, runs[0][1], ref_grads):
+        assert_close(f"d{name}", g, r, grad=True)
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_cls_token_and_one_shared_prefix_row_give_the_same_tokens_and_gradients():
+    base = _make_inputs(2, 3, 16, 16, (8, 8), 12, True, True, True, torch.float32)
+    cls = base["cls_token"].clone().requires_grad_(True)
+    prefix = base["cls_token"].reshape(1, 12).clone().requires_grad_(True)
+    a = _triton(base["x"], base["weight"], base["bias"], cls_token=cls, pos_embed=base["pos_embed"])
+    b = patch_embed(base["x"], base["weight"], base["bias"], prefix_tokens=prefix, pos_embed=base["pos_embed"],
+                    backend="triton")
+    g = torch.randn_like(a)
+    assert torch.equal(a, b)
+    (dcls,), (dprefix,) = torch.autograd.grad(a, [cls], g), torch.autograd.grad(b, [prefix], g)
+    assert dcls.shape == (1, 1, 12) and dprefix.shape == (1, 12) and torch.equal(dcls.flatten(), dprefix.flatten())
+
+
+def test_custom_op_with_prefix_and_keep_passes_opcheck():
+    base, keep = _prefix_inputs(2, 3, 8, 12, (4, 4), 10, 2, True, False, 3, torch.float32)
+    leaves = _leaves(base)
+    args = (leaves["x"], leaves["weight"], leaves["bias"], leaves["prefix_tokens"], leaves["pos_embed"], False, keep)
+    torch.library.opcheck(torch.ops.vitkern.patch_embed_fwd.default, args)
+    g = torch.randn(2, 5, 10, device=DEVICE)
+    plain = (base["x"], base["weight"])
+    torch.library.opcheck(torch.ops.vitkern.patch_embed_bwd.default, (g, *plain, 2, True, True, True, keep, None))
+
+
+def test_torch_compile_fullgraph_with_keep_indices():
+    base, keep = _prefix_inputs(2, 3, 8, 12, (4, 4), 10, 2, False, True, 3, torch.float32)
+
+    def fn(x, weight, bias, *, prefix_tokens, pos_embed, pos_embed_covers_prefix, keep_indices):
+        return patch_embed(x, weight, bias, prefix_tokens=prefix_tokens, pos_embed=pos_embed,
+                           pos_embed_covers_prefix=pos_embed_covers_prefix, keep_indices=keep_indices,
+                           backend="triton")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    g = torch.randn(2, 5, 10, device=DEVICE)
+    eager_out, eager_grads = _run_prefix(fn, _leaves(base), g, keep, True)
+    comp_out, comp_grads = _run_prefix(compiled, _leaves(base), g, keep, True)
+    assert torch.equal(eager_out, comp_out)
+    for name in eager_grads:
+        assert torch.equal(eager_grads[name], comp_grads[name]), name
+    bad = keep.clone()
+    bad[1, 0] = bad[1, 1]  # a repeated index: the compiled graph's assert fires too
+    with pytest.raises(RuntimeError, match=r"distinct patch indices"):
+        compiled(base["x"], base["weight"], base["bias"], prefix_tokens=base["prefix_tokens"],
+                 pos_embed=base["pos_embed"], pos_embed_covers_prefix=True, keep_indices=bad)
+
+
+def test_flop_counter_counts_only_kept_patches():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(4, 3, 224, 224, device="meta")
+    w = torch.randn(768, 3, 16, 16, device="meta", requires_grad=True)
+    keep = torch.zeros(4, 49, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        out = torch.ops.vitkern.patch_embed_fwd(x, w, None, torch.zeros(1, 1, 768, device="meta"), None, True, keep)
+    gemm = 2 * 4 * 49 * 768 * (3 * 16 * 16)
+    assert out.shape == (4, 50, 768)
+    assert counter.get_total_flops() == gemm
+    with FlopCounterMode(display=False) as counter:
+        out.backward(torch.randn_like(out))
+    assert counter.get_total_flops() == gemm  # dW over the kept patches only: the image needs no gradient

@@ -74,16 +74,16 @@ def _leaves(base, dtype=None, pad=False):
     return out
 
 
-def _check(B, H, W, C, heads, window, shift, with_bias, dtype):
+def _check(B, H, W, C, heads, window, shift, with_bias, dtype, **kw):
     base = _inputs(B, H, W, C, heads, window, shift, with_bias, dtype)
     grad_out = torch.randn(B, H, W, C, device=DEVICE).to(dtype)
     # NaN around every input catches out-of-bounds reads; poisoned outputs catch unwritten elements.
     with poison_outputs():
-        out, grads = _run(_triton, _leaves(base, pad=True), heads, window, shift, grad_out)
+        out, grads = _run(_triton, _leaves(base, pad=True), heads, window, shift, grad_out, **kw)
     ref_out, ref_grads = _run(window_attention_reference, _leaves(base, HIGH), heads, window, shift,
-                              grad_out.to(HIGH))
+                              grad_out.to(HIGH), **kw)
     same_out, same_grads = (None, {}) if dtype == torch.float32 else \
-        _run(window_attention_reference, _leaves(base), heads, window, shift, grad_out)
+        _run(window_attention_reference, _leaves(base), heads, window, shift, grad_out, **kw)
     assert out.shape == (B, H, W, C) and out.dtype == dtype
     assert_close("out", out, ref_out, same_out)
     for name in grads:
@@ -111,6 +111,45 @@ def test_gpu_tiling_path_with_several_blocks_per_window(monkeypatch):
     monkeypatch.setattr(wa, "_tiles", _gpu_tiles)
     assert _gpu_tiles(4 * 9) == (16, 16)  # 36 tokens: three 16-token blocks each way
     _check(1, 6, 11, 32, 2, (4, 9), (2, 4), True, torch.float32)
+
+
+def test_minus_inf_shift_mask_with_key_blocks_wholly_masked(monkeypatch):
+    """mask_value=-inf with several key blocks per window: in the bottom windows the first 16-token key
+    block (window rows 0-1, grid rows 4-5) is all in another region than the queries of window row 2
+    (grid row 6, inside the 7-row grid), so their running max is still -inf after it. The online
+    softmax must not turn that into exp2(-inf - -inf) = NaN."""
+    monkeypatch.setattr(wa, "_tiles", _gpu_tiles)
+    _check(1, 7, 11, 32, 2, (4, 9), (2, 4), True, torch.float32, mask_value=float("-inf"))
+
+
+@pytest.mark.parametrize("tiles", ["one-tile", "gpu-tiles"])
+def test_rows_with_every_key_masked_give_zeros(tiles, monkeypatch):
+    """A -inf relative-position bias masks every key of every query of one head (what the public op
+    lets a row reach: a row always sees its own token through the shift mask). As attention gives
+    (SDPA's rule), that head's outputs are 0 and its gradients 0, not NaN; the other head, which the
+    float64 reference still computes, is unaffected."""
+    if tiles == "gpu-tiles":
+        monkeypatch.setattr(wa, "_tiles", _gpu_tiles)
+    B, H, W, C, heads, window, shift = 1, 6, 11, 32, 2, (4, 9), (2, 4)
+    d = C // heads
+    base = _inputs(B, H, W, C, heads, window, shift, True, torch.float32)
+    base["table"][:, 1] = float("-inf")
+    grad_out = torch.randn(B, H, W, C, device=DEVICE)
+    with poison_outputs():
+        out, grads = _run(_triton, _leaves(base, pad=True), heads, window, shift, grad_out)
+    finite = dict(base, table=base["table"].clone())
+    finite["table"][:, 1] = 0.0  # the reference's softmax of an all -inf row is NaN; head 1 is not compared
+    ref_out, ref_grads = _run(window_attention_reference, _leaves(finite, HIGH), heads, window, shift,
+                              grad_out.to(HIGH))
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads.values())
+    head0 = torch.cat([torch.arange(d) + i * C for i in range(3)])  # head 0's q, k, v channels
+    head1 = head0 + d
+    assert not out[..., d:].any() and not grads["qkv"][..., head1].any()
+    assert not grads["table"][:, 1].any() and not grads["qkv_bias"][head1].any()
+    assert_close("out", out[..., :d], ref_out[..., :d])
+    assert_close("dqkv", grads["qkv"][..., head0], ref_grads["qkv"][..., head0], grad=True)
+    assert_close("dtable", grads["table"][:, 0], ref_grads["table"][:, 0], grad=True)
+    assert_close("dqkv_bias", grads["qkv_bias"][head0], ref_grads["qkv_bias"][head0], grad=True)
 
 
 def test_tile_choice_wastes_least():

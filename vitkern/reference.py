@@ -34,22 +34,46 @@ def patch_embed_reference(
     bias: Optional[torch.Tensor] = None,
     *,
     cls_token: Optional[torch.Tensor] = None,
+    prefix_tokens: Optional[torch.Tensor] = None,
     pos_embed: Optional[torch.Tensor] = None,
+    pos_embed_covers_prefix: bool = True,
+    keep_indices: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Conv2d(stride = kernel = patch) -> tokens, optional CLS row and position embedding.
+    """Conv2d(stride = kernel = patch) -> tokens, optional prefix rows, position embedding, patch subset.
 
-    x (B, C, H, W), weight (D, C, Ph, Pw), bias (D,), cls_token with D elements
-    (timm keeps it as (1, 1, D)), pos_embed (1, T+N, D) or (T+N, D) with T = 1
-    when a CLS token is given. Returns (B, T+N, D), N = (H/Ph)(W/Pw).
+    x (B, C, H, W), weight (D, C, Ph, Pw), bias (D,). ``prefix_tokens`` (1, T, D), (B, T, D) or
+    (T, D) become rows 0..T-1; ``cls_token`` (D values, timm's (1, 1, D)) is ``prefix_tokens`` with
+    T = 1. ``keep_indices`` (B, K) keeps patches keep[b, j] (row-major) as rows T+j; without it
+    K = N = (H/Ph)(W/Pw), all patches in order. ``pos_embed`` is (1, T+N, D) or (T+N, D) added to
+    every row when ``pos_embed_covers_prefix``, else (1, N, D) or (N, D) added to the patch rows only;
+    a kept patch's row gets the position row of its patch. Returns (B, T+K, D).
     """
-    patch = weight.shape[-2:]
-    tokens = F.conv2d(x, weight, bias, stride=patch)  # (B, D, H/Ph, W/Pw)
-    tokens = tokens.flatten(2).transpose(1, 2)  # (B, N, D)
     if cls_token is not None:
-        cls = cls_token.reshape(1, 1, -1).expand(tokens.shape[0], -1, -1)
-        tokens = torch.cat([cls, tokens], dim=1)
+        if prefix_tokens is not None:
+            raise ValueError("patch_embed_reference: give cls_token or prefix_tokens, not both")
+        prefix_tokens = cls_token.reshape(1, 1, -1)
+    patch = weight.shape[-2:]
+    tokens = F.conv2d(x, weight, bias, stride=patch)  # (B, D, H/Ph, W/Pw): every patch
+    tokens = tokens.flatten(2).transpose(1, 2)  # (B, N, D)
+    B, N, D = tokens.shape
+    patch_rows = torch.arange(N, device=x.device).expand(B, N)  # which patch each patch row holds
+    if keep_indices is not None:
+        patch_rows = keep_indices
+        tokens = tokens.gather(1, keep_indices[:, :, None].expand(-1, -1, D))  # (B, K, D)
+    T = 0
+    if prefix_tokens is not None:
+        T = prefix_tokens.shape[-2]
+        prefix = prefix_tokens if prefix_tokens.dim() == 3 else prefix_tokens[None]  # (T, D) -> (1, T, D)
+        prefix = prefix.expand(B, T, D)
+        tokens = torch.cat([prefix, tokens], dim=1)  # (B, T+K, D)
     if pos_embed is not None:
-        tokens = tokens + pos_embed.reshape(1, tokens.shape[1], tokens.shape[2])
+        pos = pos_embed.reshape(1, -1, D).expand(B, -1, D)
+        if pos_embed_covers_prefix:  # pos row t for prefix row t, pos row T+n for patch n
+            rows = torch.cat([torch.arange(T, device=x.device).expand(B, T), T + patch_rows], dim=1)
+            tokens = tokens + pos.gather(1, rows[:, :, None].expand(-1, -1, D))
+        else:  # timm's no_embed_class: pos row n for patch n, nothing on the prefix rows
+            patch_pos = pos.gather(1, patch_rows[:, :, None].expand(-1, -1, D))
+            tokens = torch.cat([tokens[:, :T], tokens[:, T:] + patch_pos], dim=1)
     return tokens
 
 

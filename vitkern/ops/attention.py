@@ -26,6 +26,9 @@ Layouts: every kernel takes (batch, head, token, dim) strides, so views of a
 packed qkv Linear output (B, N, 3·h·d) are read in place and the output is written
 straight into (B, N, h·d) for the proj Linear (see :func:`attention_packed`).
 
+The online softmax, the backward's recomputed probabilities, the dQ / dK,dV / dS steps, dropout and
+the tile loads are ``ops/_flash.py``'s, shared with the window-attention kernels.
+
 Layout of this file: Triton kernels -> launchers -> torch.library custom ops with
 fake and autograd registrations -> backend predicates -> the public ops.
 """
@@ -41,6 +44,10 @@ from torch.utils.flop_counter import register_flop_formula
 from vitkern import _triton, backends, configs
 from vitkern._memory import new_output
 from vitkern._triton import cdiv, next_power_of_2, tl, triton
+from vitkern.ops._flash import LOG2E as _LOG2E
+from vitkern.ops._flash import (dkdv_step, dq_finish, dq_init, dq_step, dropout_args, dscore, load_row_stats, load_tile,
+                                recompute_p, row_delta, softmax_finish, softmax_init, softmax_step, store_tile)
+from vitkern.ops._flash import dropout_keep_mask, new_dropout_seed  # public here, as before the core moved
 from vitkern.reference import attention_reference
 
 __all__ = ["attention", "attention_packed", "attention_flops", "dropout_keep_mask"]
@@ -48,37 +55,20 @@ __all__ = ["attention", "attention_packed", "attention_flops", "dropout_keep_mas
 _SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)  # float64: torch only
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
-_LOG2E = 1.4426950408889634
 
 
 # --------------------------------------------------------------------------- #
 # Triton kernels
 # --------------------------------------------------------------------------- #
 @triton.jit
-def _keep_scale(seed, bh, q_idx, k_idx, NQ, NK, dropout_p, inv_keep):
-    """Dropout factor per (query, key): 0 where dropped, 1/(1-p) where kept.
-
-    The Philox offset is the element's flat index in (B·h, Nq, Nk), so the forward,
-    both backward kernels and :func:`dropout_keep_mask` draw the same numbers.
-    """
-    offs = (bh * NQ + q_idx[:, None]) * NK + k_idx[None, :]
-    keep = tl.rand(seed, offs) >= dropout_p
-    return tl.where(keep, inv_keep, 0.0)
-
-
-@triton.jit
 def _load_rows(base, rows, dims, s_n, s_d, n_rows, HEAD_DIM: tl.constexpr):
     """A (rows, head_dim) tile of one (batch, head), zeros outside the tensor."""
-    mask = (rows < n_rows)[:, None] & (dims < HEAD_DIM)[None, :]
-    return tl.load(base + rows[:, None].to(tl.int64) * s_n + dims[None, :].to(tl.int64) * s_d, mask=mask,
-                   other=0.0)
+    return load_tile(base, rows.to(tl.int64) * s_n, dims, s_d, rows < n_rows, HEAD_DIM)
 
 
 @triton.jit
 def _store_rows(base, tile, rows, dims, s_n, s_d, n_rows, HEAD_DIM: tl.constexpr):
-    mask = (rows < n_rows)[:, None] & (dims < HEAD_DIM)[None, :]
-    tl.store(base + rows[:, None].to(tl.int64) * s_n + dims[None, :].to(tl.int64) * s_d,
-             tile.to(base.dtype.element_ty), mask=mask)
+    store_tile(base, tile, rows.to(tl.int64) * s_n, dims, s_d, rows < n_rows, HEAD_DIM)
 
 
 @triton.jit
@@ -133,9 +123,7 @@ def _attn_fwd_kernel(
     bias_base = bias_ptr + b * sbias_b + h * sbias_h
     q = _load_rows(q_ptr + b * sq_b + h * sq_h, rows, dims, sq_n, sq_d, NQ, HEAD_DIM)
 
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running row max (base 2)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running row sum of exp2(s - m_i)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    m_i, l_i, acc = softmax_init(BLOCK_M, BLOCK_D)
     key_end = NK
     if IS_CAUSAL:
         key_end = _causal_key_end(NK, tl.program_id(1), BLOCK_M)
@@ -146,26 +134,13 @@ def _attn_fwd_kernel(
         s = tl.where((cols < NK)[None, :], s, float("-inf"))  # padded keys out before the row max
         if IS_CAUSAL:
             s = _causal_mask(s, rows, cols)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row whose keys so far are all -inf (masked by the bias) keeps m = -inf; subtract 0
-        # instead so exp2 gives 0 rather than exp2(-inf - -inf) = NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_DROPOUT:  # the normaliser l_i keeps the undropped probabilities
-            p = p * _keep_scale(seed, bh, rows, cols, NQ, NK, dropout_p, inv_keep)
+        p, alpha, m_i, l_i = softmax_step(s, m_i, l_i, seed, bh, rows, cols, NQ, NK, dropout_p, inv_keep,
+                                          HAS_DROPOUT)
         v = _load_rows(v_base, cols, dims, sv_n, sv_d, NK, HEAD_DIM)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
 
-    # A row whose every key is masked (l = 0) gets output 0, as SDPA gives, not 0/0; its lse = +inf makes
-    # every recomputed probability exp2(s - lse) 0 in the backward, so its gradients are 0 too (not NaN
-    # spread into every key's dK, dV).
-    empty_row = l_i == 0.0
-    _store_rows(out_ptr + b * so_b + h * so_h, acc / tl.where(empty_row, 1.0, l_i)[:, None], rows, dims,
-                so_n, so_d, NQ, HEAD_DIM)
-    lse = tl.where(empty_row, float("inf"), m_i + tl.math.log2(l_i))  # base-2 logsumexp
+    out, lse = softmax_finish(acc, m_i, l_i)
+    _store_rows(out_ptr + b * so_b + h * so_h, out, rows, dims, so_n, so_d, NQ, HEAD_DIM)
     tl.store(lse_ptr + bh * NQ + rows, lse, mask=rows < NQ)
 
 
@@ -184,8 +159,7 @@ def _attn_bwd_delta_kernel(
     dims = tl.arange(0, BLOCK_D)
     o = _load_rows(out_ptr + b * so_b + h * so_h, rows, dims, so_n, so_d, NQ, HEAD_DIM)
     do = _load_rows(dout_ptr + b * sdo_b + h * sdo_h, rows, dims, sdo_n, sdo_d, NQ, HEAD_DIM)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(delta_ptr + bh * NQ + rows, delta, mask=rows < NQ)
+    tl.store(delta_ptr + bh * NQ + rows, row_delta(o, do), mask=rows < NQ)
 
 
 @triton.jit
@@ -224,22 +198,13 @@ def _attn_bwd_dkdv_kernel(
         row_ok = rows < NQ
         q = _load_rows(q_base, rows, dims, sq_n, sq_d, NQ, HEAD_DIM)
         do = _load_rows(do_base, rows, dims, sdo_n, sdo_d, NQ, HEAD_DIM)
-        lse = tl.load(lse_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
-        delta = tl.load(delta_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
+        lse, delta = load_row_stats(lse_ptr, delta_ptr, bh * NQ + rows, row_ok)
         s = _scores_log2(q, k, bias_base, rows, cols, NQ, NK, sbias_m, sbias_n, qk_scale, HAS_BIAS)
         if IS_CAUSAL:
             s = _causal_mask(s, rows, cols)
-        valid = row_ok[:, None] & (cols < NK)[None, :]
-        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)  # softmax probabilities
-        dp = tl.dot(do, tl.trans(v))
-        if HAS_DROPOUT:
-            z = _keep_scale(seed, bh, rows, cols, NQ, NK, dropout_p, inv_keep)
-            dv += tl.dot(tl.trans((p * z).to(do.dtype)), do)
-            dp = dp * z
-        else:
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        p = recompute_p(s, lse, row_ok[:, None] & (cols < NK)[None, :])
+        dk, dv = dkdv_step(dk, dv, p, q, do, v, delta, seed, bh, rows, cols, NQ, NK, dropout_p, inv_keep,
+                           HAS_DROPOUT)
 
     _store_rows(dk_ptr + b * sdk_b + h * sdk_h, dk * sm_scale, cols, dims, sdk_n, sdk_d, NK, HEAD_DIM)
     _store_rows(dv_ptr + b * sdv_b + h * sdv_h, dv, cols, dims, sdv_n, sdv_d, NK, HEAD_DIM)
@@ -270,17 +235,11 @@ def _attn_bwd_dq_kernel(
     bias_base = bias_ptr + b * sbias_b + h * sbias_h
     q = _load_rows(q_ptr + b * sq_b + h * sq_h, rows, dims, sq_n, sq_d, NQ, HEAD_DIM)
     do = _load_rows(dout_ptr + b * sdo_b + h * sdo_h, rows, dims, sdo_n, sdo_d, NQ, HEAD_DIM)
-    lse = tl.load(lse_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
-    delta = tl.load(delta_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
+    lse, delta = load_row_stats(lse_ptr, delta_ptr, bh * NQ + rows, row_ok)
 
-    # delta = rowsum(dO∘O) carries O's rounding, which near-uniform attention (similar keys) amplifies
-    # into the gradients (exact softmax calculus has rowsum(dS) = 0). This program sees every key of
-    # its rows, so it measures rowsum(dS), corrects its own dq by that error times (P K), and stores
-    # the corrected delta for the dK/dV and d(bias) kernels, which run after it.
-    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    pk = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    ds_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    p_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # This program sees every key of its rows, so it also corrects delta (see dq_finish) for the
+    # dK/dV and d(bias) kernels, which run after it.
+    dq, pk, ds_sum, p_sum = dq_init(BLOCK_M, BLOCK_D)
     key_end = NK
     if IS_CAUSAL:
         key_end = _causal_key_end(NK, tl.program_id(1), BLOCK_M)
@@ -291,22 +250,13 @@ def _attn_bwd_dq_kernel(
         s = _scores_log2(q, k, bias_base, rows, cols, NQ, NK, sbias_m, sbias_n, qk_scale, HAS_BIAS)
         if IS_CAUSAL:
             s = _causal_mask(s, rows, cols)
-        valid = row_ok[:, None] & (cols < NK)[None, :]
-        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        if HAS_DROPOUT:
-            dp = dp * _keep_scale(seed, bh, rows, cols, NQ, NK, dropout_p, inv_keep)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
-        pk += tl.dot(p.to(k.dtype), k)
-        ds_sum += tl.sum(ds, 1)
-        p_sum += tl.sum(p, 1)
+        p = recompute_p(s, lse, row_ok[:, None] & (cols < NK)[None, :])
+        dq, pk, ds_sum, p_sum = dq_step(dq, pk, ds_sum, p_sum, p, k, v, do, delta, seed, bh, rows, cols, NQ, NK,
+                                        dropout_p, inv_keep, HAS_DROPOUT)
 
-    # The delta that makes rowsum(dS) = 0 for these very probabilities: delta + rowsum(dS) / rowsum(P).
-    correction = tl.where(p_sum > 0, ds_sum / tl.where(p_sum > 0, p_sum, 1.0), 0.0)  # no 0/0 on empty rows
-    dq = (dq - correction[:, None] * pk) * sm_scale
+    dq, delta = dq_finish(dq, pk, ds_sum, p_sum, delta, sm_scale)
     _store_rows(dq_ptr + b * sdq_b + h * sdq_h, dq, rows, dims, sdq_n, sdq_d, NQ, HEAD_DIM)
-    tl.store(delta_ptr + bh * NQ + rows, delta + correction, mask=row_ok)
+    tl.store(delta_ptr + bh * NQ + rows, delta, mask=row_ok)
 
 
 @triton.jit
@@ -359,8 +309,7 @@ def _attn_bwd_dbias_kernel(
                 row_ok = rows < NQ
                 q = _load_rows(q_ptr + b64 * sq_b + h64 * sq_h, rows, dims, sq_n, sq_d, NQ, HEAD_DIM)
                 do = _load_rows(dout_ptr + b64 * sdo_b + h64 * sdo_h, rows, dims, sdo_n, sdo_d, NQ, HEAD_DIM)
-                lse = tl.load(lse_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
-                delta = tl.load(delta_ptr + bh * NQ + rows, mask=row_ok, other=0.0)
+                lse, delta = load_row_stats(lse_ptr, delta_ptr, bh * NQ + rows, row_ok)
                 n_end = n_hi
                 if IS_CAUSAL:
                     n_end = tl.minimum(n_hi, m_start + BLOCK_M)  # key blocks past the diagonal are skipped
@@ -373,11 +322,9 @@ def _attn_bwd_dbias_kernel(
                                      sbias_m, sbias_n, qk_scale, True)
                     if IS_CAUSAL:
                         s = _causal_mask(s, rows, cols)
-                    p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
-                    dp = tl.dot(do, tl.trans(v))
-                    if HAS_DROPOUT:
-                        dp = dp * _keep_scale(seed, bh, rows, cols, NQ, NK, dropout_p, inv_keep)
-                    acc += p * (dp - delta[:, None])  # 0 outside the tensor and where masked
+                    p = recompute_p(s, lse, valid)
+                    acc += dscore(p, do, v, delta, seed, bh, rows, cols, NQ, NK, dropout_p, inv_keep,
+                                  HAS_DROPOUT)  # 0 outside the tensor and where masked
     pid64 = tl.cast(pid, tl.int64)
     if SUM_ROWS and SUM_COLS:  # dbias (b', h', 1, 1)
         tl.store(dbias_ptr + pid64, tl.sum(tl.sum(acc, 1), 0))
@@ -388,18 +335,6 @@ def _attn_bwd_dbias_kernel(
     else:  # dbias (b', h', Nq, Nk)
         out = dbias_ptr + (pid64 * NQ + own_rows[:, None].to(tl.int64)) * NK + own_cols[None, :]
         tl.store(out, acc, mask=(own_rows < NQ)[:, None] & (own_cols < NK)[None, :])
-
-
-@triton.jit
-def _dropout_mask_kernel(out_ptr, seed, NQ, NK, dropout_p, inv_keep, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The dropout factors the kernels use, for tests: out[bh, i, j] in {0, 1/(1-p)}."""
-    bh = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    for start in range(0, NK, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        z = _keep_scale(seed, bh, rows, cols, NQ, NK, dropout_p, inv_keep)
-        ok = (rows < NQ)[:, None] & (cols < NK)[None, :]
-        tl.store(out_ptr + (bh * NQ + rows[:, None].to(tl.int64)) * NK + cols[None, :], z, mask=ok)
 
 
 # --------------------------------------------------------------------------- #
@@ -481,10 +416,6 @@ def _bias_strides(bias: Optional[Tensor], shape4) -> Tuple[int, int, int, int]:
     return tuple(bias.expand(shape4).stride())
 
 
-def _seed_value(seed: Optional[Tensor]) -> int:
-    return int(seed.item()) if seed is not None and seed.numel() else 0
-
-
 def _is_empty(q: Tensor, k: Tensor) -> bool:
     """Nothing to compute (SDPA returns empty, or zeros when Nk = 0): no zero-size launch."""
     return q.numel() == 0 or k.shape[2] == 0
@@ -502,7 +433,7 @@ def _launch_fwd(q, k, v, bias, scale, dropout_p, seed, out, is_causal: bool = Fa
     grid = (B * H, cdiv(NQ, cfg["BLOCK_M"]))
     _attn_fwd_kernel[grid](
         q, k, v, bias if bias is not None else q, out, lse,
-        NQ, NK, H, scale * _LOG2E, _seed_value(seed), dropout_p, 1.0 / (1.0 - dropout_p),
+        NQ, NK, H, scale * _LOG2E, *dropout_args(dropout_p, seed),
         *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias, (B, H, NQ, NK)), *out.stride(),
         HEAD_DIM=D, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, BLOCK_D=_block_d(D),
         IS_CAUSAL=is_causal, **cfg,
@@ -528,9 +459,9 @@ def _launch_bwd(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, dq, dk, d
         out, dout, delta, NQ, H, *out.stride(), *dout.stride(),
         HEAD_DIM=D, BLOCK_M=dq_cfg["BLOCK_M"], BLOCK_D=block_d,
     )
-    seed_value = _seed_value(seed)
+    drop = dropout_args(dropout_p, seed)
     bias_strides = _bias_strides(bias, (B, H, NQ, NK))
-    scalars = (qk_scale := scale * _LOG2E, scale, seed_value, dropout_p, 1.0 / (1.0 - dropout_p))
+    scalars = (qk_scale := scale * _LOG2E, scale, *drop)
     strides = (*q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride())
     flags = dict(HEAD_DIM=D, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, BLOCK_D=block_d,
                  IS_CAUSAL=is_causal)
@@ -550,8 +481,7 @@ def _launch_bwd(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, dq, dk, d
     cfg = _dbias_config(D, q.dtype, dropout_p > 0)
     grid = (bias_batch * bias_heads, cdiv(bias_nq, cfg["BLOCK_M"]), cdiv(bias_nk, cfg["BLOCK_N"]))
     _attn_bwd_dbias_kernel[grid](
-        q, k, v, bias, dout, lse, delta, dbias, NQ, NK, H, B, bias_heads, qk_scale, seed_value, dropout_p,
-        1.0 / (1.0 - dropout_p), *strides,
+        q, k, v, bias, dout, lse, delta, dbias, NQ, NK, H, B, bias_heads, qk_scale, *drop, *strides,
         HEAD_DIM=D, HAS_DROPOUT=dropout_p > 0, SUM_BATCH=bias_batch == 1, SUM_HEADS=bias_heads == 1,
         BLOCK_D=block_d, SUM_ROWS=bias_nq == 1, SUM_COLS=bias_nk == 1, IS_CAUSAL=is_causal, **cfg,
     )
@@ -567,18 +497,6 @@ def _dbias_shape(bias: Tensor, B: int, H: int, NQ: int, NK: int) -> Tuple[int, i
 def _reduce_bias_grad(dbias: Tensor, bias: Tensor) -> Tensor:
     """The kernel's gradient is already reduced to the bias's shape: reshape and cast."""
     return dbias.reshape(bias.shape).to(bias.dtype)
-
-
-def dropout_keep_mask(seed: int, shape, dropout_p: float, device="cpu") -> Tensor:
-    """The dropout factors (0 or 1/(1-p)) the Triton kernels apply for ``seed``, shape (B, h, Nq, Nk).
-
-    For tests: with it, the reference ``softmax(...) * mask @ v`` reproduces a dropout run exactly.
-    """
-    B, H, NQ, NK = shape
-    out = torch.empty((B, H, NQ, NK), dtype=torch.float32, device=device)
-    _dropout_mask_kernel[(B * H, cdiv(NQ, 64))](out, int(seed), NQ, NK, float(dropout_p),
-                                                1.0 / (1.0 - float(dropout_p)), BLOCK_M=64, BLOCK_N=64)
-    return out
 
 
 # --------------------------------------------------------------------------- #
@@ -866,11 +784,6 @@ def _autocast(tensors: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
 def _default_scale(q: Tensor) -> float:
     # SDPA's 1/sqrt(d); with d = 0 the output is empty and any finite scale gives it.
     return q.shape[-1] ** -0.5 if q.shape[-1] else 1.0
-
-
-def new_dropout_seed(dropout_p: float) -> Optional[Tensor]:
-    # Drawn from torch's default CPU generator: dropout is reproducible under torch.manual_seed.
-    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64) if dropout_p > 0 else None
 
 
 def attention(

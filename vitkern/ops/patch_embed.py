@@ -1,22 +1,26 @@
-"""Fused patchify-projection: image -> (B, T+N, D) tokens in one kernel.
+"""Fused patchify-projection: image -> (B, T+K, D) tokens in one kernel.
 
-out[b, T+n, :] = W @ patch(b, n) + bias + pos[T+n]      (patch rows)
-out[b, 0,   :] = cls + pos[0]                            (CLS row, T = 1)
+out[b, T+j, :] = W @ patch(b, n) + bias + pos[S + n]    (patch rows; n = keep[b, j], or j: K = N)
+out[b, t,   :] = prefix[b or 0, t] + pos[t]              (prefix rows t < T: CLS, distillation, registers)
 
-The forward is one implicit GEMM: rows are the output tokens b*(T+N)+t, so a
-tile of rows is a contiguous block of the output; each patch row gathers its
-K = C*Ph*Pw pixels straight from the image through its strides (no unfolded
-patch tensor), accumulates in fp32, and the epilogue adds bias, the CLS token and
-the position embedding before the single store. CLS rows load no pixels.
+S = T when pos_embed covers the prefix rows; S = 0 and no pos on prefix rows when it covers only the
+patches (timm's no_embed_class). The forward is one implicit GEMM: rows are the output tokens
+b*(T+K)+t, so a tile of rows is a contiguous block of the output; each patch row looks up its patch
+(keep[b, j] with kept patches: only those are read and multiplied), gathers its C*Ph*Pw pixels straight
+from the image through its strides (no unfolded patch tensor), accumulates in fp32, and the epilogue adds
+bias, the prefix rows and the position embedding before the single store. Prefix rows load no pixels.
 
-Backward, with no unfolded tensor either:
+Backward, with no unfolded tensor either, through the same row -> patch map:
 * dx  = dout_patches @ W, stored through the same patch arithmetic (stride ==
-  kernel, so patches do not overlap and every pixel of the covered image is written once);
+  kernel, so patches do not overlap and every pixel of a kept patch is written once; the
+  rest of dx is zeroed first unless every patch is kept);
 * dW  = dout_patchesᵀ @ patches, the patches gathered from x in place; the M
   reduction is split across programs into fp32 partials summed in a fixed order
   (deterministic, no atomics);
-* dpos = Σ_b dout, reduced in-kernel in a fixed order; dbias and dcls are its
-  patch rows' and CLS row's sums.
+* dpos = Σ_b dout in position-row order, reduced in-kernel over b in a fixed order; with kept
+  patches it reads dout[b, T + inv[b, n]] through a host-built inverse map (inv = -1: not kept),
+  so no atomics either; dbias and a shared prefix's gradient are sums of the same rows, a per-image
+  prefix's gradient is dout's prefix rows.
 
 Layout of this file: Triton kernels -> launchers -> torch.library custom ops with
 fake and autograd registrations -> backend predicates -> the public op.
@@ -74,15 +78,27 @@ def _patch_origin(b, n, GRID_W, s_b, step_h, step_w):
 
 
 @triton.jit
+def _kept_patch(b, j, keep_ptr, skeep_b, skeep_j, ok, HAS_KEEP: tl.constexpr):
+    """The patch (row-major on the grid) that patch row j of image b holds: keep[b, j], or j itself."""
+    if HAS_KEEP:
+        return tl.load(keep_ptr + b * skeep_b + j.to(tl.int64) * skeep_j, mask=ok, other=0)
+    return j
+
+
+@triton.jit
 def _patch_embed_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, cls_ptr, pos_ptr, out_ptr,
+    x_ptr, w_ptr, bias_ptr, prefix_ptr, pos_ptr, keep_ptr, out_ptr,
     ln_w_ptr, ln_b_ptr, pre_ptr, mean_ptr, rstd_ptr, eps,
-    M, D, K, TOKENS, PREFIX, GRID_W,
+    M, D, K, TOKENS, PREFIX, POS_SHIFT, GRID_W,
     sx_b, sx_c, sx_h, sx_w, sx_ph, sx_pw,
     sw_d, sw_c, sw_h, sw_w,
+    spre_b, spre_t, spre_d,
     spos_t, spos_d,
+    skeep_b, skeep_j,
     PH: tl.constexpr, PW: tl.constexpr, WIDE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr, HAS_POS: tl.constexpr, HAS_NORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_PREFIX: tl.constexpr, ONE_SHARED_PREFIX: tl.constexpr,
+    HAS_POS: tl.constexpr, POS_ON_PREFIX: tl.constexpr,
+    HAS_KEEP: tl.constexpr, HAS_NORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -95,7 +111,7 @@ def _patch_embed_fwd_kernel(
     b = rows // TOKENS
     t = rows % TOKENS
     is_patch = row_ok & (t >= PREFIX)
-    n = tl.where(is_patch, t - PREFIX, 0)
+    n = _kept_patch(b, tl.where(is_patch, t - PREFIX, 0), keep_ptr, skeep_b, skeep_j, is_patch, HAS_KEEP)
     row_base = _patch_origin(b, n, GRID_W, sx_b, sx_ph, sx_pw)
     cols64 = cols.to(tl.int64)
     w_cols = cols64 * sw_d
@@ -113,16 +129,26 @@ def _patch_embed_fwd_kernel(
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc += tl.dot(a, w)
 
-    # Epilogue: bias on patch rows, CLS on prefix rows, position embedding on all.
+    # Epilogue: bias on patch rows, the prefix tokens on prefix rows (spre_b = 0 when the batch shares
+    # them), the position embedding's row of each token: t on prefix rows, POS_SHIFT + patch on patch rows.
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc += tl.where(is_patch[:, None], bias[None, :], 0.0)
-    if HAS_CLS:
-        cls = tl.load(cls_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if ONE_SHARED_PREFIX:  # one row for the batch (a CLS token): a (D,) vector, not a gathered tile
+        cls = tl.load(prefix_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc += tl.where(is_patch[:, None], 0.0, cls[None, :])
+    elif HAS_PREFIX:
+        is_prefix = row_ok & (t < PREFIX)
+        pre_tok = tl.load(prefix_ptr + b[:, None] * spre_b + t[:, None] * spre_t + cols64[None, :] * spre_d,
+                          mask=is_prefix[:, None] & col_ok[None, :], other=0.0)
+        acc += pre_tok.to(tl.float32)
     if HAS_POS:
-        pos = tl.load(pos_ptr + t[:, None] * spos_t + cols64[None, :] * spos_d,
-                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        pos_ok = is_patch
+        if POS_ON_PREFIX:
+            pos_ok = row_ok
+        pos_row = tl.where(is_patch, n + POS_SHIFT, t)
+        pos = tl.load(pos_ptr + pos_row[:, None] * spos_t + cols64[None, :] * spos_d,
+                      mask=pos_ok[:, None] & col_ok[None, :], other=0.0)
         acc += pos.to(tl.float32)
     out_off = rows[:, None] * D + cols[None, :]
     if HAS_NORM:  # LayerNorm over D: the launcher gives each program whole rows (BLOCK_N >= D)
@@ -140,24 +166,25 @@ def _patch_embed_fwd_kernel(
 
 @triton.jit
 def _patch_embed_dx_kernel(
-    g_ptr, w_ptr, dx_ptr,
-    MP, D, K, NUM_PATCHES, PREFIX, GRID_W,
+    g_ptr, w_ptr, keep_ptr, dx_ptr,
+    MP, D, K, KEPT, PREFIX, GRID_W,
     sg_b, sg_t, sg_d,
     sw_d, sw_c, sw_h, sw_w,
+    skeep_b, skeep_j,
     sdx_b, sdx_c, sdx_h, sdx_w, sdx_ph, sdx_pw,
-    PH: tl.constexpr, PW: tl.constexpr, WIDE: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, WIDE: tl.constexpr, HAS_KEEP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dpatch[m, k] = sum_d dout[patch row m, d] * W[d, k], stored into dx's pixels."""
+    """dpatch[m, k] = sum_d dout[patch row m, d] * W[d, k], stored into dx's pixels of m's patch."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # patch rows b*N + n
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # patch rows b*KEPT + j
     ks = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < MP
     k_ok = ks < K
-    b = rows // NUM_PATCHES
-    n = rows % NUM_PATCHES
-    g_row = b * sg_b + (n + PREFIX) * sg_t
+    b = rows // KEPT
+    jr = rows % KEPT
+    g_row = b * sg_b + (jr + PREFIX) * sg_t
     c, i, j = _split_k(ks, PH, PW)
     w_k = _pixel_offset(c, i, j, sw_c, sw_h, sw_w, WIDE)
 
@@ -171,6 +198,7 @@ def _patch_embed_dx_kernel(
                     mask=d_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(g, w)
 
+    n = _kept_patch(b, jr, keep_ptr, skeep_b, skeep_j, row_ok, HAS_KEEP)
     dx_row = _patch_origin(b, n, GRID_W, sdx_b, sdx_ph, sdx_pw)
     dx_k = _pixel_offset(c, i, j, sdx_c, sdx_h, sdx_w, WIDE)
     tl.store(dx_ptr + dx_row[:, None] + dx_k[None, :], acc.to(dx_ptr.dtype.element_ty),
@@ -179,11 +207,12 @@ def _patch_embed_dx_kernel(
 
 @triton.jit
 def _patch_embed_dw_kernel(
-    g_ptr, x_ptr, partial_ptr,
-    MP, D, K, NUM_PATCHES, PREFIX, GRID_W, ROWS_PER_SPLIT,
+    g_ptr, x_ptr, keep_ptr, partial_ptr,
+    MP, D, K, KEPT, PREFIX, GRID_W, ROWS_PER_SPLIT,
     sg_b, sg_t, sg_d,
     sx_b, sx_c, sx_h, sx_w, sx_ph, sx_pw,
-    PH: tl.constexpr, PW: tl.constexpr, WIDE: tl.constexpr,
+    skeep_b, skeep_j,
+    PH: tl.constexpr, PW: tl.constexpr, WIDE: tl.constexpr, HAS_KEEP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """partial[s, d, k] = sum over split s's patch rows m of dout[m, d] * patch[m, k]."""
@@ -203,11 +232,12 @@ def _patch_embed_dw_kernel(
     for m0 in range(0, ROWS_PER_SPLIT, BLOCK_K):
         rows = row_start + m0 + tl.arange(0, BLOCK_K)
         row_ok = rows < MP
-        b = rows // NUM_PATCHES
-        n = rows % NUM_PATCHES
-        g_row = b * sg_b + (n + PREFIX) * sg_t
+        b = rows // KEPT
+        jr = rows % KEPT
+        g_row = b * sg_b + (jr + PREFIX) * sg_t
         g_t = tl.load(g_ptr + g_d[:, None] + g_row[None, :],
                       mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+        n = _kept_patch(b, jr, keep_ptr, skeep_b, skeep_j, row_ok, HAS_KEEP)
         x_row = _patch_origin(b, n, GRID_W, sx_b, sx_ph, sx_pw)
         a = tl.load(x_ptr + x_row[:, None] + x_k[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -219,20 +249,31 @@ def _patch_embed_dw_kernel(
 
 @triton.jit
 def _sum_over_batch_kernel(
-    g_ptr, out_ptr, BATCH, TOKENS, D,
-    sg_b, sg_t, sg_d,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    g_ptr, inv_ptr, out_ptr, BATCH, ROWS, PREFIX, D,
+    sg_b, sg_t, sg_d, sinv_b, sinv_n,
+    HAS_INV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out[t, d] = sum_b dout[b, t, d] in fp32, b in order (deterministic)."""
+    """out[r, d] = sum_b dout[b, src(b, r), d] in fp32, b in order (deterministic, no atomics).
+    src is r itself, or with kept patches r for prefix rows r < PREFIX and PREFIX + inv[b, r - PREFIX]
+    for position row r of patch r - PREFIX (skipped where image b did not keep it: inv = -1)."""
     ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    ok = (ts < TOKENS)[:, None] & (ds < D)[None, :]
-    ptrs = g_ptr + (ts[:, None].to(tl.int64) * sg_t + ds[None, :].to(tl.int64) * sg_d)
+    t_ok = ts < ROWS
+    d_ok = (ds < D)[None, :]
+    cols = ds[None, :].to(tl.int64) * sg_d
+    src = ts.to(tl.int64)
+    is_patch = t_ok & (ts >= PREFIX)
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     for _ in range(0, BATCH):
-        acc += tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-        ptrs += sg_b  # stepping the pointer: the batch offset never passes through an int32 product
-    tl.store(out_ptr + ts[:, None].to(tl.int64) * D + ds[None, :], acc, mask=ok)
+        ok = t_ok
+        if HAS_INV:
+            j = tl.load(inv_ptr + (ts - PREFIX).to(tl.int64) * sinv_n, mask=is_patch, other=-1)
+            src = tl.where(is_patch, PREFIX + j, ts)
+            ok = t_ok & ((ts < PREFIX) | (j >= 0))
+            inv_ptr += sinv_b
+        acc += tl.load(g_ptr + src[:, None] * sg_t + cols, mask=ok[:, None] & d_ok, other=0.0).to(tl.float32)
+        g_ptr += sg_b  # stepping the pointer: the batch offset never passes through an int32 product
+    tl.store(out_ptr + ts[:, None].to(tl.int64) * D + ds[None, :], acc, mask=t_ok[:, None] & d_ok)
 
 
 # --------------------------------------------------------------------------- #
@@ -260,6 +301,15 @@ def _backward_tiles(cfg: dict) -> dict:
     return dict(cfg, BLOCK_N=min(cfg["BLOCK_N"], 64), num_stages=2)
 
 
+def _gathered_tiles(cfg: dict, dtype: torch.dtype) -> dict:
+    """Forward tiles with kept patches or a prefix tile: in fp32, 128x128 tiles spill 32-96 B there (kept:
+    sm_80 under Triton 3.6; prefix: sm_90a under 3.8; `python -m vitkern.tools.compile_report`); 128x64
+    with 2 stages do not. 16-bit tiles stay."""
+    if _triton.INTERPRET or dtype != torch.float32:
+        return cfg
+    return dict(cfg, BLOCK_N=min(cfg["BLOCK_N"], 64), num_stages=2)
+
+
 def _tuned(group: str, cfg: dict, dtype: torch.dtype, d: int, k: int) -> dict:
     """``cfg`` with a tuned table entry (vitkern.configs) for ``patch_embed.<group>`` laid over it,
     where one exists. The class is the op's (D, K = C*Ph*Pw): M is the batch's, timed at the
@@ -278,20 +328,31 @@ def _image_strides(x: Tensor, ph: int, pw: int) -> tuple:
     return (*x.stride(), ph * x.stride(2), pw * x.stride(3))
 
 
-def _launch_forward(x, weight, bias, cls_token, pos_embed, norm=None):
+def _or(dummy: Tensor, *tensors: Optional[Tensor]) -> list:
+    """The tensors, with ``dummy`` as the placeholder pointer for absent ones (never read)."""
+    return [t if t is not None else dummy for t in tensors]
+
+
+def _launch_forward(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix=True, keep_indices=None,
+                    norm=None):
     """Returns out; with ``norm = (ln_weight, ln_bias, eps)`` returns (out, pre-norm fp32, mean, rstd)."""
     B, C, H, W = x.shape
     D, _, PH, PW = weight.shape
     grid_h, grid_w = H // PH, W // PW
-    prefix = 1 if cls_token is not None else 0
-    tokens = prefix + grid_h * grid_w
+    prefix, tokens = _token_count(x.shape, weight.shape, prefix_tokens, keep_indices)
     M, K = B * tokens, C * PH * PW
     out = new_output((B, tokens, D), dtype=x.dtype, device=x.device)
-    pos2d = pos_embed.reshape(tokens, D) if pos_embed is not None else None
-    # The kernel reads bias, CLS and the LayerNorm affine as contiguous (D,) vectors: a strided or
-    # expanded one is copied here (D values; fewer registers than strided loads in the epilogue).
+    pos2d = pos_embed.reshape(-1, D) if pos_embed is not None else None
+    # The kernel reads bias and the LayerNorm affine as contiguous (D,) vectors and the prefix as a
+    # contiguous (PB, T, D) block: a strided or expanded one is copied here (a few rows of D values;
+    # unit strides in the epilogue cost fewer registers). spre_b = 0 shares the prefix across the batch;
+    # one shared row (a CLS token) is read as a (D,) vector (a gathered tile spilled 96 B in fp32 on sm_90a).
     bias = bias.contiguous() if bias is not None else None
-    cls = cls_token.reshape(D).contiguous() if cls_token is not None else None
+    has_prefix = prefix_tokens is not None and prefix > 0
+    pre_tok = prefix_tokens.contiguous() if has_prefix else None
+    pre_strides = (pre_tok.stride(0) if pre_tok.shape[0] > 1 else 0, D, 1) if has_prefix else (0, 0, 0)
+    gathered_prefix = has_prefix and tuple(pre_tok.shape[:2]) != (1, 1)  # else one (D,) vector or none
+    keep_strides = keep_indices.stride() if keep_indices is not None else (0, 0)
     cfg = _gemm_config(x.dtype, M, D, K)
     dummy = weight  # placeholder pointer for absent optional inputs (never read)
     norm_args = (dummy, dummy, dummy, dummy, dummy, 0.0)
@@ -312,21 +373,21 @@ def _launch_forward(x, weight, bias, cls_token, pos_embed, norm=None):
         cfg = _tuned("fwd_norm", cfg, x.dtype, D, K)  # BLOCK_N stays the whole row: entries omit it
     else:
         cfg = _tuned("fwd", cfg, x.dtype, D, K)
+        if keep_indices is not None or gathered_prefix:
+            cfg = _gathered_tiles(cfg, x.dtype)
     if M == 0:  # empty batch: nothing to compute, no zero-size grid to launch
         return out if norm is None else (out, pre, mean, rstd)
     grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(D, cfg["BLOCK_N"]))
     _patch_embed_fwd_kernel[grid](
-        x, weight,
-        bias if bias is not None else dummy,
-        cls if cls is not None else dummy,
-        pos2d if pos2d is not None else dummy,
+        x, weight, *_or(dummy, bias, pre_tok, pos2d, keep_indices),
         out, *norm_args,
-        M, D, K, tokens, prefix, grid_w,
-        *_image_strides(x, PH, PW), *weight.stride(),
-        *(pos2d.stride() if pos2d is not None else (0, 0)),
+        M, D, K, tokens, prefix, prefix if pos_embed_covers_prefix else 0, grid_w,
+        *_image_strides(x, PH, PW), *weight.stride(), *pre_strides,
+        *(pos2d.stride() if pos2d is not None else (0, 0)), *keep_strides,
         PH=PH, PW=PW, WIDE=_wide(PH, PW, x, weight),
-        HAS_BIAS=bias is not None, HAS_CLS=cls_token is not None, HAS_POS=pos_embed is not None,
-        HAS_NORM=norm is not None,
+        HAS_BIAS=bias is not None, HAS_PREFIX=has_prefix,
+        ONE_SHARED_PREFIX=has_prefix and not gathered_prefix, HAS_POS=pos_embed is not None,
+        POS_ON_PREFIX=pos_embed_covers_prefix, HAS_KEEP=keep_indices is not None, HAS_NORM=norm is not None,
         **cfg,
     )
     return out if norm is None else (out, pre, mean, rstd)
@@ -340,32 +401,34 @@ def _dw_splits(d_tiles: int, k_tiles: int, row_tiles: int, device: torch.device)
     return max(1, min(row_tiles, cdiv(target, d_tiles * k_tiles)))
 
 
-def _launch_backward(grad_out, x, weight, has_cls, need_dx, need_dweight, need_token_sums):
+def _launch_backward(grad_out, x, weight, prefix, need_dx, need_dweight, need_row_sums, keep_indices=None,
+                     inverse_indices=None):
     B, C, H, W = x.shape
     D, _, PH, PW = weight.shape
     grid_h, grid_w = H // PH, W // PW
     num_patches = grid_h * grid_w
-    prefix = 1 if has_cls else 0
-    tokens = prefix + num_patches
-    MP, K = B * num_patches, C * PH * PW
+    kept = keep_indices.shape[1] if keep_indices is not None else num_patches
+    MP, K = B * kept, C * PH * PW  # patch rows: only the kept patches
     f32 = dict(dtype=torch.float32, device=x.device)
+    keep_args = (keep_indices if keep_indices is not None else weight,
+                 *(keep_indices.stride() if keep_indices is not None else (0, 0)))
 
     dx = x.new_empty(0)  # unrequested results are distinct empty tensors (outputs must not alias)
-    if need_dx and MP == 0:  # empty batch: an empty dx, no zero-size grid to launch
-        dx = new_output_like(x)
-    elif need_dx:
-        # Pixels beyond the last full patch (possible only for a cropped view) get no gradient.
+    # Pixels beyond the last full patch (possible only for a cropped view), and of patches not kept,
+    # get no gradient: zeros first unless the stores cover every pixel (distinct kept indices, K = N).
+    covered = (grid_h * PH == H) and (grid_w * PW == W) and kept == num_patches
+    if need_dx:
         # dx in x's memory format (e.g. the channels-last strides of a token grid viewed as an image),
         # so autograd maps it back through the view without a copy.
-        covered = (grid_h * PH == H) and (grid_w * PW == W)
         dx = new_output_like(x) if covered else torch.zeros_like(x)
+    if need_dx and MP > 0:  # (an empty batch or K = 0: no zero-size grid to launch)
         cfg = _tuned("dx", _backward_tiles(_gemm_config(x.dtype, MP, K, D)), x.dtype, D, K)
         grid = (cdiv(MP, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_N"]))
         _patch_embed_dx_kernel[grid](
-            grad_out, weight, dx,
-            MP, D, K, num_patches, prefix, grid_w,
-            *grad_out.stride(), *weight.stride(), *_image_strides(dx, PH, PW),
-            PH=PH, PW=PW, WIDE=_wide(PH, PW, weight, dx), **cfg,
+            grad_out, weight, keep_args[0], dx,
+            MP, D, K, kept, prefix, grid_w,
+            *grad_out.stride(), *weight.stride(), *keep_args[1:], *_image_strides(dx, PH, PW),
+            PH=PH, PW=PW, WIDE=_wide(PH, PW, weight, dx), HAS_KEEP=keep_indices is not None, **cfg,
         )
 
     dweight = x.new_empty(0)
@@ -380,25 +443,30 @@ def _launch_backward(grad_out, x, weight, has_cls, need_dx, need_dweight, need_t
         splits = cdiv(MP, rows_per_split)
         partial = new_output((splits, D, K), **f32)
         _patch_embed_dw_kernel[(d_tiles, k_tiles, splits)](
-            grad_out, x, partial,
-            MP, D, K, num_patches, prefix, grid_w, rows_per_split,
-            *grad_out.stride(), *_image_strides(x, PH, PW),
-            PH=PH, PW=PW, WIDE=_wide(PH, PW, x), **cfg,
+            grad_out, x, keep_args[0], partial,
+            MP, D, K, kept, prefix, grid_w, rows_per_split,
+            *grad_out.stride(), *_image_strides(x, PH, PW), *keep_args[1:],
+            PH=PH, PW=PW, WIDE=_wide(PH, PW, x), HAS_KEEP=keep_indices is not None, **cfg,
         )
         summed = partial.sum(0) if splits > 1 else partial[0]  # fixed order: deterministic
         dweight = summed.to(weight.dtype).reshape(weight.shape)
 
-    token_sums = x.new_empty(0, dtype=torch.float32)
-    if need_token_sums and B == 0:  # a sum over no images
-        token_sums = torch.zeros((tokens, D), **f32)
-    elif need_token_sums:
-        token_sums = new_output((tokens, D), **f32)
+    rows = prefix + num_patches  # position-embedding rows
+    row_sums = x.new_empty(0, dtype=torch.float32)
+    if need_row_sums and B == 0:  # a sum over no images
+        row_sums = torch.zeros((rows, D), **f32)
+    elif need_row_sums:
+        inv = inverse_indices
+        if keep_indices is not None and inv is None:
+            inv = _inverse_indices(keep_indices, num_patches)
+        row_sums = new_output((rows, D), **f32)
         block_t, block_d = 16, min(128, next_power_of_2(D))
-        _sum_over_batch_kernel[(cdiv(tokens, block_t), cdiv(D, block_d))](
-            grad_out, token_sums, B, tokens, D, *grad_out.stride(),
-            BLOCK_T=block_t, BLOCK_D=block_d,
+        _sum_over_batch_kernel[(cdiv(rows, block_t), cdiv(D, block_d))](
+            grad_out, inv if inv is not None else weight, row_sums, B, rows, prefix, D,
+            *grad_out.stride(), *(inv.stride() if inv is not None else (0, 0)),
+            HAS_INV=inv is not None, BLOCK_T=block_t, BLOCK_D=block_d,
         )
-    return dx, dweight, token_sums
+    return dx, dweight, row_sums
 
 
 # --------------------------------------------------------------------------- #
@@ -406,80 +474,122 @@ def _launch_backward(grad_out, x, weight, has_cls, need_dx, need_dweight, need_t
 # --------------------------------------------------------------------------- #
 @torch.library.custom_op("vitkern::patch_embed_fwd", mutates_args=())
 def _patch_embed_fwd(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], cls_token: Optional[Tensor], pos_embed: Optional[Tensor]
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], prefix_tokens: Optional[Tensor], pos_embed: Optional[Tensor],
+    pos_embed_covers_prefix: bool = True, keep_indices: Optional[Tensor] = None,
 ) -> Tensor:
-    return _launch_forward(x, weight, bias, cls_token, pos_embed)
+    """(B, T+K, D) tokens; prefix_tokens (1 or B, T, D), keep_indices (B, K) int64 (see patch_embed)."""
+    return _launch_forward(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix, keep_indices)
+
+
+def _token_count(x_shape, weight_shape, prefix_tokens, keep_indices) -> Tuple[int, int]:
+    """(T, T + K): prefix rows, and rows in all (K = N without keep_indices)."""
+    _, _, H, W = x_shape
+    _, _, PH, PW = weight_shape
+    prefix = prefix_tokens.shape[1] if prefix_tokens is not None else 0
+    kept = keep_indices.shape[1] if keep_indices is not None else (H // PH) * (W // PW)
+    return prefix, prefix + kept
 
 
 @_patch_embed_fwd.register_fake
-def _patch_embed_fwd_fake(x, weight, bias, cls_token, pos_embed):
-    B, _, H, W = x.shape
-    D, _, PH, PW = weight.shape
-    tokens = (1 if cls_token is not None else 0) + (H // PH) * (W // PW)
-    return x.new_empty((B, tokens, D))
+def _patch_embed_fwd_fake(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix=True,
+                          keep_indices=None):
+    _, tokens = _token_count(x.shape, weight.shape, prefix_tokens, keep_indices)
+    return x.new_empty((x.shape[0], tokens, weight.shape[0]))
 
 
 @torch.library.custom_op("vitkern::patch_embed_bwd", mutates_args=())
 def _patch_embed_bwd(
-    grad_out: Tensor, x: Tensor, weight: Tensor, has_cls: bool,
-    need_dx: bool, need_dweight: bool, need_token_sums: bool,
+    grad_out: Tensor, x: Tensor, weight: Tensor, prefix: int,
+    need_dx: bool, need_dweight: bool, need_row_sums: bool,
+    keep_indices: Optional[Tensor] = None, inverse_indices: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns (dx, dweight, token_sums = Σ_b dout in fp32); unrequested ones are empty."""
-    return _launch_backward(grad_out, x, weight, has_cls, need_dx, need_dweight, need_token_sums)
+    """Returns (dx, dweight, row_sums); unrequested ones are empty. row_sums (prefix + N, D) fp32 is
+    Σ_b dout in position-embedding row order: row t < prefix sums dout[:, t]; row prefix + n sums
+    dout[b, prefix + j] over the images b that kept patch n as row j (inverse_indices[b, n] = j, or
+    -1 where not kept; every image without keep_indices)."""
+    return _launch_backward(grad_out, x, weight, prefix, need_dx, need_dweight, need_row_sums,
+                            keep_indices, inverse_indices)
 
 
 @_patch_embed_bwd.register_fake
-def _patch_embed_bwd_fake(grad_out, x, weight, has_cls, need_dx, need_dweight, need_token_sums):
-    tokens = grad_out.shape[1]
+def _patch_embed_bwd_fake(grad_out, x, weight, prefix, need_dx, need_dweight, need_row_sums,
+                          keep_indices=None, inverse_indices=None):
+    _, _, H, W = x.shape
+    D, _, PH, PW = weight.shape
     return (
         torch.empty_like(x) if need_dx else x.new_empty(0),
         weight.new_empty(weight.shape if need_dweight else 0),
-        x.new_empty((tokens, weight.shape[0]) if need_token_sums else 0, dtype=torch.float32),
+        x.new_empty((prefix + (H // PH) * (W // PW), D) if need_row_sums else 0, dtype=torch.float32),
     )
 
 
 def _patch_embed_fwd_setup_context(ctx, inputs, output):
-    x, weight, bias, cls_token, pos_embed = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.has_cls = cls_token is not None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.cls_shape = tuple(cls_token.shape) if cls_token is not None else None
-    ctx.cls_dtype = cls_token.dtype if cls_token is not None else None
-    ctx.pos_shape = tuple(pos_embed.shape) if pos_embed is not None else None
-    ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
+    x, weight, bias, prefix_tokens, pos_embed, covers, keep = inputs
+    ctx.save_for_backward(x, weight, keep)
+    ctx.covers = covers
+    ctx.meta = {name: (tuple(t.shape), t.dtype) if t is not None else None
+                for name, t in (("bias", bias), ("prefix", prefix_tokens), ("pos", pos_embed))}
+
+
+def _inverse_indices(keep: Tensor, num_patches: int) -> Tensor:
+    """inv[b, n] = j where keep[b, j] = n, else -1: (B, N) int64, so the dpos sum over the batch reads
+    each image's kept row in a fixed order (no atomics)."""
+    inv = torch.full((keep.shape[0], num_patches), -1, dtype=torch.int64, device=keep.device)
+    return inv.scatter_(1, keep, torch.arange(keep.shape[1], device=keep.device).expand_as(keep))
 
 
 def _patch_embed_fwd_backward(ctx, grad_out):
-    x, weight = ctx.saved_tensors
-    need_x, need_w, need_b, need_cls, need_pos = ctx.needs_input_grad
-    dx, dweight, token_sums = torch.ops.vitkern.patch_embed_bwd(
-        grad_out, x, weight, ctx.has_cls, need_x, need_w, need_b or need_cls or need_pos)
-    prefix = 1 if ctx.has_cls else 0
-    dbias = token_sums[prefix:].sum(0).to(ctx.bias_dtype) if need_b else None
-    dcls = token_sums[0].to(ctx.cls_dtype).reshape(ctx.cls_shape) if need_cls else None
-    dpos = token_sums.to(ctx.pos_dtype).reshape(ctx.pos_shape) if need_pos else None
-    return (dx if need_x else None, dweight if need_w else None, dbias, dcls, dpos)
+    x, weight, keep = ctx.saved_tensors
+    need_x, need_w, need_b, need_prefix, need_pos = ctx.needs_input_grad[:5]
+    bias_meta, prefix_meta, pos_meta = ctx.meta["bias"], ctx.meta["prefix"], ctx.meta["pos"]
+    T = prefix_meta[0][1] if prefix_meta is not None else 0
+    per_image_prefix = need_prefix and prefix_meta[0][0] != 1  # (B, T, D): its gradient is dout's rows
+    need_sums = need_b or need_pos or (need_prefix and not per_image_prefix)
+    inv = None
+    if keep is not None and need_sums:
+        _, _, H, W = x.shape
+        inv = _inverse_indices(keep, (H // weight.shape[2]) * (W // weight.shape[3]))
+    dx, dweight, row_sums = torch.ops.vitkern.patch_embed_bwd(
+        grad_out, x, weight, T, need_x, need_w, need_sums, keep, inv)
+    dbias = dprefix = dpos = None
+    if need_b:
+        dbias = row_sums[T:].sum(0).to(bias_meta[1])
+    if need_prefix:
+        shape, dtype = prefix_meta
+        dprefix = (grad_out[:, :T] if per_image_prefix else row_sums[:T]).to(dtype).reshape(shape)
+    if need_pos:
+        shape, dtype = pos_meta
+        dpos = (row_sums if ctx.covers else row_sums[T:]).to(dtype).reshape(shape)
+    return (dx if need_x else None, dweight if need_w else None, dbias, dprefix, dpos, None, None)
 
 
 _patch_embed_fwd.register_autograd(_patch_embed_fwd_backward, setup_context=_patch_embed_fwd_setup_context)
 
 
-def patch_embed_flops(x_shape: Sequence[int], weight_shape: Sequence[int]) -> int:
-    """Multiply-adds x 2 of the projection GEMM: 2 * B * N * D * C * Ph * Pw."""
+def patch_embed_flops(x_shape: Sequence[int], weight_shape: Sequence[int], kept: Optional[int] = None) -> int:
+    """Multiply-adds x 2 of the projection GEMM: 2 * B * N * D * C * Ph * Pw, N the patches multiplied
+    (``kept`` per image with keep_indices, else all (H/Ph)(W/Pw))."""
     B, C, H, W = x_shape
     D, _, PH, PW = weight_shape
-    return 2 * B * (H // PH) * (W // PW) * D * C * PH * PW
+    n = (H // PH) * (W // PW) if kept is None else kept
+    return 2 * B * n * D * C * PH * PW
 
 
-# FlopCounterMode learns our ops' cost.
+def _kept(keep_shape) -> Optional[int]:
+    return keep_shape[1] if keep_shape is not None else None
+
+
+# FlopCounterMode learns our ops' cost (only the kept patches are multiplied).
 @register_flop_formula(torch.ops.vitkern.patch_embed_fwd)
-def _fwd_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs):
-    return patch_embed_flops(x_shape, weight_shape)
+def _fwd_flops(x_shape, weight_shape, bias_shape=None, prefix_shape=None, pos_shape=None, covers=True,
+               keep_shape=None, *args, out_shape=None, **kwargs):
+    return patch_embed_flops(x_shape, weight_shape, _kept(keep_shape))
 
 
 @register_flop_formula(torch.ops.vitkern.patch_embed_bwd)
-def _bwd_flops(grad_shape, x_shape, weight_shape, has_cls, need_dx, need_dweight, *args, **kwargs):
-    return patch_embed_flops(x_shape, weight_shape) * (int(need_dx) + int(need_dweight))
+def _bwd_flops(grad_shape, x_shape, weight_shape, prefix, need_dx, need_dweight, need_row_sums=False,
+               keep_shape=None, *args, **kwargs):
+    return patch_embed_flops(x_shape, weight_shape, _kept(keep_shape)) * (int(need_dx) + int(need_dweight))
 
 
 # --------------------------------------------------------------------------- #
@@ -489,7 +599,11 @@ def _shape(t) -> str:
     return "None" if t is None else f"{tuple(t.shape)}"
 
 
-def _validate(x, weight, bias, cls_token, pos_embed) -> None:
+MAX_PREFIX_TOKENS = 64  # CLS + distillation + register tokens stay far below; the kernels loop over none of them
+
+
+def _validate(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix=True, keep_indices=None) -> None:
+    """Cheap host checks. ``prefix_tokens`` is already (PB, T, D) (cls_token reshaped by _prepare)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"patch_embed: x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(weight, Tensor):
@@ -511,7 +625,7 @@ def _validate(x, weight, bias, cls_token, pos_embed) -> None:
     if H % PH or W % PW:
         raise ValueError(f"patch_embed: image size (H, W)=({H}, {W}) must be divisible by the patch size "
                          f"({PH}, {PW}); pad the image (timm: dynamic_img_pad=True) or crop it first")
-    named = {"weight": weight, "bias": bias, "cls_token": cls_token, "pos_embed": pos_embed}
+    named = {"weight": weight, "bias": bias, "prefix_tokens": prefix_tokens, "pos_embed": pos_embed}
     for name, t in named.items():
         if t is None:
             continue
@@ -524,15 +638,55 @@ def _validate(x, weight, bias, cls_token, pos_embed) -> None:
                             f"one dtype (or run under torch.autocast)")
     if bias is not None and tuple(bias.shape) != (D,):
         raise ValueError(f"patch_embed: bias must have shape ({D},), got {_shape(bias)}")
-    if cls_token is not None and cls_token.numel() != D:
-        raise ValueError(f"patch_embed: cls_token must hold D={D} values, e.g. shape (1, 1, {D}); "
-                         f"got {_shape(cls_token)}")
+    T = 0
+    if prefix_tokens is not None:
+        PB, T, Dp = prefix_tokens.shape
+        if Dp != D or PB not in (1, B) or T > MAX_PREFIX_TOKENS:
+            raise ValueError(f"patch_embed: prefix_tokens must have shape (1, T, {D}), ({B}, T, {D}) or (T, {D}) "
+                             f"with T <= {MAX_PREFIX_TOKENS}, got {_shape(prefix_tokens)}")
+    if not isinstance(pos_embed_covers_prefix, bool):
+        raise TypeError(f"patch_embed: pos_embed_covers_prefix must be a bool, got "
+                        f"{type(pos_embed_covers_prefix).__name__}")
+    N = (H // PH) * (W // PW)
+    if keep_indices is not None:
+        _validate_keep(keep_indices, x, N)
     if pos_embed is not None:
-        tokens = (1 if cls_token is not None else 0) + (H // PH) * (W // PW)
-        if tuple(pos_embed.shape) not in ((1, tokens, D), (tokens, D)):
-            raise ValueError(f"patch_embed: pos_embed must have shape (1, {tokens}, {D}) for "
-                             f"{'1 CLS + ' if cls_token is not None else ''}{tokens - (cls_token is not None)} "
-                             f"patches, got {_shape(pos_embed)}")
+        rows = T + N if pos_embed_covers_prefix else N
+        if tuple(pos_embed.shape) not in ((1, rows, D), (rows, D)):
+            what = (f"{T} prefix + {N} patch rows (pos_embed_covers_prefix=True)" if pos_embed_covers_prefix
+                    else f"{N} patch rows (pos_embed_covers_prefix=False)")
+            raise ValueError(f"patch_embed: pos_embed must have shape (1, {rows}, {D}) for {what}, "
+                             f"got {_shape(pos_embed)}")
+
+
+def _validate_keep(keep: Tensor, x: Tensor, num_patches: int) -> None:
+    """dtype, shape and device on the host; range and distinctness from one sort of the (B, K) indices
+    (a repeated index would make the dx kernel store one patch twice and the dpos map lose a row).
+    Eagerly that costs one device sync; under torch.compile the same checks run as an async assert."""
+    B = x.shape[0]
+    if not isinstance(keep, Tensor):
+        raise TypeError(f"patch_embed: keep_indices must be a torch.Tensor or None, got {type(keep).__name__}")
+    if keep.dtype != torch.int64:
+        raise TypeError(f"patch_embed: keep_indices.dtype must be torch.int64, got {keep.dtype}")
+    if keep.dim() != 2 or keep.shape[0] != B or keep.shape[1] > num_patches:
+        raise ValueError(f"patch_embed: keep_indices must have shape ({B}, K) with K <= N={num_patches} patches, "
+                         f"got {_shape(keep)}")
+    if keep.device != x.device:
+        raise ValueError(f"patch_embed: keep_indices is on {keep.device} but x is on {x.device}")
+    if keep.numel() == 0:
+        return
+    ordered = keep.sort(dim=1).values
+    lo, hi = ordered[:, 0].min(), ordered[:, -1].max()
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any()
+    message = (f"patch_embed: keep_indices must hold distinct patch indices in [0, {num_patches}) per row "
+               f"(row-major patch order)")
+    if torch.compiler.is_compiling():
+        torch._assert_async((lo >= 0) & (hi < num_patches) & ~repeated, message)
+        return
+    lo, hi, repeated = torch.stack([lo, hi, repeated.long()]).tolist()
+    if lo < 0 or hi >= num_patches or repeated:
+        got = f"min {lo}, max {hi}" + (", a repeated index" if repeated else "")
+        raise ValueError(f"{message}; got {got}")
 
 
 @dataclass
@@ -541,32 +695,91 @@ class _Call:
     x: Tensor
     weight: Tensor
     bias: Optional[Tensor]
-    cls_token: Optional[Tensor]
+    prefix_tokens: Optional[Tensor]  # (1 or B, T, D); cls_token lands here as (1, 1, D)
     pos_embed: Optional[Tensor]
+    pos_embed_covers_prefix: bool = True
+    keep_indices: Optional[Tensor] = None
 
 
-def _prepare(x, weight, bias=None, *, cls_token=None, pos_embed=None) -> _Call:
+def _as_prefix(cls_token, prefix_tokens, D: int) -> Optional[Tensor]:
+    """cls_token / prefix_tokens -> one (PB, T, D) prefix (a view: gradients reach the caller's tensor)."""
+    if cls_token is not None and prefix_tokens is not None:
+        raise ValueError("patch_embed: give cls_token or prefix_tokens, not both (cls_token=t means "
+                         "prefix_tokens=t with one token)")
+    if cls_token is not None:
+        if not isinstance(cls_token, Tensor):
+            raise TypeError(f"patch_embed: cls_token must be a torch.Tensor or None, got {type(cls_token).__name__}")
+        if cls_token.numel() != D:
+            raise ValueError(f"patch_embed: cls_token must hold D={D} values, e.g. shape (1, 1, {D}); "
+                             f"got {_shape(cls_token)}")
+        return cls_token.reshape(1, 1, D)
+    if prefix_tokens is None:
+        return None
+    if not isinstance(prefix_tokens, Tensor):
+        raise TypeError(f"patch_embed: prefix_tokens must be a torch.Tensor or None, got "
+                        f"{type(prefix_tokens).__name__}")
+    if prefix_tokens.dim() == 2:
+        return prefix_tokens.unsqueeze(0)
+    if prefix_tokens.dim() != 3:
+        raise ValueError(f"patch_embed: prefix_tokens must be (1, T, {D}), (B, T, {D}) or (T, {D}), "
+                         f"got shape {_shape(prefix_tokens)}")
+    return prefix_tokens
+
+
+def _prepare(x, weight, bias=None, *, cls_token=None, prefix_tokens=None, pos_embed=None,
+             pos_embed_covers_prefix=True, keep_indices=None) -> _Call:
     """patch_embed()'s public boundary: autocast, then validate."""
-    x, weight, bias, cls_token, pos_embed = _autocast([x, weight, bias, cls_token, pos_embed])
-    _validate(x, weight, bias, cls_token, pos_embed)
-    return _Call(x, weight, bias, cls_token, pos_embed)
+    x, weight, bias, cls_token, prefix_tokens, pos_embed = _autocast(
+        [x, weight, bias, cls_token, prefix_tokens, pos_embed])
+    if isinstance(weight, Tensor) and weight.dim() == 4:
+        prefix_tokens = _as_prefix(cls_token, prefix_tokens, weight.shape[0])
+    elif cls_token is not None or prefix_tokens is not None:  # weight's own error first
+        prefix_tokens = cls_token if cls_token is not None else prefix_tokens
+    _validate(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix, keep_indices)
+    return _Call(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_prefix, keep_indices)
+
+
+def _tensors(call: _Call) -> list:
+    return [call.x, call.weight, call.bias, call.prefix_tokens, call.pos_embed]
 
 
 def _why_not_triton(call: _Call) -> Optional[str]:
     x = call.x
     if x.dtype not in _KERNEL_DTYPES:
         return f"the Triton kernels take float32, float16 or bfloat16, got {x.dtype} (use backend='torch')"
-    return backends.triton_reason([x, call.weight, call.bias, call.cls_token, call.pos_embed], x.dtype)
+    return backends.triton_reason(_tensors(call) + [call.keep_indices], x.dtype)
+
+
+def _why_not_cuda_arguments(call: _Call) -> Optional[str]:
+    """The arguments beyond one shared CLS token and a full position embedding (not in the CUDA kernel yet)."""
+    who = "the CUDA kernel"
+    prefix = call.prefix_tokens
+    if prefix is not None and prefix.shape[1] != 1:
+        return (f"{who} handles at most one prefix token (a CLS token) so far, got prefix_tokens of shape "
+                f"{_shape(prefix)} (use backend='torch')")
+    if prefix is not None and prefix.shape[0] != 1:
+        return (f"{who} handles only a prefix shared by the batch ((1, T, D)) so far, got prefix_tokens of "
+                f"shape {_shape(prefix)} (use backend='torch')")
+    if not call.pos_embed_covers_prefix and call.pos_embed is not None:
+        return (f"{who} handles only a pos_embed covering every row so far, got pos_embed_covers_prefix=False "
+                f"(use backend='torch')")
+    if call.keep_indices is not None:
+        return f"{who} does not handle keep_indices yet (use backend='torch')"
+    return None
 
 
 def _why_not_cuda(call: _Call) -> Optional[str]:
     x = call.x
-    tensors = [x, call.weight, call.bias, call.cls_token, call.pos_embed]
-    reason = backends.cuda_extension_reason("patch_embed", tensors, function="patch_embed_forward")
+    tensors = _tensors(call)
+    reason = backends.cuda_extension_reason("patch_embed", tensors + [call.keep_indices],
+                                            function="patch_embed_forward")
     if reason is not None:
         return reason
     if x.dtype not in _KERNEL_DTYPES:
         return f"the CUDA kernel takes float32, float16 or bfloat16, got {x.dtype}"
+    reason = _why_not_cuda_arguments(call)
+    if reason is not None:
+        return reason
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return ("the CUDA patch_embed kernel is forward-only so far (no backward yet); "
                 "use backend='triton' when gradients are needed")
@@ -577,6 +790,7 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def _cuda_forward(x, weight, bias, cls_token, pos_embed) -> Tensor:
+    # cls_token: None or the (1, 1, D) prefix (the predicate refuses longer or per-image ones)
     """The compiled kernel (csrc/patch_embed.cu): pointers, sizes, strides and the current stream."""
     from vitkern import _C
 
@@ -619,29 +833,45 @@ def patch_embed(
     bias: Optional[Tensor] = None,
     *,
     cls_token: Optional[Tensor] = None,
+    prefix_tokens: Optional[Tensor] = None,
     pos_embed: Optional[Tensor] = None,
+    pos_embed_covers_prefix: bool = True,
+    keep_indices: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> Tensor:
-    """Patchify-projection: ``Conv2d(stride=patch)`` -> tokens (+ CLS row, + position embedding).
+    """Patchify-projection: ``Conv2d(stride=patch)`` -> tokens (+ prefix rows, + position embedding),
+    optionally of a subset of the patches (MAE's visible ones).
 
     Args:
         x: image (B, C, H, W), any strides; H and W divisible by the patch size.
         weight: (D, C, Ph, Pw), as ``Conv2d.weight``.
         bias: (D,) or None.
-        cls_token: D values (timm's (1, 1, D)) prepended as row 0, or None.
-        pos_embed: (1, T+N, D) or (T+N, D) added to every row (T = 1 with a CLS token), or None.
+        cls_token: D values (timm's (1, 1, D)) prepended as row 0, or None; the same as
+            ``prefix_tokens`` with T = 1 (giving both is an error).
+        prefix_tokens: (1, T, D) shared by the batch, (B, T, D) per image, or (T, D): rows 0..T-1
+            (timm's order: CLS, then distillation or register tokens), T <= MAX_PREFIX_TOKENS.
+        pos_embed: (1, T+N, D) or (T+N, D) added to every row when ``pos_embed_covers_prefix``, else
+            (1, N, D) or (N, D) added to the patch rows only (timm's ``no_embed_class``); or None.
+        keep_indices: (B, K) int64 patch indices (row-major, each in [0, N), distinct per row), or None
+            for every patch in order. Row T+j holds patch keep[b, j] with its position row; only the
+            kept patches are read and multiplied, and x's gradient is zero elsewhere. The range and
+            distinctness are checked (one sort of the indices and one device sync per call).
         backend: "auto" | "cuda" | "triton" | "torch" (see :mod:`vitkern.backends`).
 
     Returns:
-        (B, T+N, D) tokens in x's dtype, N = (H/Ph)(W/Pw). Differentiable w.r.t. every input.
+        (B, T+K, D) tokens in x's dtype, N = (H/Ph)(W/Pw), K = N without keep_indices.
+        Differentiable w.r.t. every floating-point input.
     """
-    c = _prepare(x, weight, bias, cls_token=cls_token, pos_embed=pos_embed)
+    c = _prepare(x, weight, bias, cls_token=cls_token, prefix_tokens=prefix_tokens, pos_embed=pos_embed,
+                 pos_embed_covers_prefix=pos_embed_covers_prefix, keep_indices=keep_indices)
     chosen = _BACKENDS.select(backend, c)
     if chosen == "triton":
-        return torch.ops.vitkern.patch_embed_fwd(c.x, c.weight, c.bias, c.cls_token, c.pos_embed)
+        return torch.ops.vitkern.patch_embed_fwd(c.x, c.weight, c.bias, c.prefix_tokens, c.pos_embed,
+                                                 c.pos_embed_covers_prefix, c.keep_indices)
     if chosen == "cuda":  # forward only: the predicate refuses calls that need gradients
-        return _cuda_forward(c.x, c.weight, c.bias, c.cls_token, c.pos_embed)
-    return patch_embed_reference(c.x, c.weight, c.bias, cls_token=c.cls_token, pos_embed=c.pos_embed)
+        return _cuda_forward(c.x, c.weight, c.bias, c.prefix_tokens, c.pos_embed)
+    return patch_embed_reference(c.x, c.weight, c.bias, prefix_tokens=c.prefix_tokens, pos_embed=c.pos_embed,
+                                 pos_embed_covers_prefix=c.pos_embed_covers_prefix, keep_indices=c.keep_indices)
 
 
 # --------------------------------------------------------------------------- #
@@ -690,7 +920,7 @@ def _patch_embed_layernorm_fwd_backward(ctx, dout, _dpre, _dmean, _drstd):
     dx = dweight = dbias = None
     if need_x or need_w or need_b:
         dx, dweight, token_sums = torch.ops.vitkern.patch_embed_bwd(
-            dpre.to(x.dtype), x, weight, False, need_x, need_w, need_b)
+            dpre.to(x.dtype), x, weight, 0, need_x, need_w, need_b)
         dbias = token_sums.sum(0).to(bias_dtype) if need_b else None
     return (dx if need_x else None, dweight if need_w else None, dbias, dln_w, dln_b, None)
 

@@ -23,6 +23,11 @@ Philox number per (image·window·head, query, key) from one seed, so the forwar
 backward kernel drop the same probabilities (:func:`window_dropout_keep_mask` reproduces
 them for tests). With ``HAS_DROPOUT`` off the kernels contain none of it.
 
+The flash-attention steps themselves (online softmax, probabilities recomputed in the backward,
+dQ with the exact delta, dK/dV, dS, dropout, tile loads) are ``ops/_flash.py``'s, shared with
+``ops/attention.py``; this file adds the window geometry, the bias gather and the shift mask.
+A row whose keys are all -inf (a -inf bias table entry) gives output 0 and gradients 0.
+
 Backward (deterministic, no atomics): delta = rowsum(dO∘O); dQ per query block (which
 also replaces delta by the one that makes rowsum(dS) = 0); dK, dV per key block, plus the
 padding keys' sums for d qkv_bias in one slot per padded window (only the last window row /
@@ -52,7 +57,10 @@ from torch.utils.flop_counter import register_flop_formula
 from vitkern import _triton, backends, configs
 from vitkern._memory import new_output
 from vitkern._triton import cdiv, next_power_of_2, tl, triton
-from vitkern.ops.attention import _keep_scale, new_dropout_seed, _seed_value, dropout_keep_mask
+from vitkern.ops._flash import LOG2E as _LOG2E
+from vitkern.ops._flash import (dkdv_step, dq_finish, dq_init, dq_step, dropout_args, dscore, load_row_stats, load_tile,
+                                recompute_p, row_delta, softmax_finish, softmax_init, softmax_step, store_tile)
+from vitkern.ops._flash import dropout_keep_mask, new_dropout_seed
 from vitkern._args import IntOrPair, pair
 from vitkern.reference import window_attention_reference
 
@@ -62,8 +70,6 @@ _SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
 MAX_WINDOW_TOKENS = 1024
-_LOG2E = 1.4426950408889634
-
 
 
 # --------------------------------------------------------------------------- #
@@ -80,6 +86,28 @@ def _window_tokens(t, win, H, W, SH, SW, N_WIN_W, MH: tl.constexpr, MW: tl.const
     y = (ys + SH) % H  # rolling by -shift moved input pixel (y, x) to ((y - shift) mod H, ...)
     x = (xs + SW) % W
     return y, x, inside, ys, xs
+
+
+@triton.jit
+def _token_offsets(b, y, x, s_b, s_y, s_x):
+    """int64 offsets of tokens (y, x) of image b in a (B, H, W, channels) tensor."""
+    return b * s_b + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
+
+
+@triton.jit
+def _program_window(H, W, SH, SW, N_WIN, N_WIN_W, HEADS, BLOCK: tl.constexpr, MH: tl.constexpr,
+                    MW: tl.constexpr):
+    """What a (window · head, token block) program owns: (pid, head, image, window, its block of
+    tokens and their _window_tokens). pid = (image · window) · heads + head also keys lse, delta and
+    the dropout stream."""
+    pid = tl.program_id(0).to(tl.int64)
+    head = pid % HEADS
+    zw = pid // HEADS
+    b = zw // N_WIN
+    win = zw % N_WIN
+    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    y, x, inside, ys, xs = _window_tokens(t, win, H, W, SH, SW, N_WIN_W, MH, MW)
+    return pid, head, b, win, t, y, x, inside, ys, xs
 
 
 @triton.jit
@@ -107,14 +135,23 @@ def _padded_window(win, N_WIN_W, FULL_H, FULL_W):
 def _load_tokens(qkv_ptr, bias_ptr, row_off, inside, in_window, chan, dims,
                  s_c, HEAD_DIM: tl.constexpr, HAS_QKV_BIAS: tl.constexpr):
     """(tokens, head_dim) of q, k or v (channel offset ``chan``); padding tokens get the qkv bias."""
-    dim_ok = dims < HEAD_DIM
-    tile = tl.load(qkv_ptr + row_off[:, None] + (chan + dims[None, :]).to(tl.int64) * s_c,
-                   mask=inside[:, None] & dim_ok[None, :], other=0.0)
+    tile = load_tile(qkv_ptr + chan * s_c, row_off, dims, s_c, inside, HEAD_DIM)
     if HAS_QKV_BIAS:
-        pad = tl.load(bias_ptr + chan + dims, mask=dim_ok, other=0.0)
+        pad = tl.load(bias_ptr + chan + dims, mask=dims < HEAD_DIM, other=0.0)
         is_pad = in_window & (inside == 0)
         tile = tl.where(is_pad[:, None], pad[None, :].to(tile.dtype), tile)
     return tile
+
+
+@triton.jit
+def _load_kv(qkv_ptr, bias_ptr, row_off, inside, in_window, head, C, dims, s_c, HEAD_DIM: tl.constexpr,
+             HAS_QKV_BIAS: tl.constexpr):
+    """k and v of window tokens (channels C + head·d and 2C + head·d of qkv)."""
+    k = _load_tokens(qkv_ptr, bias_ptr, row_off, inside, in_window, C + head * HEAD_DIM, dims, s_c, HEAD_DIM,
+                     HAS_QKV_BIAS)
+    v = _load_tokens(qkv_ptr, bias_ptr, row_off, inside, in_window, 2 * C + head * HEAD_DIM, dims, s_c, HEAD_DIM,
+                     HAS_QKV_BIAS)
+    return k, v
 
 
 @triton.jit
@@ -145,46 +182,39 @@ def _win_fwd_kernel(
     HAS_QKV_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)  # (image · window) · heads + head
-    head = pid % HEADS
-    zw = pid // HEADS
-    b = zw // N_WIN
-    win = zw % N_WIN
+    pid, head, b, win, rows, y, x, inside_q, ys_q, xs_q = _program_window(H, W, SH, SW, N_WIN, N_WIN_W, HEADS,
+                                                                         BLOCK_M, MH, MW)
     N_TOK = MH * MW
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    y, x, inside_q, ys_q, xs_q = _window_tokens(rows, win, H, W, SH, SW, N_WIN_W, MH, MW)
-    q_off = b * s_b + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
-    q = _load_tokens(qkv_ptr, qkv_bias_ptr, q_off, inside_q, rows < N_TOK, head * HEAD_DIM, dims, s_c,
-                     HEAD_DIM, HAS_QKV_BIAS)
+    q = _load_tokens(qkv_ptr, qkv_bias_ptr, _token_offsets(b, y, x, s_b, s_y, s_x), inside_q, rows < N_TOK,
+                     head * HEAD_DIM, dims, s_c, HEAD_DIM, HAS_QKV_BIAS)
 
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    m_i, l_i, acc = softmax_init(BLOCK_M, BLOCK_D)
     for start in range(0, N_TOK, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         yk, xk, inside_k, ys_k, xs_k = _window_tokens(cols, win, H, W, SH, SW, N_WIN_W, MH, MW)
-        k_off = b * s_b + yk.to(tl.int64) * s_y + xk.to(tl.int64) * s_x
+        k_off = _token_offsets(b, yk, xk, s_b, s_y, s_x)
         k = _load_tokens(qkv_ptr, qkv_bias_ptr, k_off, inside_k, cols < N_TOK, C + head * HEAD_DIM, dims, s_c,
                          HEAD_DIM, HAS_QKV_BIAS)
         s = _window_scores(q, k, table_ptr, head, rows, cols, ys_q, xs_q, ys_k, xs_k, HP, WP, SH, SW,
                            st_t, st_h, qk_scale, mask_value, N_TOK, MH, MW, HAS_SHIFT)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_DROPOUT:  # the normaliser l_i keeps the undropped probabilities
-            p = p * _keep_scale(seed, pid, rows, cols, N_TOK, N_TOK, dropout_p, inv_keep)
+        p, alpha, m_i, l_i = softmax_step(s, m_i, l_i, seed, pid, rows, cols, N_TOK, N_TOK, dropout_p, inv_keep,
+                                          HAS_DROPOUT)
         v = _load_tokens(qkv_ptr, qkv_bias_ptr, k_off, inside_k, cols < N_TOK, 2 * C + head * HEAD_DIM, dims,
                          s_c, HEAD_DIM, HAS_QKV_BIAS)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
 
-    acc = acc / l_i[:, None]
-    out_off = b * so_b + y.to(tl.int64) * so_y + x.to(tl.int64) * so_x
-    tl.store(out_ptr + out_off[:, None] + (head * HEAD_DIM + dims[None, :]).to(tl.int64) * so_c,
-             acc.to(out_ptr.dtype.element_ty), mask=inside_q[:, None] & (dims < HEAD_DIM)[None, :])
-    tl.store(lse_ptr + pid * N_TOK + rows, m_i + tl.math.log2(l_i), mask=rows < N_TOK)
+    out, lse = softmax_finish(acc, m_i, l_i)
+    store_tile(out_ptr + head * HEAD_DIM * so_c, out, _token_offsets(b, y, x, so_b, so_y, so_x), dims, so_c,
+               inside_q, HEAD_DIM)
+    tl.store(lse_ptr + pid * N_TOK + rows, lse, mask=rows < N_TOK)
+
+
+@triton.jit
+def _load_dout(dout_ptr, b, y, x, inside, head, dims, sdo_b, sdo_y, sdo_x, sdo_c, HEAD_DIM: tl.constexpr):
+    """dO rows of window tokens; padding tokens were cropped, so their dO is 0."""
+    return load_tile(dout_ptr + head * HEAD_DIM * sdo_c, _token_offsets(b, y, x, sdo_b, sdo_y, sdo_x), dims, sdo_c,
+                     inside, HEAD_DIM)
 
 
 @triton.jit
@@ -195,30 +225,12 @@ def _win_bwd_delta_kernel(
     MH: tl.constexpr, MW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta = rowsum(dO ∘ O) per (window, head, token); 0 for padding tokens (cropped away)."""
-    pid = tl.program_id(0).to(tl.int64)
-    head = pid % HEADS
-    zw = pid // HEADS
-    b = zw // N_WIN
-    win = zw % N_WIN
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid, head, b, _, rows, y, x, inside, _, _ = _program_window(H, W, SH, SW, N_WIN, N_WIN_W, HEADS, BLOCK_M, MH, MW)
     dims = tl.arange(0, BLOCK_D)
-    y, x, inside, _, _ = _window_tokens(rows, win, H, W, SH, SW, N_WIN_W, MH, MW)
-    ok = inside[:, None] & (dims < HEAD_DIM)[None, :]
-    chan = (head * HEAD_DIM + dims[None, :]).to(tl.int64)
-    o = tl.load(out_ptr + (b * so_b + y.to(tl.int64) * so_y + x.to(tl.int64) * so_x)[:, None] + chan * so_c,
-                mask=ok, other=0.0)
-    do = tl.load(dout_ptr + (b * sdo_b + y.to(tl.int64) * sdo_y + x.to(tl.int64) * sdo_x)[:, None] + chan * sdo_c,
-                 mask=ok, other=0.0)
-    tl.store(delta_ptr + pid * (MH * MW) + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1),
-             mask=rows < MH * MW)
-
-
-@triton.jit
-def _load_dout(dout_ptr, b, y, x, inside, head, dims, sdo_b, sdo_y, sdo_x, sdo_c, HEAD_DIM: tl.constexpr):
-    """dO rows of window tokens; padding tokens were cropped, so their dO is 0."""
-    off = b * sdo_b + y.to(tl.int64) * sdo_y + x.to(tl.int64) * sdo_x
-    return tl.load(dout_ptr + off[:, None] + (head * HEAD_DIM + dims[None, :]).to(tl.int64) * sdo_c,
-                   mask=inside[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    o = load_tile(out_ptr + head * HEAD_DIM * so_c, _token_offsets(b, y, x, so_b, so_y, so_x), dims, so_c, inside,
+                  HEAD_DIM)
+    do = _load_dout(dout_ptr, b, y, x, inside, head, dims, sdo_b, sdo_y, sdo_x, sdo_c, HEAD_DIM)
+    tl.store(delta_ptr + pid * (MH * MW) + rows, row_delta(o, do), mask=rows < MH * MW)
 
 
 @triton.jit
@@ -232,54 +244,33 @@ def _win_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK, dV of one key block of one (image, window, head); padding keys' sums go to pad_grad."""
-    pid = tl.program_id(0).to(tl.int64)
-    head = pid % HEADS
-    zw = pid // HEADS
-    b = zw // N_WIN
-    win = zw % N_WIN
+    pid, head, b, win, cols, yk, xk, inside_k, ys_k, xs_k = _program_window(H, W, SH, SW, N_WIN, N_WIN_W, HEADS,
+                                                                           BLOCK_N, MH, MW)
     N_TOK = MH * MW
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    yk, xk, inside_k, ys_k, xs_k = _window_tokens(cols, win, H, W, SH, SW, N_WIN_W, MH, MW)
-    k_off = b * s_b + yk.to(tl.int64) * s_y + xk.to(tl.int64) * s_x
-    k = _load_tokens(qkv_ptr, qkv_bias_ptr, k_off, inside_k, cols < N_TOK, C + head * HEAD_DIM, dims, s_c,
-                     HEAD_DIM, HAS_QKV_BIAS)
-    v = _load_tokens(qkv_ptr, qkv_bias_ptr, k_off, inside_k, cols < N_TOK, 2 * C + head * HEAD_DIM, dims, s_c,
-                     HEAD_DIM, HAS_QKV_BIAS)
+    k, v = _load_kv(qkv_ptr, qkv_bias_ptr, _token_offsets(b, yk, xk, s_b, s_y, s_x), inside_k, cols < N_TOK, head,
+                    C, dims, s_c, HEAD_DIM, HAS_QKV_BIAS)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for start in range(0, N_TOK, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         y, x, inside_q, ys_q, xs_q = _window_tokens(rows, win, H, W, SH, SW, N_WIN_W, MH, MW)
-        q_off = b * s_b + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
-        q = _load_tokens(qkv_ptr, qkv_bias_ptr, q_off, inside_q, rows < N_TOK, head * HEAD_DIM, dims, s_c,
-                         HEAD_DIM, HAS_QKV_BIAS)
+        q = _load_tokens(qkv_ptr, qkv_bias_ptr, _token_offsets(b, y, x, s_b, s_y, s_x), inside_q, rows < N_TOK,
+                         head * HEAD_DIM, dims, s_c, HEAD_DIM, HAS_QKV_BIAS)
         do = _load_dout(dout_ptr, b, y, x, inside_q, head, dims, sdo_b, sdo_y, sdo_x, sdo_c, HEAD_DIM)
-        lse = tl.load(lse_ptr + pid * N_TOK + rows, mask=rows < N_TOK, other=0.0)
-        delta = tl.load(delta_ptr + pid * N_TOK + rows, mask=rows < N_TOK, other=0.0)
+        lse, delta = load_row_stats(lse_ptr, delta_ptr, pid * N_TOK + rows, rows < N_TOK)
         s = _window_scores(q, k, table_ptr, head, rows, cols, ys_q, xs_q, ys_k, xs_k, HP, WP, SH, SW,
                            st_t, st_h, qk_scale, mask_value, N_TOK, MH, MW, HAS_SHIFT)
-        valid = (rows < N_TOK)[:, None] & (cols < N_TOK)[None, :]
-        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
-        p_kept = p  # what the forward multiplied v by
-        if HAS_DROPOUT:
-            z = _keep_scale(seed, pid, rows, cols, N_TOK, N_TOK, dropout_p, inv_keep)
-            p_kept = p * z
-        dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
-        if HAS_DROPOUT:
-            dp = dp * z
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        p = recompute_p(s, lse, (rows < N_TOK)[:, None] & (cols < N_TOK)[None, :])
+        dk, dv = dkdv_step(dk, dv, p, q, do, v, delta, seed, pid, rows, cols, N_TOK, N_TOK, dropout_p, inv_keep,
+                           HAS_DROPOUT)
 
     dk = dk * sm_scale
-    dim_ok = (dims < HEAD_DIM)[None, :]
-    d_off = b * sd_b + yk.to(tl.int64) * sd_y + xk.to(tl.int64) * sd_x
-    k_chan = (C + head * HEAD_DIM + dims[None, :]).to(tl.int64) * sd_c
-    tl.store(dqkv_ptr + d_off[:, None] + k_chan, dk.to(dqkv_ptr.dtype.element_ty), mask=inside_k[:, None] & dim_ok)
-    tl.store(dqkv_ptr + d_off[:, None] + k_chan + C * sd_c, dv.to(dqkv_ptr.dtype.element_ty),
-             mask=inside_k[:, None] & dim_ok)
+    d_off = _token_offsets(b, yk, xk, sd_b, sd_y, sd_x)
+    k_ptr = dqkv_ptr + (C + head * HEAD_DIM) * sd_c
+    store_tile(k_ptr, dk, d_off, dims, sd_c, inside_k, HEAD_DIM)
+    store_tile(k_ptr + C * sd_c, dv, d_off, dims, sd_c, inside_k, HEAD_DIM)
     if PAD_GRAD:  # padding keys are the qkv bias: their gradients belong to it
         # Only border windows hold padding, so only they own a slot (no slot per window of the grid).
         border, pad_win = _padded_window(win, N_WIN_W, FULL_H, FULL_W)
@@ -302,56 +293,33 @@ def _win_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ of one query block of one (image, window, head), written to the token's position."""
-    pid = tl.program_id(0).to(tl.int64)
-    head = pid % HEADS
-    zw = pid // HEADS
-    b = zw // N_WIN
-    win = zw % N_WIN
+    pid, head, b, win, rows, y, x, inside_q, ys_q, xs_q = _program_window(H, W, SH, SW, N_WIN, N_WIN_W, HEADS,
+                                                                         BLOCK_M, MH, MW)
     N_TOK = MH * MW
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    y, x, inside_q, ys_q, xs_q = _window_tokens(rows, win, H, W, SH, SW, N_WIN_W, MH, MW)
-    q_off = b * s_b + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
-    q = _load_tokens(qkv_ptr, qkv_bias_ptr, q_off, inside_q, rows < N_TOK, head * HEAD_DIM, dims, s_c,
-                     HEAD_DIM, HAS_QKV_BIAS)
+    q = _load_tokens(qkv_ptr, qkv_bias_ptr, _token_offsets(b, y, x, s_b, s_y, s_x), inside_q, rows < N_TOK,
+                     head * HEAD_DIM, dims, s_c, HEAD_DIM, HAS_QKV_BIAS)
     do = _load_dout(dout_ptr, b, y, x, inside_q, head, dims, sdo_b, sdo_y, sdo_x, sdo_c, HEAD_DIM)
-    lse = tl.load(lse_ptr + pid * N_TOK + rows, mask=rows < N_TOK, other=0.0)
-    delta = tl.load(delta_ptr + pid * N_TOK + rows, mask=rows < N_TOK, other=0.0)
+    lse, delta = load_row_stats(lse_ptr, delta_ptr, pid * N_TOK + rows, rows < N_TOK)
 
-    # As in attention's dQ kernel: measure rowsum(dS), correct dq with it and store the corrected
-    # delta for the dK/dV and table-gradient kernels, which run after this one.
-    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    pk = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    ds_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    p_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # As attention's dQ kernel, this program also corrects delta (see dq_finish) for the dK/dV
+    # and table-gradient kernels, which run after this one.
+    dq, pk, ds_sum, p_sum = dq_init(BLOCK_M, BLOCK_D)
     for start in range(0, N_TOK, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         yk, xk, inside_k, ys_k, xs_k = _window_tokens(cols, win, H, W, SH, SW, N_WIN_W, MH, MW)
-        k_off = b * s_b + yk.to(tl.int64) * s_y + xk.to(tl.int64) * s_x
-        k = _load_tokens(qkv_ptr, qkv_bias_ptr, k_off, inside_k, cols < N_TOK, C + head * HEAD_DIM, dims, s_c,
-                         HEAD_DIM, HAS_QKV_BIAS)
-        v = _load_tokens(qkv_ptr, qkv_bias_ptr, k_off, inside_k, cols < N_TOK, 2 * C + head * HEAD_DIM, dims,
-                         s_c, HEAD_DIM, HAS_QKV_BIAS)
+        k, v = _load_kv(qkv_ptr, qkv_bias_ptr, _token_offsets(b, yk, xk, s_b, s_y, s_x), inside_k, cols < N_TOK,
+                        head, C, dims, s_c, HEAD_DIM, HAS_QKV_BIAS)
         s = _window_scores(q, k, table_ptr, head, rows, cols, ys_q, xs_q, ys_k, xs_k, HP, WP, SH, SW,
                            st_t, st_h, qk_scale, mask_value, N_TOK, MH, MW, HAS_SHIFT)
-        valid = (rows < N_TOK)[:, None] & (cols < N_TOK)[None, :]
-        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        if HAS_DROPOUT:
-            dp = dp * _keep_scale(seed, pid, rows, cols, N_TOK, N_TOK, dropout_p, inv_keep)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
-        pk += tl.dot(p.to(k.dtype), k)
-        ds_sum += tl.sum(ds, 1)
-        p_sum += tl.sum(p, 1)
+        p = recompute_p(s, lse, (rows < N_TOK)[:, None] & (cols < N_TOK)[None, :])
+        dq, pk, ds_sum, p_sum = dq_step(dq, pk, ds_sum, p_sum, p, k, v, do, delta, seed, pid, rows, cols, N_TOK,
+                                        N_TOK, dropout_p, inv_keep, HAS_DROPOUT)
 
-    # The delta that makes rowsum(dS) = 0 for these very probabilities: delta + rowsum(dS) / rowsum(P).
-    correction = tl.where(p_sum > 0, ds_sum / tl.where(p_sum > 0, p_sum, 1.0), 0.0)  # no 0/0 on empty rows
-    dq = (dq - correction[:, None] * pk) * sm_scale
-    tl.store(delta_ptr + pid * N_TOK + rows, delta + correction, mask=rows < N_TOK)
-    d_off = b * sd_b + y.to(tl.int64) * sd_y + x.to(tl.int64) * sd_x
-    tl.store(dqkv_ptr + d_off[:, None] + (head * HEAD_DIM + dims[None, :]).to(tl.int64) * sd_c,
-             dq.to(dqkv_ptr.dtype.element_ty), mask=inside_q[:, None] & (dims < HEAD_DIM)[None, :])
+    dq, delta = dq_finish(dq, pk, ds_sum, p_sum, delta, sm_scale)
+    tl.store(delta_ptr + pid * N_TOK + rows, delta, mask=rows < N_TOK)
+    store_tile(dqkv_ptr + head * HEAD_DIM * sd_c, dq, _token_offsets(b, y, x, sd_b, sd_y, sd_x), dims, sd_c,
+               inside_q, HEAD_DIM)
 
 
 @triton.jit
@@ -384,24 +352,16 @@ def _win_bwd_dscore_sum_kernel(
         pid = z * HEADS + head
         y, x, inside_q, ys_q, xs_q = _window_tokens(rows, win, H, W, SH, SW, N_WIN_W, MH, MW)
         yk, xk, inside_k, ys_k, xs_k = _window_tokens(cols, win, H, W, SH, SW, N_WIN_W, MH, MW)
-        q_off = b * s_b + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
-        k_off = b * s_b + yk.to(tl.int64) * s_y + xk.to(tl.int64) * s_x
-        q = _load_tokens(qkv_ptr, qkv_bias_ptr, q_off, inside_q, rows < N_TOK, head * HEAD_DIM, dims, s_c,
-                         HEAD_DIM, HAS_QKV_BIAS)
-        k = _load_tokens(qkv_ptr, qkv_bias_ptr, k_off, inside_k, cols < N_TOK, C + head * HEAD_DIM, dims, s_c,
-                         HEAD_DIM, HAS_QKV_BIAS)
-        v = _load_tokens(qkv_ptr, qkv_bias_ptr, k_off, inside_k, cols < N_TOK, 2 * C + head * HEAD_DIM, dims,
-                         s_c, HEAD_DIM, HAS_QKV_BIAS)
+        q = _load_tokens(qkv_ptr, qkv_bias_ptr, _token_offsets(b, y, x, s_b, s_y, s_x), inside_q, rows < N_TOK,
+                         head * HEAD_DIM, dims, s_c, HEAD_DIM, HAS_QKV_BIAS)
+        k, v = _load_kv(qkv_ptr, qkv_bias_ptr, _token_offsets(b, yk, xk, s_b, s_y, s_x), inside_k, cols < N_TOK,
+                        head, C, dims, s_c, HEAD_DIM, HAS_QKV_BIAS)
         do = _load_dout(dout_ptr, b, y, x, inside_q, head, dims, sdo_b, sdo_y, sdo_x, sdo_c, HEAD_DIM)
-        lse = tl.load(lse_ptr + pid * N_TOK + rows, mask=rows < N_TOK, other=0.0)
-        delta = tl.load(delta_ptr + pid * N_TOK + rows, mask=rows < N_TOK, other=0.0)
+        lse, delta = load_row_stats(lse_ptr, delta_ptr, pid * N_TOK + rows, rows < N_TOK)
         s = _window_scores(q, k, table_ptr, head, rows, cols, ys_q, xs_q, ys_k, xs_k, HP, WP, SH, SW,
                            st_t, st_h, qk_scale, mask_value, N_TOK, MH, MW, HAS_SHIFT)
-        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        if HAS_DROPOUT:
-            dp = dp * _keep_scale(seed, pid, rows, cols, N_TOK, N_TOK, dropout_p, inv_keep)
-        acc += p * (dp - delta[:, None])
+        p = recompute_p(s, lse, valid)
+        acc += dscore(p, do, v, delta, seed, pid, rows, cols, N_TOK, N_TOK, dropout_p, inv_keep, HAS_DROPOUT)
     out = partial_ptr + ((split * HEADS + head) * N_TOK + rows[:, None].to(tl.int64)) * N_TOK + cols[None, :]
     tl.store(out, acc, mask=valid)
 
@@ -498,11 +458,6 @@ class _Geometry:
                     HAS_SHIFT=bool(self.SH or self.SW), HAS_DROPOUT=dropout_p > 0, BLOCK_D=self.block_d)
 
 
-def _dropout_args(dropout_p: float, seed: Optional[Tensor]):
-    """(seed, p, 1/(1-p)) for the kernels; unused (HAS_DROPOUT is off) when p == 0."""
-    return _seed_value(seed), float(dropout_p), 1.0 / (1.0 - float(dropout_p))
-
-
 def _launch_fwd(qkv, table, qkv_bias, g: _Geometry, scale, mask_value, dropout_p, seed):
     out = new_output((g.B, g.H, g.W, g.C), dtype=qkv.dtype, device=qkv.device)
     lse = new_output((g.programs, g.n_tok), dtype=torch.float32, device=qkv.device)
@@ -512,7 +467,7 @@ def _launch_fwd(qkv, table, qkv_bias, g: _Geometry, scale, mask_value, dropout_p
     cfg = g.launch("fwd", g.block_m, g.block_n, g.warps, g.stages)
     _win_fwd_kernel[(g.programs, cdiv(g.n_tok, cfg["BLOCK_M"]))](
         qkv, bias_arg, table, out, lse,
-        *g.grid_args(), scale * _LOG2E, float(mask_value), *_dropout_args(dropout_p, seed),
+        *g.grid_args(), scale * _LOG2E, float(mask_value), *dropout_args(dropout_p, seed),
         *qkv.stride(), *out.stride(), *table.stride(),
         **cfg, **g.consts(qkv_bias, dropout_p),
     )
@@ -556,7 +511,7 @@ def _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g: _Geometry, scale, mask_
     # One (k | v) slot per (image, padded window, head, key block); every slot is written.
     pad_grad = new_output((g.B * g.pad_windows * g.heads * key_blocks, 2, g.block_d), dtype=torch.float32,
                           device=dev) if pad_grad_on else qkv
-    drop = _dropout_args(dropout_p, seed)
+    drop = dropout_args(dropout_p, seed)
     common = (*g.grid_args(), scale * _LOG2E, scale, float(mask_value), *drop, g.full_h, g.full_w, g.pad_windows,
               *qkv.stride(), *dout.stride(), *dqkv.stride(), *table.stride())
     blocks = dict(cfg, PAD_GRAD=pad_grad_on, **consts)
@@ -603,7 +558,7 @@ def window_dropout_keep_mask(seed: int, batch: int, grid: Tuple[int, int], num_h
     Windows of the padded grid row-major, tokens of a window row-major (as
     :func:`vitkern.reference.window_attention_reference` partitions them). The kernels key the
     Philox stream by the element's flat index in (B·nW·heads, n, n), the attention kernels' layout
-    with (image·window, head) as the batch·head index, so attention's mask kernel draws them.
+    with (image·window, head) as the batch·head index, so attention's mask helper draws them.
     For tests: ``window_attention_reference(..., dropout_mask=...)`` then reproduces a dropout run.
     """
     mh, mw = window

@@ -148,7 +148,10 @@ def _window_case(B, grid, C, heads, window, shift, dtype, qkv_bias: bool):
     return run
 
 
-def _patch_case(B, C, H, W, P, D, dtype, cls_pos: bool, bias: bool = True, need_dx: bool = True):
+def _patch_case(B, C, H, W, P, D, dtype, cls_pos: bool, bias: bool = True, need_dx: bool = True, *,
+                prefix: int = 1, per_image: bool = False, covers: bool = True, kept: Optional[int] = None):
+    """With ``cls_pos``: ``prefix`` prefix rows (shared, or ``per_image``) and a pos_embed over every row
+    (``covers``) or the patch rows only; ``kept`` patches per image (MAE), or all."""
     import torch
 
     from vitkern.ops import patch_embed
@@ -157,10 +160,12 @@ def _patch_case(B, C, H, W, P, D, dtype, cls_pos: bool, bias: bool = True, need_
         x = torch.randn(B, C, H, W, dtype=dtype, requires_grad=need_dx)
         w = torch.randn(D, C, P, P, dtype=dtype, requires_grad=True)
         b = torch.randn(D, dtype=dtype, requires_grad=True) if bias else None
-        tokens = 1 + (H // P) * (W // P)
-        cls = torch.randn(1, 1, D, dtype=dtype, requires_grad=True) if cls_pos else None
-        pos = torch.randn(1, tokens, D, dtype=dtype, requires_grad=True) if cls_pos else None
-        patch_embed(x, w, b, cls_token=cls, pos_embed=pos, backend="triton").float().sum().backward()
+        n = (H // P) * (W // P)
+        pre = torch.randn(B if per_image else 1, prefix, D, dtype=dtype, requires_grad=True) if cls_pos else None
+        pos = torch.randn(1, n + (prefix if covers else 0), D, dtype=dtype, requires_grad=True) if cls_pos else None
+        keep = torch.stack([torch.randperm(n)[:kept] for _ in range(B)]) if kept is not None else None
+        patch_embed(x, w, b, prefix_tokens=pre, pos_embed=pos, pos_embed_covers_prefix=covers, keep_indices=keep,
+                    backend="triton").float().sum().backward()
     return run
 
 
@@ -250,6 +255,12 @@ def cases(which: str = "full") -> List[Tuple[str, str, Callable[[], None]]]:
     pe = [(224, 16), (384, 16), (512, 16), (224, 32), (384, 32), (512, 32)] if full else [(224, 16)]
     for res, p in pe:
         out.append((f"patch vitb p{p} {res}", "bfloat16", _patch_case(1, 3, res, res, p, 768, bf16, True)))
+    # MAE's masked patchify (49 of 196 patches kept) and a multi-token prefix (CLS + 4 registers, per image,
+    # pos_embed over the patch rows only: timm's no_embed_class); 16-bit, plus fp32 in the full set.
+    for name in (("bfloat16", "float32") if full else ("bfloat16",)):
+        out.append(("patch mae p16 224 keep49", name, _patch_case(2, 3, 224, 224, 16, 768, dt[name], True, kept=49)))
+        out.append(("patch vitb p16 224 prefix5", name, _patch_case(2, 3, 224, 224, 16, 768, dt[name], True, prefix=5,
+                                                                    per_image=True, covers=False)))
     for name in (dt if full else ["float32"]):
         out.append(("patch swin stem p4 224", name, _patch_case(1, 3, 224, 224, 4, 96, dt[name], False)))
         if name != "bfloat16" and full:
