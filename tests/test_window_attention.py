@@ -536,10 +536,10 @@ def test_cosine_gpu_tiling_path_with_several_blocks_per_window(monkeypatch):
 
 
 def test_cosine_gpu_launch_tiles_for_49_token_windows(monkeypatch):
-    """The tiles a GPU launch gets for 7x7 windows: 64 queries, and 32-key blocks in the cosine backward."""
+    """The tiles a GPU launch gets for 7x7 windows: 64 queries, and 16-key blocks in the cosine backward."""
     use_gpu_tiles(monkeypatch, wa, "_Geometry")
     g = wa._Geometry(torch.empty(1, 9, 10, 96, device="meta"), 2, (7, 7), (3, 3), True)
-    assert (g.block_m, g.block_n, g.bwd_block_n) == (64, 64, 32)
+    assert (g.block_m, g.block_n, g.bwd_block_n) == (64, 64, 16)
     _check(1, 9, 10, 32, 2, 7, 3, True, torch.float32, cosine=True)
 
 

@@ -538,9 +538,10 @@ class _Geometry:
         big = self.block_m >= 64 and not _triton.INTERPRET
         self.warps, self.stages = (8, 1) if big else (4, 3)
         self.dscore_m, self.dscore_n = (32, 32) if big else (self.block_m, self.block_n)
-        # Cosine attention's backward also holds the key inverse norms and, in dQ, a second score-sized
-        # tile (for d(scale)): 32-key blocks keep dQ and dK/dV at 64 queries free of spills (Triton 3.6).
-        self.bwd_block_n = 32 if (big and cosine) else self.block_n
+        # Cosine attention's backward also holds the inverse norms, the unit-row operands and, in dQ, a
+        # second score-sized tile (for d(scale)): at 64 queries, 32-key blocks still spill 4-32 B in dK/dV
+        # or dQ (sm_80, Triton 3.6 or 3.8); 16-key blocks spill nothing (compile report, ci set).
+        self.bwd_block_n = 16 if (big and cosine) else self.block_n
         self.shape_class = _shape_class(qkv.dtype, self.n_tok, self.head_dim, bool(self.SH or self.SW), cosine)
 
     def launch(self, group: str, block_m: int, block_n: int, warps: int, stages: int) -> dict:
