@@ -41,7 +41,7 @@ from vitkern import backends as _backends
 from vitkern import ops as _ops
 from vitkern._args import pair
 from vitkern.nn.window_attention import DropPath, Mlp, SwinTransformerBlock
-from vitkern.reference import attention_reference, relative_position_index, window_attention_reference
+from vitkern.reference import attention_reference, relative_position_index
 
 __all__ = ["SwinTransformerV2Block", "WindowAttention", "relative_coords_table"]
 
@@ -83,23 +83,6 @@ def _act_layer(act_layer) -> Type[nn.Module]:
                              f"not installed); pass an nn.Module class or one of {sorted(fallback)}") from None
         return fallback[act_layer]
     return get_act_layer(act_layer)
-
-
-def _window_attention_cosine_tmp(qkv: Tensor, table: Tensor, *, num_heads: int, window_size, shift_size,
-                                 qkv_bias: Optional[Tensor], logit_scale: Tensor, dropout_p: float,
-                                 backend: str) -> Tensor:
-    """TEMPORARY (until ``vitkern.ops.window_attention`` takes ``logit_scale``): the float reference.
-
-    An explicit Triton / CUDA backend raises instead of silently running the reference.
-    """
-    _backends.check_name(backend, "window_attention")
-    if backend in ("triton", "cuda"):
-        raise _backends.BackendUnavailableError(
-            f"window_attention: backend={backend!r} cannot run this call: cosine attention not in the Triton "
-            f"kernel yet (use backend='torch' or 'auto')")
-    return window_attention_reference(qkv, table, num_heads=num_heads, window_size=window_size,
-                                      shift_size=shift_size, qkv_bias=qkv_bias, dropout_p=dropout_p,
-                                      logit_scale=logit_scale)
 
 
 # --------------------------------------------------------------------------- #
@@ -233,10 +216,9 @@ class WindowAttention(nn.Module):
         qkv, _ = self.qkv_and_bias(x)
         dropout_p = self.attn_drop.p if self.training else 0.0
         if mask is None:
-            y = _window_attention_cosine_tmp(qkv.reshape(B_, mh, mw, 3 * C), self.bias_table(), num_heads=heads,
-                                             window_size=self.window_size, shift_size=0, qkv_bias=None,
-                                             logit_scale=self.logit_scale, dropout_p=dropout_p,
-                                             backend=self.backend)
+            y = _ops.window_attention(qkv.reshape(B_, mh, mw, 3 * C), self.bias_table(), num_heads=heads,
+                                      window_size=self.window_size, logit_scale=self.logit_scale,
+                                      dropout_p=dropout_p, backend=self.backend)
             return self.proj_drop(self.proj(y.reshape(B_, N, C)))
         num_win = mask.shape[0] if mask.dim() == 3 else 0
         if mask.dim() != 3 or mask.shape[1:] != (N, N) or num_win == 0 or B_ % num_win:
@@ -349,7 +331,7 @@ class SwinTransformerV2Block(nn.Module):
         """Shifted-window cosine attention of the grid x (B, H, W, C), including attn.proj (timm's _attn)."""
         attn = self.attn
         qkv, qkv_bias = attn.qkv_and_bias(x)  # (B, H, W, 3C); padded tokens are zeros before it: the bias
-        y = _window_attention_cosine_tmp(
+        y = _ops.window_attention(
             qkv,
             attn.bias_table(),
             num_heads=attn.num_heads,
