@@ -98,7 +98,7 @@ Peak memory (GPU) of one call is recorded for every row; ``summary.md`` adds "pe
 
 CPU (no GPU): a smoke grid (B = 2, 14×14 grid, C = 32, 2 heads, window 7, shift 3, fp32) for
 ``naive`` and ``timm_sdpa`` at both levels; FlexAttention and vitkern rows are skipped with the
-reason. vitkern's op and module are checked for equality under TRITON_INTERPRET=1 on tiny
+reason. vitkern's op and module (Swin V2's too) are checked for equality under TRITON_INTERPRET=1 on tiny
 shapes (``test_vitkern_window_attention_interpreter_equality``,
 ``test_vitkern_block_interpreter_equality``; skipped with the reason while they do not exist),
 and both FlexAttention implementations' math (score_mod, block mask, roll / pad / partition) is
@@ -770,33 +770,36 @@ def test_window_attention_flex(benchmark, vk_settings, vk_ceilings, wa_flex_poin
 # --------------------------------------------------------------------------- #
 TINY = [SwinCase("tiny_14x14_w7_shift3_bs1", 1, 14, 14, 32, 2, 7, 3),
         SwinCase("tiny_10x13_w7_shift3_bs1", 1, 10, 13, 32, 2, 7, 3)]  # roll-then-pad, not square
+TINY_V2 = [SwinCase("tiny_v2_10x13_w7_shift3_bs1", 1, 10, 13, 32, 2, 7, 3, v2=True)]
 
 
-@pytest.mark.parametrize("case", TINY, ids=[c.name for c in TINY])
+@pytest.mark.parametrize("case", TINY + TINY_V2, ids=[c.name for c in TINY + TINY_V2])
 def test_vitkern_window_attention_interpreter_equality(case):
-    """The attention part on window_attention(backend="triton") vs timm's _attn in float64: out, dx, dW, dtable."""
-    harness.skip_unless_interpreter(_timm_block_cls)
+    """The attention part on window_attention(backend="triton") vs timm's _attn in float64: out, dx, dW, dtable
+    (Swin V2: d logit_scale, d q/v bias and the CPB MLP's weights instead of the table)."""
+    harness.skip_unless_interpreter(lambda: _timm_block_cls(case.v2))
     op, why = _vitkern_op_or_reason()
     if op is None:
         pytest.skip(why)
     mods = SwinModules(case, torch.device("cpu"), torch.float32)
     state = SwinState("attn", case, MODES[1], mods)
-    fn = vitkern_attn_fn(op, mods.func.attn, mods.window, mods.shift)
+    fn = (vitkern_v2_attn_fn if case.v2 else vitkern_attn_fn)(op, mods.func.attn, mods.window, mods.shift)
     out, grads = _make_step(fn, _params(mods.func, state.names), True)(state.sets[0])
     _check_equal("vitkern window_attention (interpreter)", out, grads, state)
 
 
-def test_vitkern_block_interpreter_equality():
-    """vitkern.nn.SwinTransformerBlock(backend="triton") with timm's weights vs timm's block in float64."""
-    harness.skip_unless_interpreter(_timm_block_cls)
-    case = TINY[0]
+@pytest.mark.parametrize("case", [TINY[0], TINY_V2[0]], ids=[TINY[0].name, TINY_V2[0].name])
+def test_vitkern_block_interpreter_equality(case):
+    """vitkern.nn.SwinTransformerBlock / SwinTransformerV2Block(backend="triton") with timm's weights vs
+    timm's block in float64."""
+    harness.skip_unless_interpreter(lambda: _timm_block_cls(case.v2))
     mods = SwinModules(case, torch.device("cpu"), torch.float32)
     block, why = mods.vitkern_block()
     if block is None:
         pytest.skip(why)
     state = SwinState("block", case, MODES[1], mods)
     out, grads = _make_step(block, _params(block, state.names), True)(state.sets[0])
-    _check_equal("vitkern.nn.SwinTransformerBlock (interpreter)", out, grads, state)
+    _check_equal(f"vitkern.nn.{type(block).__name__} (interpreter)", out, grads, state)
 
 
 @pytest.mark.parametrize("variant", ["blockmask", "windows"])
