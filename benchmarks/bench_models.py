@@ -23,7 +23,9 @@ The MAE case runs when ``vitkern.models.MaskedAutoencoderViT`` and a reference M
 ``vitkern.reference`` (:data:`MAE_REFERENCE_NAMES`, built with the same constructor arguments)
 are importable; until then each of its rows is recorded as skipped with that reason. Its
 "timm" rows are the reference MAE (timm blocks), its vitkern rows ``MaskedAutoencoderViT``
-loaded with the reference's state_dict (strict); the loss is MAE's own (fixed noise).
+loaded with the reference's state_dict (strict): its encoder patchifies only the kept patches
+(``patch_embed(..., keep_indices=...)``) and runs timm Blocks on ``vitkern.nn.Attention``; the loss
+is MAE's own (fixed noise).
 
 Modes: ``train`` = one optimizer step (``zero_grad(set_to_none=True)``, forward and
 cross-entropy loss on random labels under ``torch.autocast(bf16)``, ``backward``,
@@ -73,6 +75,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import importlib
 import warnings
 from contextlib import nullcontext
@@ -134,8 +137,10 @@ def _timm_class(module: str, cls: str, **kwargs) -> Callable[[], torch.nn.Module
     return build
 
 
+#: The authors' mae_vit_base_patch16 recipe (LayerNorm eps 1e-6).
 MAE_BASE = dict(img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
-                decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0)
+                decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
+                norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
 MAE_TINY = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2,
                 decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, mlp_ratio=2.0)
 

@@ -313,7 +313,7 @@ def test_attention_without_drop_in_is_skipped_and_reported():
     model = _vit(attn_layer="diff")  # timm's DiffAttention: no vitkern drop-in
     attn_types = [type(b.attn) for b in model.blocks]
     report = convert(model, backend="torch")
-    assert [c[0] for c in report.converted] == ["patch_embed"]
+    assert [c[0] for c in report.converted] == ["patch_embed", ""]  # "": the ViT's embedding (fused)
     assert [(s[0], s[2]) for s in report.skipped] == [
         ("blocks.0.attn", "no vitkern drop-in for this attention module"),
         ("blocks.1.attn", "no vitkern drop-in for this attention module")]
@@ -344,7 +344,7 @@ def test_pvt_overlap_patch_embed_is_listed_not_warned():
 def test_verbose_prints_the_summary(capsys):
     _optimize(_vit(), verbose=True)
     out = capsys.readouterr().out
-    assert "converted 3 module(s)" in out and "blocks.1.attn" in out and "vitkern.nn.PatchEmbed" in out
+    assert "converted 4 module(s)" in out and "blocks.1.attn" in out  # with the ViT's fused embedding and "vitkern.nn.PatchEmbed" in out
 
 
 def test_verbose_shows_the_summary_once(capsys, caplog):

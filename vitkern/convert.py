@@ -12,10 +12,23 @@ timm module                                            vitkern replacement
 ``timm.models.beit.Attention``                         :class:`vitkern.nn.BeitAttention`
 ``timm.models.maxxvit.AttentionCl``                    :class:`vitkern.nn.MaxxVitAttentionCl`
 ``timm.models.maxxvit.Attention2d``                    :class:`vitkern.nn.MaxxVitAttention2d`
+``timm.models.vision_transformer.VisionTransformer``   :class:`vitkern.models.timm_vit.VisionTransformer`
+``timm.models.deit.VisionTransformerDistilled``        :class:`vitkern.models.timm_vit.VisionTransformerDistilled`
 =====================================================  =====================================
 
 and ``timm.models.swin_transformer_v2.SwinTransformerV2Block`` by
 :class:`vitkern.nn.SwinTransformerV2Block` (Swin V2: cosine attention, continuous position bias).
+
+**The ViT embedding.** A timm ``VisionTransformer`` / ``VisionTransformerDistilled`` is converted
+in place, after its modules (so its ``patch_embed`` is vitkern's by then): its class becomes the
+vitkern subclass of the same name (the object, modules, parameters, attributes and hooks stay),
+whose forward makes every token (patches, CLS / register / distillation tokens, position
+embedding, ``no_embed_class`` and ``dynamic_img_size`` included) in one
+:func:`vitkern.ops.patch_embed` call instead of timm's ``torch.cat`` and ``+ pos_embed``; see
+:mod:`vitkern.models.timm_vit`. It stays on timm's embedding, reported as skipped with the
+reason, when the patch module was not converted, normalises the patch tokens
+(``embed_norm_layer``) or has hooks, when the model is a subclass or its methods were replaced on
+the instance.
 
 MaxxViT's partition blocks (``PartitionAttentionCl``, ``PartitionAttention2d``,
 ``ParallelPartitionAttention``) are containers: they are descended into, not reported. The
@@ -529,6 +542,65 @@ def _convert_maxxvit_attention(old, backend: str, two_d: bool) -> nn.Module:
     return _finish(new, old, {})
 
 
+def _convert_vit_embedding(model, backend: str) -> str:
+    """Give a timm ViT / DeiT-distilled the fused embedding in place (its class is swapped); returns the new
+    class's name. Its modules must have been converted already (it reads vitkern's ``patch_embed``)."""
+    import inspect
+
+    from vitkern.models import timm_vit
+    from vitkern.nn import PatchEmbed
+    from vitkern.nn.patch_embed import Format
+    from vitkern.ops.patch_embed import MAX_PREFIX_TOKENS
+
+    target = timm_vit.CONVERTED[type(model)]
+    pe = model.patch_embed
+    if type(pe) is not PatchEmbed:
+        raise _Unsupported(f"patch_embed is {_qualname(type(pe))}, not vitkern.nn.PatchEmbed (it was not converted)")
+    if not isinstance(pe.norm, nn.Identity):
+        raise _Unsupported(f"patch_embed.norm is {type(pe.norm).__name__}: timm normalises the patch tokens before "
+                           f"the position embedding is added, which the fused op does not do")
+    if model.dynamic_img_size:
+        if pe.flatten or pe.output_fmt != Format.NHWC:
+            raise _Unsupported(f"dynamic_img_size needs patch_embed.output_fmt NHWC (timm's setting), got "
+                               f"flatten={pe.flatten}, output_fmt={pe.output_fmt.value}")
+    elif not pe.flatten:
+        raise _Unsupported(f"patch_embed must flatten to (B, N, D) tokens, got output_fmt={pe.output_fmt.value}")
+    if pe._forward_hooks or pe._forward_pre_hooks or pe._backward_hooks or pe._backward_pre_hooks:
+        raise _Unsupported("patch_embed has hooks, which the fused embedding (not calling it) would not run")
+    for name in ("forward_features", "forward_intermediates", "_pos_embed", "_fused_tokens"):
+        if name in model.__dict__:
+            raise _Unsupported(f"{name} was replaced on the instance")
+    # the converted forward_features stands in for timm's: it must be the method it was written against
+    params = list(inspect.signature(type(model).forward_features).parameters)
+    if params != ["self", "x", "attn_mask", "is_causal"]:
+        raise _Unsupported(f"this timm version's forward_features{tuple(params[1:])} differs from "
+                           f"(x, attn_mask, is_causal), which vitkern's fused embedding reproduces")
+    dim = pe.proj.out_channels
+    prefix = 0
+    for t in target._prefix_tokens(model):  # the token parameters the converted class writes, in timm's order
+        if t.dim() != 3 or t.shape[0] != 1 or t.shape[2] != dim:
+            raise _Unsupported(f"prefix token parameters must have shape (1, k, {dim}), got {tuple(t.shape)}")
+        prefix += t.shape[1]
+    if prefix != model.num_prefix_tokens:
+        raise _Unsupported(f"num_prefix_tokens={model.num_prefix_tokens} but the token parameters hold {prefix} rows")
+    if prefix > MAX_PREFIX_TOKENS:
+        raise _Unsupported(f"{prefix} prefix tokens; the fused op writes at most {MAX_PREFIX_TOKENS}")
+    pos = model.pos_embed
+    if pos is not None and (pos.dim() != 3 or pos.shape[0] != 1 or pos.shape[2] != dim):
+        raise _Unsupported(f"pos_embed must have shape (1, L, {dim}), got {tuple(pos.shape)}")
+    model.__class__ = target
+    model.backend = backend
+    return _qualname(target)
+
+
+def _timm_models() -> Tuple[type, ...]:
+    """timm model classes whose embedding vitkern fuses (converted in place), when timm is imported."""
+    if "timm.models.vision_transformer" not in sys.modules:
+        return ()
+    from vitkern.models import timm_vit
+    return tuple(timm_vit.CONVERTED)
+
+
 def _timm_converters() -> Tuple[Dict[type, Tuple[str, Callable]], Tuple[type, ...]]:
     """{timm class: (vitkern class name, converter)} for the timm modules already imported.
 
@@ -607,12 +679,34 @@ def convert(model: nn.Module, *, backend: Optional[str] = None) -> ConversionRep
                             if installed else "timm is not installed, so the model holds no timm modules")
     else:
         report.timm_note = ("no timm PatchEmbed, Attention, SwinTransformerBlock, SwinTransformerV2Block, "
-                            "pvt_v2.Attention, beit.Attention or maxxvit AttentionCl / Attention2d in the model")
+                            "pvt_v2.Attention, beit.Attention, maxxvit AttentionCl / Attention2d or "
+                            "VisionTransformer in the model")
+    models = _timm_models()
     memo: Dict[int, nn.Module] = {}
+
+    def convert_model(module: nn.Module, path: str) -> None:
+        """A timm ViT: its modules first, then the fused embedding (in place), or the reason it stays timm's."""
+        cls = type(module)
+        visit(module, f"{path}." if path else "")
+        if cls not in models:
+            base = next(m for m in models if isinstance(module, m))
+            report.skipped.append((path, _qualname(cls), f"embedding left on timm's path: subclass of "
+                                   f"{_qualname(base)} (it may change the embedding); only the exact class is "
+                                   f"converted"))
+            return
+        try:
+            target = _convert_vit_embedding(module, new_backend)
+        except (_Unsupported, ValueError, TypeError, AttributeError) as exc:
+            report.skipped.append((path, _qualname(cls), f"embedding left on timm's path: {exc}"))
+            return
+        report.converted.append((path, _qualname(cls), target))
 
     def try_convert(module: nn.Module, path: str) -> Optional[nn.Module]:
         """The replacement for ``module``, or None (recorded as skipped/not covered when relevant)."""
         cls = type(module)
+        if models and isinstance(module, models):
+            convert_model(module, path)
+            return module  # converted in place (its modules too)
         entry = table.get(cls)
         if entry is not None:
             target, fn = entry

@@ -400,3 +400,272 @@ def sr_attention_reference(
     out = attention_reference(q, kv[0], kv[1], scale=scale, dropout_p=dropout_p)  # (B, heads, N, d)
     out = out.transpose(1, 2).reshape(B, N, C)
     return F.linear(out, proj_weight, proj_bias)
+
+
+# --------------------------------------------------------------------------- #
+# Masked autoencoder (MAE, He et al. 2021): helpers shared with vitkern.models.mae, and the
+# reference model written from the paper's algorithm (full patchify, gather, timm blocks)
+# --------------------------------------------------------------------------- #
+def mae_check_config(owner: str, img_size, patch_size, in_chans, embed_dim, depth, num_heads, decoder_embed_dim,
+                     decoder_depth, decoder_num_heads) -> Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]:
+    """Validates an MAE configuration; returns (img_size, patch_size, grid_size) as pairs."""
+    img = pair(img_size, "img_size", owner, minimum=1)
+    patch = pair(patch_size, "patch_size", owner, minimum=1)
+    if img[0] % patch[0] or img[1] % patch[1]:
+        raise ValueError(f"{owner}: img_size={img} must be divisible by patch_size={patch}")
+    for name, value, low in (("in_chans", in_chans, 1), ("embed_dim", embed_dim, 1), ("depth", depth, 0),
+                             ("num_heads", num_heads, 1), ("decoder_embed_dim", decoder_embed_dim, 1),
+                             ("decoder_depth", decoder_depth, 0), ("decoder_num_heads", decoder_num_heads, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{owner}: {name} must be an int >= {low}, got {value!r}")
+    for name, dim in (("embed_dim", embed_dim), ("decoder_embed_dim", decoder_embed_dim)):
+        if dim % 4:  # half the channels encode each axis as sin and cos pairs
+            raise ValueError(f"{owner}: {name} must be a multiple of 4 (2-D sin-cos position embedding), got {dim}")
+    for name, dim, heads in (("num_heads", embed_dim, num_heads), ("decoder_num_heads", decoder_embed_dim,
+                                                                   decoder_num_heads)):
+        if dim % heads:
+            raise ValueError(f"{owner}: {name}={heads} must divide its width {dim}")
+    return img, patch, (img[0] // patch[0], img[1] // patch[1])
+
+
+def mae_sincos_pos_embed(embed_dim: int, grid_size: IntOrPair, cls_token: bool = False) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos position embedding, (cls + gh*gw, embed_dim) float64 (row 0 zeros with a CLS).
+
+    Patch n = (i, j) row-major on the (gh, gw) grid. The first half of the channels encodes the
+    column j, the second half the row i (the authors' channel order); each half is
+    [sin(p * w_k), cos(p * w_k)] for w_k = 10000^(-k / (embed_dim / 4)), k < embed_dim / 4.
+    """
+    gh, gw = pair(grid_size, "grid_size", "mae_sincos_pos_embed", minimum=1)
+    if embed_dim % 4:
+        raise ValueError(f"mae_sincos_pos_embed: embed_dim must be a multiple of 4, got {embed_dim}")
+    quarter = embed_dim // 4
+    freq = 10000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows = torch.arange(gh, dtype=torch.float64).repeat_interleave(gw)
+    cols = torch.arange(gw, dtype=torch.float64).repeat(gh)
+
+    def axis(p):
+        angle = p[:, None] * freq[None, :]
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    emb = torch.cat([axis(cols), axis(rows)], dim=1)
+    if cls_token:
+        emb = torch.cat([emb.new_zeros(1, embed_dim), emb], dim=0)
+    return emb
+
+
+def mae_len_keep(num_patches: int, mask_ratio: float) -> int:
+    """Patches kept per image: int(N * (1 - mask_ratio)), as the authors round; at least one."""
+    if not isinstance(mask_ratio, (int, float)) or isinstance(mask_ratio, bool) or not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be a float in [0, 1), got {mask_ratio!r}")
+    keep = int(num_patches * (1 - mask_ratio))
+    if keep < 1:
+        raise ValueError(f"mask_ratio={mask_ratio} keeps int({num_patches} * (1 - {mask_ratio})) = {keep} of "
+                         f"{num_patches} patches; at least one must be kept")
+    return keep
+
+
+def mae_masking(noise: torch.Tensor, len_keep: int, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+    """Per-image random masking from noise (B, N): the ``len_keep`` patches with the smallest noise stay.
+
+    Returns ids_keep (B, len_keep) int64 (patch indices, in ascending noise order), mask (B, N) in
+    ``dtype`` (0 kept, 1 removed) and ids_restore (B, N) int64: the rank of each patch in the
+    shuffled order (kept patch ids_keep[b, j] has rank j), which undoes the shuffle.
+    """
+    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+    ranks = torch.arange(noise.shape[1], device=noise.device).expand_as(ids_shuffle)
+    ids_restore = torch.empty_like(ids_shuffle).scatter_(1, ids_shuffle, ranks)  # inverse permutation
+    mask = (ids_restore >= len_keep).to(dtype)
+    return ids_shuffle[:, :len_keep], mask, ids_restore
+
+
+def mae_check_noise(owner: str, noise: Optional[torch.Tensor], batch: int, num_patches: int,
+                    like: torch.Tensor) -> torch.Tensor:
+    """The given noise (B, N), checked, or fresh uniform noise as the authors draw it."""
+    if noise is None:
+        return torch.rand(batch, num_patches, device=like.device)
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"{owner}: noise must be a torch.Tensor or None, got {type(noise).__name__}")
+    if tuple(noise.shape) != (batch, num_patches):
+        raise ValueError(f"{owner}: noise must be (B, num_patches) = {(batch, num_patches)}, got {tuple(noise.shape)}")
+    if noise.device != like.device:
+        raise ValueError(f"{owner}: noise must be on the images' device {like.device}, got {noise.device}")
+    if noise.is_complex() or noise.dtype == torch.bool:
+        raise TypeError(f"{owner}: noise must be a real tensor (its argsort picks the kept patches), got {noise.dtype}")
+    return noise
+
+
+def mae_check_images(owner: str, imgs, in_chans: int, img_size: Tuple[int, int]) -> None:
+    if not isinstance(imgs, torch.Tensor):
+        raise TypeError(f"{owner}: imgs must be a torch.Tensor, got {type(imgs).__name__}")
+    if imgs.dim() != 4 or tuple(imgs.shape[1:]) != (in_chans, *img_size):
+        raise ValueError(f"{owner}: imgs must be (B, in_chans, H, W) = (B, {in_chans}, {img_size[0]}, {img_size[1]}), "
+                         f"got shape {tuple(imgs.shape)}")
+
+
+def mae_patchify(imgs: torch.Tensor, patch_size: IntOrPair) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, Ph*Pw*C), patches row-major, each flattened as (i, j, c) (the authors' order)."""
+    ph, pw = pair(patch_size)
+    B, C, H, W = imgs.shape
+    x = imgs.reshape(B, C, H // ph, ph, W // pw, pw).permute(0, 2, 4, 3, 5, 1)  # (B, gh, gw, ph, pw, C)
+    return x.reshape(B, (H // ph) * (W // pw), ph * pw * C)
+
+
+def mae_unpatchify(x: torch.Tensor, patch_size: IntOrPair, grid_size: IntOrPair, in_chans: int) -> torch.Tensor:
+    """Inverse of :func:`mae_patchify`: (B, gh*gw, Ph*Pw*C) -> (B, C, gh*Ph, gw*Pw)."""
+    ph, pw = pair(patch_size)
+    gh, gw = pair(grid_size)
+    B = x.shape[0]
+    x = x.reshape(B, gh, gw, ph, pw, in_chans).permute(0, 5, 1, 3, 2, 4)  # (B, C, gh, ph, gw, pw)
+    return x.reshape(B, in_chans, gh * ph, gw * pw)
+
+
+def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: IntOrPair,
+             norm_pix_loss: bool) -> torch.Tensor:
+    """Mean squared error per patch, averaged over the removed patches (mask 1). With
+    ``norm_pix_loss`` each target patch is normalised by its mean and unbiased variance (+1e-6).
+    Nothing removed (mask_ratio 0) gives 0/0 = NaN, as the authors' formula does."""
+    target = mae_patchify(imgs, patch_size)
+    if norm_pix_loss:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    per_patch = ((pred - target) ** 2).mean(dim=-1)  # (B, N)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+def mae_init_weights(model: torch.nn.Module) -> None:
+    """The authors' initialisation: fixed sin-cos position embeddings, the patch projection as a
+    Linear (xavier-uniform over its flattened (D, C*Ph*Pw) view), CLS and mask tokens N(0, 0.02^2),
+    every Linear xavier-uniform with zero bias, every LayerNorm weight 1 and bias 0 (module order)."""
+    grid = model.patch_embed.grid_size
+    with torch.no_grad():
+        model.pos_embed.copy_(mae_sincos_pos_embed(model.pos_embed.shape[-1], grid, cls_token=True).unsqueeze(0))
+        model.decoder_pos_embed.copy_(
+            mae_sincos_pos_embed(model.decoder_pos_embed.shape[-1], grid, cls_token=True).unsqueeze(0))
+        w = model.patch_embed.proj.weight
+        torch.nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        torch.nn.init.normal_(model.cls_token, std=0.02)
+        torch.nn.init.normal_(model.mask_token, std=0.02)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    torch.nn.init.zeros_(m.bias)
+            elif isinstance(m, torch.nn.LayerNorm):
+                if m.weight is not None:
+                    torch.nn.init.ones_(m.weight)
+                if m.bias is not None:
+                    torch.nn.init.zeros_(m.bias)
+
+
+def mae_build(model, patch_embed, make_block, in_chans, embed_dim, depth, num_heads, decoder_embed_dim,
+              decoder_depth, decoder_num_heads, norm_layer, norm_pix_loss) -> None:
+    """The authors' modules and parameters on ``model``, in their order (so one seed gives one
+    initialisation), then :func:`mae_init_weights`. ``make_block(dim, heads)`` builds a block."""
+    nn = torch.nn
+    model.in_chans = in_chans
+    model.patch_embed = patch_embed
+    n = patch_embed.num_patches
+    model.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+    model.pos_embed = nn.Parameter(torch.zeros(1, n + 1, embed_dim), requires_grad=False)  # fixed sin-cos
+    model.blocks = nn.ModuleList([make_block(embed_dim, num_heads) for _ in range(depth)])
+    model.norm = norm_layer(embed_dim)
+    model.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+    model.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+    model.decoder_pos_embed = nn.Parameter(torch.zeros(1, n + 1, decoder_embed_dim), requires_grad=False)
+    model.decoder_blocks = nn.ModuleList([make_block(decoder_embed_dim, decoder_num_heads)
+                                          for _ in range(decoder_depth)])
+    model.decoder_norm = norm_layer(decoder_embed_dim)
+    ph, pw = patch_embed.patch_size
+    model.decoder_pred = nn.Linear(decoder_embed_dim, ph * pw * in_chans, bias=True)  # pixels of one patch
+    model.norm_pix_loss = norm_pix_loss
+    mae_init_weights(model)
+
+
+def mae_timm_block():
+    """timm's ViT ``Block`` (imported on use: vitkern itself imports without timm)."""
+    try:
+        from timm.models.vision_transformer import Block
+    except ImportError as exc:
+        raise ImportError(f"MAE models are built from timm's Block: install timm ({exc})") from exc
+    return Block
+
+
+__all__ += ["MaskedAutoencoderViTReference", "mae_sincos_pos_embed", "mae_patchify", "mae_unpatchify", "mae_loss"]
+
+
+class MaskedAutoencoderViTReference(torch.nn.Module):
+    """MAE with a ViT encoder and a light ViT decoder, written from the paper's algorithm with timm modules.
+
+    Constructor, parameter names and shapes as the authors' ``MaskedAutoencoderViT`` (timm
+    ``PatchEmbed`` ``patch_embed.proj``, ``cls_token``, fixed (requires_grad False) sin-cos
+    ``pos_embed`` / ``decoder_pos_embed``, timm ``Block`` s ``blocks`` / ``decoder_blocks``, ``norm``,
+    ``decoder_embed``, ``mask_token``, ``decoder_norm``, ``decoder_pred``). ``img_size`` and
+    ``patch_size`` may be (h, w) pairs. Forward, step by step:
+
+    1. Conv2d over all N patches, + position rows 1..N;
+    2. keep the ``int(N (1 - mask_ratio))`` patches of smallest noise (argsort), gather them;
+    3. prepend CLS + position row 0, timm blocks, ``norm``;
+    4. ``decoder_embed``, append N - K mask tokens, un-shuffle with ``ids_restore`` (gather), put
+       CLS back in front, + ``decoder_pos_embed``, decoder blocks, ``decoder_norm``, ``decoder_pred``,
+       drop the CLS row;
+    5. loss: per-patch MSE against the patchified image (``norm_pix_loss``: normalised per patch),
+       mean over the removed patches.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.,
+                 norm_layer=torch.nn.LayerNorm, norm_pix_loss=False):
+        super().__init__()
+        from timm.layers import PatchEmbed
+        Block = mae_timm_block()
+        self.img_size, self.patch_size, grid = mae_check_config(
+            type(self).__name__, img_size, patch_size, in_chans, embed_dim, depth, num_heads, decoder_embed_dim,
+            decoder_depth, decoder_num_heads)
+        mae_build(self, PatchEmbed(self.img_size, self.patch_size, in_chans, embed_dim),
+                  lambda dim, heads: Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer),
+                  in_chans, embed_dim, depth, num_heads, decoder_embed_dim, decoder_depth, decoder_num_heads,
+                  norm_layer, norm_pix_loss)
+
+    def patchify(self, imgs):
+        return mae_patchify(imgs, self.patch_size)
+
+    def unpatchify(self, x):
+        return mae_unpatchify(x, self.patch_size, self.patch_embed.grid_size, self.in_chans)
+
+    def random_masking(self, x, mask_ratio, noise=None):
+        """x (B, N, D) -> (the kept tokens (B, K, D), mask (B, N), ids_restore (B, N))."""
+        B, N, D = x.shape
+        noise = mae_check_noise(type(self).__name__, noise, B, N, x)
+        ids_keep, mask, ids_restore = mae_masking(noise, mae_len_keep(N, mask_ratio), x.dtype)
+        return x.gather(1, ids_keep[:, :, None].expand(-1, -1, D)), mask, ids_restore
+
+    def forward_encoder(self, imgs, mask_ratio, noise=None):
+        mae_check_images(type(self).__name__, imgs, self.in_chans, self.img_size)
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # every patch
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x), mask, ids_restore
+
+    def forward_decoder(self, x, ids_restore):
+        x = self.decoder_embed(x)
+        B, T, D = x.shape
+        mask_tokens = self.mask_token.expand(B, ids_restore.shape[1] + 1 - T, D)
+        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)  # shuffled order: kept, then removed
+        patches = patches.gather(1, ids_restore[:, :, None].expand(-1, -1, D))  # back to patch order
+        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+    def forward_loss(self, imgs, pred, mask):
+        return mae_loss(imgs, pred, mask, self.patch_size, self.norm_pix_loss)
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.forward_loss(imgs, pred, mask), pred, mask

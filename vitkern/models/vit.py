@@ -49,7 +49,6 @@ infers it from the first batch; Fashion-MNIST, the chapter's data, needs ``in_ch
 ``backend``. ``lr`` is stored and used by :meth:`ViT.configure_optimizers` (SGD, as
 ``d2l.Classifier``); :meth:`ViT.loss` is d2l's cross-entropy.
 """
-from __future__ import annotations
 
 import math
 from typing import Optional, Tuple, Union
@@ -60,7 +59,7 @@ from torch import Tensor, nn
 
 from vitkern import backends as _backends
 from vitkern._args import pair
-from vitkern import ops as _ops
+from vitkern.nn import _graph
 
 __all__ = ["ViT", "ViTBlock", "ViTMLP", "MultiHeadAttention", "PatchEmbedding", "vit_reference_forward"]
 
@@ -89,7 +88,7 @@ class PatchEmbedding(nn.Module):
         self.conv = nn.Conv2d(in_chans, num_hiddens, kernel_size=self.patch_size, stride=self.patch_size)
 
     def forward(self, X: Tensor) -> Tensor:
-        return _ops.patch_embed(X, self.conv.weight, self.conv.bias, backend=self.backend)
+        return _graph.patch_embed(X, self.conv.weight, self.conv.bias, None, None, self.backend)
 
 
 class ViTMLP(nn.Module):
@@ -136,9 +135,8 @@ class MultiHeadAttention(nn.Module):
         if self.W_q.bias is not None:
             bias = torch.cat([self.W_q.bias, self.W_k.bias, self.W_v.bias])
         qkv = F.linear(X, weight, bias)  # (B, N, 3D) = [q | k | v], heads contiguous in each
-        out = _ops.attention_packed(qkv, self.num_heads, scale=1.0 / math.sqrt(self.head_dim),
-                                    dropout_p=self.dropout.p if self.training else 0.0,
-                                    backend=self.backend)  # (B, N, D)
+        out = _graph.attention_packed(qkv, self.num_heads, 1.0 / math.sqrt(self.head_dim), None,
+                                      self.dropout.p if self.training else 0.0, False, self.backend)  # (B, N, D)
         return self.W_o(out)
 
 
@@ -211,6 +209,7 @@ class ViT(nn.Module):
     def extra_repr(self) -> str:
         return f"pool={self.pool!r}, backend={self.backend!r}"
 
+    @torch.jit.unused  # scripted forwards leave the checks to the op (see vitkern.nn._graph)
     def _check_input(self, X: Tensor) -> None:
         if not isinstance(X, Tensor):
             raise TypeError(f"ViT: X must be a torch.Tensor, got {type(X).__name__}")
@@ -223,10 +222,11 @@ class ViT(nn.Module):
 
     def forward_features(self, X: Tensor) -> Tensor:
         """Encoder output for every token, (B, 1 + num_patches, D); row 0 is the CLS token."""
-        self._check_input(X)
+        if _graph.eager(X):
+            self._check_input(X)
         conv = self.patch_embedding.conv
-        X = _ops.patch_embed(X, conv.weight, conv.bias, cls_token=self.cls_token, pos_embed=self.pos_embedding,
-                             backend=self.backend)  # conv + flatten + cat(cls) + pos, one kernel
+        X = _graph.patch_embed(X, conv.weight, conv.bias, self.cls_token, self.pos_embedding,
+                               self.backend)  # conv + flatten + cat(cls) + pos, one kernel
         X = self.dropout(X)
         for blk in self.blks:
             X = blk(X)

@@ -34,18 +34,40 @@ generator, so a training step is reproducible under ``torch.manual_seed``.
 Where timm asserts (or fails deep inside), this module raises :class:`ValueError`
 naming the argument, the expected and the received value.
 """
-from __future__ import annotations
-
 from typing import Optional, Type
 
 import torch
 from torch import Tensor, nn
 
 from vitkern import backends as _backends
-from vitkern import ops as _ops
+from vitkern.nn import _graph
 
-__all__ = ["Attention"]
+__all__ = ["Attention", "attention_bias"]
 
+
+def attention_bias(attn_mask: Optional[Tensor], is_causal: bool, like: Tensor) -> Optional[Tensor]:
+    """SDPA's attn_mask as an additive bias (or None); the causal mask is the op's is_causal.
+
+    One call in an FX graph (``torch.fx.wrap``): under symbolic tracing the mask and the flag may be
+    the traced model's inputs, which cannot be branched on; TorchScript compiles it as it is."""
+    if is_causal and attn_mask is not None:
+        raise ValueError("Attention: attn_mask must be None when is_causal=True "
+                         "(as in F.scaled_dot_product_attention)")
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"Attention: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype == torch.bool:
+        # True = attend (SDPA): 0 there, -inf elsewhere.
+        bias = torch.zeros(attn_mask.shape, dtype=like.dtype, device=attn_mask.device)
+        return bias.masked_fill_(attn_mask.logical_not(), float("-inf"))
+    if not attn_mask.is_floating_point():
+        raise TypeError(f"Attention: attn_mask must be a bool mask or a floating-point additive mask, "
+                        f"got dtype {attn_mask.dtype}")
+    return attn_mask
+
+
+torch.fx.wrap("attention_bias")
 
 
 class Attention(nn.Module):
@@ -112,6 +134,7 @@ class Attention(nn.Module):
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, backend={self.backend!r}"
 
     # ------------------------------------------------------------------ helpers
+    @torch.jit.unused  # scripted forwards leave the checks to the op (see vitkern.nn._graph)
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"Attention: x must be a torch.Tensor, got {type(x).__name__}")
@@ -122,46 +145,27 @@ class Attention(nn.Module):
             raise ValueError(f"Attention: x has {x.shape[-1]} channels (shape {tuple(x.shape)}) but the module "
                              f"was built with dim={dim}")
 
-    @staticmethod
-    def _attn_bias(attn_mask: Optional[Tensor], is_causal: bool, like: Tensor) -> Optional[Tensor]:
-        """SDPA's attn_mask as an additive bias (or None); the causal mask is the op's is_causal."""
-        if is_causal and attn_mask is not None:
-            raise ValueError("Attention: attn_mask must be None when is_causal=True "
-                             "(as in F.scaled_dot_product_attention)")
-        if attn_mask is None:
-            return None
-        if not isinstance(attn_mask, Tensor):
-            raise TypeError(f"Attention: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-        if attn_mask.dtype == torch.bool:
-            # True = attend (SDPA): 0 there, -inf elsewhere.
-            bias = torch.zeros(attn_mask.shape, dtype=like.dtype, device=attn_mask.device)
-            return bias.masked_fill_(attn_mask.logical_not(), float("-inf"))
-        if not attn_mask.is_floating_point():
-            raise TypeError(f"Attention: attn_mask must be a bool mask or a floating-point additive mask, "
-                            f"got dtype {attn_mask.dtype}")
-        return attn_mask
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-        self._check_input(x)
+        if _graph.eager(x):
+            self._check_input(x)
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x)  # (B, N, 3·h·d), [q | k | v] with heads contiguous inside each
-        bias = self._attn_bias(attn_mask, is_causal, qkv)
+        bias = attention_bias(attn_mask, is_causal, qkv)
         dropout_p = self.attn_drop.p if self.training else 0.0
 
         if isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity):
-            x = _ops.attention_packed(qkv, self.num_heads, scale=self.scale, attn_bias=bias,
-                                      dropout_p=dropout_p, is_causal=is_causal,
-                                      backend=self.backend)  # (B, N, h·d)
+            x = _graph.attention_packed(qkv, self.num_heads, self.scale, bias, dropout_p, is_causal,
+                                        self.backend)  # (B, N, h·d)
         else:
             parts = qkv.view(B, N, 3, self.num_heads, self.head_dim)
             q = self.q_norm(parts[:, :, 0])  # (B, N, h, d): the norm works on the last dim in any layout
             k = self.k_norm(parts[:, :, 1])
             v = parts[:, :, 2]
-            out = _ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.scale,
-                                 attn_bias=bias, dropout_p=dropout_p, is_causal=is_causal,
-                                 backend=self.backend)  # (B, h, N, d)
+            out = _graph.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, bias,
+                                   dropout_p, is_causal, self.backend)  # (B, h, N, d)
             x = out.transpose(1, 2).reshape(B, N, self.attn_dim)
 
         x = self.norm(x)

@@ -33,7 +33,6 @@ Forward semantics are timm's fused (SDPA) path:
 Attention dropout: ``attn_drop.p`` in training mode, 0 in eval (as timm passes it to SDPA),
 drawn in-kernel from torch's default generator.
 """
-from __future__ import annotations
 
 from functools import partial
 from typing import Callable, Optional, Tuple
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkern import backends as _backends
-from vitkern import ops as _ops
+from vitkern.nn import _graph
 
 __all__ = ["BeitAttention", "MaxxVitAttentionCl", "MaxxVitAttention2d", "beit_relative_position_index"]
 
@@ -201,17 +200,22 @@ class BeitAttention(nn.Module):
         return bias.permute(2, 0, 1).unsqueeze(0)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor, shared_rel_pos_bias: Optional[Tensor] = None) -> Tensor:
+    @torch.jit.unused  # scripted forwards leave the checks to the op (see vitkern.nn._graph)
+    def _check_input(self, x: Tensor, shared_rel_pos_bias: Optional[Tensor]) -> None:
         _check_tokens("BeitAttention", x, 3, "3-D (B, N, C)")
         if x.dim() != 3 or x.shape[-1] != self.qkv.in_features:
             raise ValueError(f"BeitAttention: x must be 3-D (B, N, C) with C = dim = {self.qkv.in_features}, "
                              f"got shape {tuple(x.shape)}")
         _check_bias("BeitAttention", "shared_rel_pos_bias", shared_rel_pos_bias)
-        B, N, _ = x.shape
+        N = x.shape[1]
         if self.relative_position_index is not None and N != self.relative_position_index.shape[0]:
             raise ValueError(f"BeitAttention: x has N = {N} tokens but the relative-position bias covers "
                              f"window_size={tuple(self.window_size)} + 1 class token = "
                              f"{self.relative_position_index.shape[0]}")
+
+    def forward(self, x: Tensor, shared_rel_pos_bias: Optional[Tensor] = None) -> Tensor:
+        if _graph.eager(x):
+            self._check_input(x, shared_rel_pos_bias)
         if self.q_bias is None:
             qkv = self.qkv(x)
         else:
@@ -229,9 +233,9 @@ class BeitAttention(nn.Module):
                 bias = bias + shared_rel_pos_bias
         elif shared_rel_pos_bias is not None:
             bias = shared_rel_pos_bias
-        x = _ops.attention_packed(qkv, self.num_heads, scale=self.scale, attn_bias=bias,
-                                  dropout_p=self.attn_drop.p if self.training else 0.0,
-                                  backend=self.backend)  # (B, N, h·d), as timm's transpose + reshape
+        x = _graph.attention_packed(qkv, self.num_heads, self.scale, bias,
+                                    self.attn_drop.p if self.training else 0.0, False,
+                                    self.backend)  # (B, N, h·d), as timm's transpose + reshape
         x = self.proj(x)
         x = self.proj_drop(x)
         return x
@@ -266,11 +270,9 @@ class _MaxxVitAttention(nn.Module):
                f"backend={self.backend!r}"
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, shared_rel_pos: Optional[Tensor]) -> Tensor:
-        _check_bias(type(self).__name__, "shared_rel_pos", shared_rel_pos)
         bias = self.rel_pos.get_bias() if self.rel_pos is not None else shared_rel_pos
-        return _ops.attention(q, k, v, scale=self.scale, attn_bias=bias,
-                              dropout_p=self.attn_drop.p if self.training else 0.0,
-                              backend=self.backend)  # (B, h, N, d)
+        return _graph.attention(q, k, v, self.scale, bias, self.attn_drop.p if self.training else 0.0, False,
+                                self.backend)  # (B, h, N, d)
 
 
 class MaxxVitAttentionCl(_MaxxVitAttention):
@@ -303,11 +305,17 @@ class MaxxVitAttentionCl(_MaxxVitAttention):
         self._build("MaxxVitAttentionCl", nn.Linear, dim, dim_attn, dim_out, dim_head, bias, head_first, rel_pos_cls,
                     attn_drop, proj_drop, dd, backend)
 
-    def forward(self, x: Tensor, shared_rel_pos: Optional[Tensor] = None) -> Tensor:
+    @torch.jit.unused  # scripted forwards leave the checks to the op (see vitkern.nn._graph)
+    def _check_input(self, x: Tensor, shared_rel_pos: Optional[Tensor]) -> None:
         _check_tokens("MaxxVitAttentionCl", x, 2, "(B, ..., C)")
         if x.shape[-1] != self.qkv.in_features:
             raise ValueError(f"MaxxVitAttentionCl: x has {x.shape[-1]} channels (shape {tuple(x.shape)}) but the "
                              f"module was built with dim={self.qkv.in_features}")
+        _check_bias("MaxxVitAttentionCl", "shared_rel_pos", shared_rel_pos)
+
+    def forward(self, x: Tensor, shared_rel_pos: Optional[Tensor] = None) -> Tensor:
+        if _graph.eager(x):
+            self._check_input(x, shared_rel_pos)
         B = x.shape[0]
         restore_shape = x.shape[:-1]
         h, d = self.num_heads, self.dim_head
@@ -356,11 +364,17 @@ class MaxxVitAttention2d(_MaxxVitAttention):
         self._build("MaxxVitAttention2d", partial(nn.Conv2d, kernel_size=1), dim, dim_attn, dim_out, dim_head, bias,
                     head_first, rel_pos_cls, attn_drop, proj_drop, dd, backend)
 
-    def forward(self, x: Tensor, shared_rel_pos: Optional[Tensor] = None) -> Tensor:
+    @torch.jit.unused  # scripted forwards leave the checks to the op (see vitkern.nn._graph)
+    def _check_input(self, x: Tensor, shared_rel_pos: Optional[Tensor]) -> None:
         _check_tokens("MaxxVitAttention2d", x, 4, "4-D (B, C, H, W)")
         if x.dim() != 4 or x.shape[1] != self.qkv.in_channels:
             raise ValueError(f"MaxxVitAttention2d: x must be 4-D (B, C, H, W) with C = dim = "
                              f"{self.qkv.in_channels}, got shape {tuple(x.shape)}")
+        _check_bias("MaxxVitAttention2d", "shared_rel_pos", shared_rel_pos)
+
+    def forward(self, x: Tensor, shared_rel_pos: Optional[Tensor] = None) -> Tensor:
+        if _graph.eager(x):
+            self._check_input(x, shared_rel_pos)
         B, _, H, W = x.shape
         h, d = self.num_heads, self.dim_head
         qkv = self.qkv(x)

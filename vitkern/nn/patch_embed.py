@@ -22,7 +22,6 @@ Where timm asserts, this module raises :class:`ValueError` naming the argument, 
 expected and the received value. vitkern imports without timm; only
 ``set_input_size(patch_size=...)`` (weight resampling) needs it.
 """
-from __future__ import annotations
 
 import math
 from enum import Enum
@@ -34,7 +33,7 @@ from torch import Tensor, nn
 
 from vitkern import backends as _backends
 from vitkern._args import pair
-from vitkern import ops as _ops
+from vitkern.nn import _graph
 
 __all__ = ["PatchEmbed", "Format"]
 
@@ -160,6 +159,7 @@ class PatchEmbed(nn.Module):
         return f"backend={self.backend!r}"
 
     # ------------------------------------------------------------------ forward
+    @torch.jit.unused  # scripted forwards leave the checks to the op (see vitkern.nn._graph)
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"PatchEmbed: x must be a torch.Tensor, got {type(x).__name__}")
@@ -186,20 +186,21 @@ class PatchEmbed(nn.Module):
                 f"to zero-pad it")
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
+        if _graph.eager(x):
+            self._check_input(x)
         ph, pw = self.patch_size
-        H, W = x.shape[-2:]
+        H, W = x.shape[-2], x.shape[-1]
         if self.dynamic_img_pad:
             pad_h = (ph - H % ph) % ph
             pad_w = (pw - W % pw) % pw
-            if pad_h or pad_w:
+            # Traced sizes cannot be branched on: a graph always pads (by zero rows when divisible).
+            if not _graph.eager(x) or pad_h > 0 or pad_w > 0:
                 x = F.pad(x, (0, pad_w, 0, pad_h))
                 H, W = H + pad_h, W + pad_w
         gh, gw = H // ph, W // pw
-        if gh * ph != H or gw * pw != W:
-            # Conv2d(stride=kernel) ignores the trailing rows/columns: a strided view, no copy.
-            x = x[..., : gh * ph, : gw * pw]
-        tokens = _ops.patch_embed(x, self.proj.weight, self.proj.bias, backend=self.backend)  # (B, N, D)
+        # Conv2d(stride=kernel) ignores the trailing rows/columns: a strided view, no copy.
+        x = x[..., : gh * ph, : gw * pw]
+        tokens = _graph.patch_embed(x, self.proj.weight, self.proj.bias, None, None, self.backend)  # (B, N, D)
         if self.flatten:
             x = tokens  # NLC, as timm's flatten(2).transpose(1, 2)
         else:

@@ -30,16 +30,15 @@ generator, so a training step is reproducible under ``torch.manual_seed``.
 Where timm asserts (or fails deep inside), this module raises a ``ValueError`` / ``TypeError``
 naming the argument, the expected and the received value.
 """
-from __future__ import annotations
 
 import operator
-from typing import List, Sequence
+from typing import List, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from vitkern import backends as _backends
-from vitkern import ops as _ops
+from vitkern.nn import _graph
 
 __all__ = ["SRAttention"]
 
@@ -134,7 +133,8 @@ class SRAttention(nn.Module):
                 f"linear_attn={self.linear_attn}, backend={self.backend!r}")
 
     # ------------------------------------------------------------------ helpers
-    def _check_input(self, x: Tensor, feat_size: Sequence[int]):
+    @torch.jit.unused  # scripted forwards leave the checks to the op (see vitkern.nn._graph)
+    def _check_input(self, x: Tensor, feat_size: List[int]) -> Tuple[int, int]:
         if not isinstance(x, Tensor):
             raise TypeError(f"{_OWNER}: x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 3:
@@ -160,17 +160,18 @@ class SRAttention(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, feat_size: List[int]) -> Tensor:
-        H, W = self._check_input(x, feat_size)
-        reduced = self.sr is not None
-        x = _ops.sr_attention(
-            x, (H, W), num_heads=self.num_heads,
-            q_weight=self.q.weight, q_bias=self.q.bias,
-            kv_weight=self.kv.weight, kv_bias=self.kv.bias,
-            proj_weight=self.proj.weight, proj_bias=self.proj.bias,
-            sr_weight=self.sr.weight if reduced else None, sr_bias=self.sr.bias if reduced else None,
-            norm_weight=self.norm.weight if reduced else None, norm_bias=self.norm.bias if reduced else None,
-            sr_ratio=self.sr_ratio if reduced else 1, linear_attn=self.linear_attn,
-            norm_eps=self.norm.eps if reduced else 1e-5, scale=self.scale,
-            dropout_p=self.attn_drop.p if self.training else 0.0, backend=self.backend,
+        if _graph.eager(x):
+            H, W = self._check_input(x, feat_size)
+        else:
+            H, W = feat_size[0], feat_size[1]
+        sr_weight, sr_bias, norm_weight, norm_bias = None, None, None, None
+        sr_ratio, norm_eps = 1, 1e-5
+        if self.sr is not None and self.norm is not None:
+            sr_weight, sr_bias, sr_ratio = self.sr.weight, self.sr.bias, self.sr_ratio
+            norm_weight, norm_bias, norm_eps = self.norm.weight, self.norm.bias, self.norm.eps
+        x = _graph.sr_attention(
+            x, [H, W], self.num_heads, self.q.weight, self.q.bias, self.kv.weight, self.kv.bias,
+            self.proj.weight, self.proj.bias, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio,
+            self.linear_attn, norm_eps, self.scale, self.attn_drop.p if self.training else 0.0, self.backend,
         )
         return self.proj_drop(x)

@@ -72,7 +72,6 @@ vitkern imports without timm. Only ``set_input_size`` with a *different* window 
 resamples ``attn.relative_position_bias_table`` with timm's ``resize_rel_pos_bias_table``)
 needs it.
 """
-from __future__ import annotations
 
 import math
 from typing import Optional, Tuple, Type, Union
@@ -81,7 +80,7 @@ import torch
 from torch import Tensor, nn
 
 from vitkern import backends as _backends
-from vitkern import ops as _ops
+from vitkern.nn import _graph
 from vitkern._args import pair
 from vitkern.reference import _shift_mask, relative_position_index
 
@@ -291,23 +290,31 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
         return bias.permute(2, 0, 1).contiguous().unsqueeze(0)  # (1, heads, N, N)
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        """Attention within windows x (B*nW, N, C), N = window area; mask (nW, N, N) additive, or None."""
+    @torch.jit.unused  # scripted forwards leave the checks to the op (see vitkern.nn._graph)
+    def _check_input(self, x: Tensor, mask: Optional[Tensor]) -> None:
         owner = type(self).__name__
         if x.dim() != 3 or x.shape[1] != self.window_area or x.shape[2] != self.dim:
             raise ValueError(f"{owner}: x must be (B*nW, N={self.window_area}, C={self.dim}) windows, "
                              f"got shape {tuple(x.shape)}")
         B_, N, _ = x.shape
-        bias = self._get_rel_pos_bias()  # (1, heads, N, N)
         if mask is not None:
             num_win = mask.shape[0]
             if mask.dim() != 3 or mask.shape[1:] != (N, N) or (num_win and B_ % num_win):
                 raise ValueError(f"{owner}: mask must be (nW, {N}, {N}) with B*nW={B_} a multiple of nW, "
                                  f"got shape {tuple(mask.shape)}")
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """Attention within windows x (B*nW, N, C), N = window area; mask (nW, N, N) additive, or None."""
+        if _graph.eager(x):
+            self._check_input(x, mask)
+        B_, N, _ = x.shape
+        bias = self._get_rel_pos_bias()  # (1, heads, N, N)
+        if mask is not None:
+            num_win = mask.shape[0]
             bias = bias.unsqueeze(1) + mask.unsqueeze(1).unsqueeze(0).to(bias.dtype)  # (1, nW, heads, N, N)
             bias = bias.expand(B_ // max(num_win, 1), -1, -1, -1, -1).reshape(B_, self.num_heads, N, N)
-        y = _ops.attention_packed(self.qkv(x), self.num_heads, scale=self.scale, attn_bias=bias,
-                                  dropout_p=self.attn_drop.p if self.training else 0.0, backend=self.backend)
+        y = _graph.attention_packed(self.qkv(x), self.num_heads, self.scale, bias,
+                                    self.attn_drop.p if self.training else 0.0, False, self.backend)
         y = self.proj(y)
         return self.proj_drop(y)
 
@@ -484,6 +491,7 @@ class SwinTransformerBlock(nn.Module):
         (h, w), (wh, ww) = grid, self.window_size
         return math.ceil(h / wh) * wh, math.ceil(w / ww) * ww
 
+    @torch.jit.unused  # scripted forwards leave the checks to the op (see vitkern.nn._graph)
     def _check_input(self, x: Tensor) -> None:
         owner = type(self).__name__
         if not isinstance(x, Tensor):
@@ -510,23 +518,24 @@ class SwinTransformerBlock(nn.Module):
         """Shifted-window attention of the normalised grid x (B, H, W, C), including attn.proj (timm's _attn)."""
         attn = self.attn
         qkv = attn.qkv(x)  # (B, H, W, 3·heads·head_dim)
-        y = _ops.window_attention(
+        y = _graph.window_attention(
             qkv,
             attn.relative_position_bias_table,
-            num_heads=attn.num_heads,
-            window_size=self.window_size,
-            shift_size=self.shift_size,
-            scale=attn.scale,
-            qkv_bias=attn.qkv.bias,
-            dropout_p=attn.attn_drop.p if self.training else 0.0,
-            backend=self.backend,
+            attn.num_heads,
+            self.window_size,
+            self.shift_size,
+            attn.scale,
+            attn.qkv.bias,
+            attn.attn_drop.p if self.training else 0.0,
+            self.backend,
         )  # (B, H, W, heads·head_dim)
         y = attn.proj(y)
         return attn.proj_drop(y)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, H, W, C) -> (B, H, W, C)."""
-        self._check_input(x)
+        if _graph.eager(x):
+            self._check_input(x)
         B, H, W, C = x.shape
         x = x + self.drop_path1(self._attn(self.norm1(x)))
         x = x.reshape(B, H * W, C)  # not (B, -1, C): that cannot reshape an empty batch

@@ -3,7 +3,7 @@
 Each op file keeps what is its own (how a program finds its tokens, how scores get their bias,
 where results go); the steps below are the same math in both and live here once:
 
-- the online-softmax step and its finish (running max / sum / accumulator; rows whose keys are all
+- the online-softmax step and its end (running max / sum / accumulator; rows whose keys are all
   -inf give output 0 and lse +inf, so the backward recomputes probabilities 0 and gradients 0);
 - the backward's probabilities recomputed from the scores and the row logsumexp;
 - the dQ step with the exact delta correction (rowsum(dS) = 0), the dK/dV step and dS alone;
@@ -31,18 +31,20 @@ LOG2E = 1.4426950408889634
 # Tiles
 # --------------------------------------------------------------------------- #
 @triton.jit
-def load_tile(ptr, row_off, dims, s_d, row_ok, HEAD_DIM: tl.constexpr):
-    """(rows, head_dim) tile at int64 row offsets ``row_off`` from ``ptr``; zeros where a row is not
-    ``row_ok`` or past HEAD_DIM."""
+def load_tile(ptr, row_off, chan, dims, s_d, row_ok, HEAD_DIM: tl.constexpr):
+    """(rows, head_dim) tile of channels chan + dims at int64 row offsets ``row_off``; zeros where a
+    row is not ``row_ok`` or past HEAD_DIM. (The channel offset stays inside the int64 column index:
+    moving it into the base pointer costs the window dS kernel a spill on sm_80 under Triton 3.6.)"""
     mask = row_ok[:, None] & (dims < HEAD_DIM)[None, :]
-    return tl.load(ptr + row_off[:, None] + dims[None, :].to(tl.int64) * s_d, mask=mask, other=0.0)
+    return tl.load(ptr + row_off[:, None] + (chan + dims[None, :]).to(tl.int64) * s_d, mask=mask, other=0.0)
 
 
 @triton.jit
-def store_tile(ptr, tile, row_off, dims, s_d, row_ok, HEAD_DIM: tl.constexpr):
+def store_tile(ptr, tile, row_off, chan, dims, s_d, row_ok, HEAD_DIM: tl.constexpr):
     """The inverse of :func:`load_tile`, cast to the destination's dtype."""
     mask = row_ok[:, None] & (dims < HEAD_DIM)[None, :]
-    tl.store(ptr + row_off[:, None] + dims[None, :].to(tl.int64) * s_d, tile.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr + row_off[:, None] + (chan + dims[None, :]).to(tl.int64) * s_d, tile.to(ptr.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
@@ -145,17 +147,20 @@ def softmax_step(s, m_i, l_i, seed, bh, rows, cols, NQ, NK, dropout_p, inv_keep,
 
 
 @triton.jit
-def softmax_finish(acc, m_i, l_i):
-    """(output tile, base-2 row logsumexp).
+def softmax_out(acc, l_i):
+    """The output tile. A row whose every key is masked (l = 0) gets 0, as SDPA gives, not 0/0.
 
-    A row whose every key is masked (l = 0) gets output 0, as SDPA gives, not 0/0; its lse = +inf
-    makes every recomputed probability exp2(s - lse) 0 in the backward, so its gradients are 0 too
-    (not NaN spread into every key's dK, dV).
-    """
-    empty_row = l_i == 0.0
-    out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
-    lse = tl.where(empty_row, float("inf"), m_i + tl.math.log2(l_i))
-    return out, lse
+    Store it before calling :func:`softmax_lse`: computing the lse while the accumulator is still
+    live costs registers (18 more in attention's d64 forward on sm_80 under Triton 3.6)."""
+    return acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+
+
+@triton.jit
+def softmax_lse(m_i, l_i):
+    """The base-2 row logsumexp. For a row whose every key is masked it is +inf, which makes every
+    recomputed probability exp2(s - lse) 0 in the backward, so its gradients are 0 too (not NaN
+    spread into every key's dK, dV)."""
+    return tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_i))
 
 
 # --------------------------------------------------------------------------- #
@@ -217,13 +222,14 @@ def dq_finish(dq, pk, ds_sum, p_sum, delta, sm_scale):
 def dkdv_step(dk, dv, p, q, do, v, delta, seed, bh, rows, cols, NQ, NK, dropout_p, inv_keep,
               HAS_DROPOUT: tl.constexpr):
     """One query block of dK (unscaled) and dV; one Philox draw serves both."""
-    dp = tl.dot(do, tl.trans(v))
+    p_kept = p  # what the forward multiplied v by
     if HAS_DROPOUT:
         z = keep_scale(seed, bh, rows, cols, NQ, NK, dropout_p, inv_keep)
-        dv += tl.dot(tl.trans((p * z).to(do.dtype)), do)  # what the forward multiplied v by
+        p_kept = p * z
+    dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do)
+    dp = tl.dot(do, tl.trans(v))
+    if HAS_DROPOUT:
         dp = dp * z
-    else:
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
     ds = p * (dp - delta[:, None])
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     return dk, dv

@@ -45,8 +45,9 @@ from vitkern import _triton, backends, configs
 from vitkern._memory import new_output
 from vitkern._triton import cdiv, next_power_of_2, tl, triton
 from vitkern.ops._flash import LOG2E as _LOG2E
-from vitkern.ops._flash import (dkdv_step, dq_finish, dq_init, dq_step, dropout_args, dscore, load_row_stats, load_tile,
-                                recompute_p, row_delta, softmax_finish, softmax_init, softmax_step, store_tile)
+from vitkern.ops._flash import (dkdv_step, dq_finish, dq_init, dq_step, dropout_args, dscore, load_row_stats,
+                                load_tile, recompute_p, row_delta, softmax_init, softmax_lse, softmax_out,
+                                softmax_step, store_tile)
 from vitkern.ops._flash import dropout_keep_mask, new_dropout_seed  # public here, as before the core moved
 from vitkern.reference import attention_reference
 
@@ -63,12 +64,12 @@ MAX_HEAD_DIM = 128
 @triton.jit
 def _load_rows(base, rows, dims, s_n, s_d, n_rows, HEAD_DIM: tl.constexpr):
     """A (rows, head_dim) tile of one (batch, head), zeros outside the tensor."""
-    return load_tile(base, rows.to(tl.int64) * s_n, dims, s_d, rows < n_rows, HEAD_DIM)
+    return load_tile(base, rows.to(tl.int64) * s_n, 0, dims, s_d, rows < n_rows, HEAD_DIM)
 
 
 @triton.jit
 def _store_rows(base, tile, rows, dims, s_n, s_d, n_rows, HEAD_DIM: tl.constexpr):
-    store_tile(base, tile, rows.to(tl.int64) * s_n, dims, s_d, rows < n_rows, HEAD_DIM)
+    store_tile(base, tile, rows.to(tl.int64) * s_n, 0, dims, s_d, rows < n_rows, HEAD_DIM)
 
 
 @triton.jit
@@ -139,9 +140,8 @@ def _attn_fwd_kernel(
         v = _load_rows(v_base, cols, dims, sv_n, sv_d, NK, HEAD_DIM)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
-    out, lse = softmax_finish(acc, m_i, l_i)
-    _store_rows(out_ptr + b * so_b + h * so_h, out, rows, dims, so_n, so_d, NQ, HEAD_DIM)
-    tl.store(lse_ptr + bh * NQ + rows, lse, mask=rows < NQ)
+    _store_rows(out_ptr + b * so_b + h * so_h, softmax_out(acc, l_i), rows, dims, so_n, so_d, NQ, HEAD_DIM)
+    tl.store(lse_ptr + bh * NQ + rows, softmax_lse(m_i, l_i), mask=rows < NQ)
 
 
 @triton.jit

@@ -673,7 +673,7 @@ def _validate_keep(keep: Tensor, x: Tensor, num_patches: int) -> None:
                          f"got {_shape(keep)}")
     if keep.device != x.device:
         raise ValueError(f"patch_embed: keep_indices is on {keep.device} but x is on {x.device}")
-    if keep.numel() == 0:
+    if keep.numel() == 0 or keep.is_meta:  # meta tensors (shape checks, FLOP counting) hold no values
         return
     ordered = keep.sort(dim=1).values
     lo, hi = ordered[:, 0].min(), ordered[:, -1].max()

@@ -68,8 +68,9 @@ from vitkern import _triton, backends, configs
 from vitkern._memory import new_output
 from vitkern._triton import cdiv, next_power_of_2, tl, triton
 from vitkern.ops._flash import LOG2E as _LOG2E
-from vitkern.ops._flash import (dkdv_step, dq_finish, dq_init, dq_step, dropout_args, dscore, load_row_stats, load_tile,
-                                recompute_p, row_delta, softmax_finish, softmax_init, softmax_step, store_tile)
+from vitkern.ops._flash import (dkdv_step, dq_finish, dq_init, dq_step, dropout_args, dscore, load_row_stats,
+                                load_tile, recompute_p, row_delta, softmax_init, softmax_lse, softmax_out,
+                                softmax_step, store_tile)
 from vitkern.ops._flash import dropout_keep_mask, new_dropout_seed
 from vitkern._args import IntOrPair, pair
 from vitkern.reference import window_attention_reference
@@ -146,7 +147,7 @@ def _padded_window(win, N_WIN_W, FULL_H, FULL_W):
 def _load_tokens(qkv_ptr, bias_ptr, row_off, inside, in_window, chan, dims,
                  s_c, HEAD_DIM: tl.constexpr, HAS_QKV_BIAS: tl.constexpr):
     """(tokens, head_dim) of q, k or v (channel offset ``chan``); padding tokens get the qkv bias."""
-    tile = load_tile(qkv_ptr + chan * s_c, row_off, dims, s_c, inside, HEAD_DIM)
+    tile = load_tile(qkv_ptr, row_off, chan, dims, s_c, inside, HEAD_DIM)
     if HAS_QKV_BIAS:
         pad = tl.load(bias_ptr + chan + dims, mask=dims < HEAD_DIM, other=0.0)
         is_pad = in_window & (inside == 0)
@@ -271,17 +272,16 @@ def _win_fwd_kernel(
                          s_c, HEAD_DIM, HAS_QKV_BIAS)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
-    out, lse = softmax_finish(acc, m_i, l_i)
-    store_tile(out_ptr + head * HEAD_DIM * so_c, out, _token_offsets(b, y, x, so_b, so_y, so_x), dims, so_c,
-               inside_q, HEAD_DIM)
-    tl.store(lse_ptr + pid * N_TOK + rows, lse, mask=rows < N_TOK)
+    store_tile(out_ptr, softmax_out(acc, l_i), _token_offsets(b, y, x, so_b, so_y, so_x), head * HEAD_DIM, dims,
+               so_c, inside_q, HEAD_DIM)
+    tl.store(lse_ptr + pid * N_TOK + rows, softmax_lse(m_i, l_i), mask=rows < N_TOK)
 
 
 @triton.jit
 def _load_dout(dout_ptr, b, y, x, inside, head, dims, sdo_b, sdo_y, sdo_x, sdo_c, HEAD_DIM: tl.constexpr):
     """dO rows of window tokens; padding tokens were cropped, so their dO is 0."""
-    return load_tile(dout_ptr + head * HEAD_DIM * sdo_c, _token_offsets(b, y, x, sdo_b, sdo_y, sdo_x), dims, sdo_c,
-                     inside, HEAD_DIM)
+    return load_tile(dout_ptr, _token_offsets(b, y, x, sdo_b, sdo_y, sdo_x), head * HEAD_DIM, dims, sdo_c, inside,
+                     HEAD_DIM)
 
 
 @triton.jit
@@ -294,8 +294,7 @@ def _win_bwd_delta_kernel(
     """delta = rowsum(dO ∘ O) per (window, head, token); 0 for padding tokens (cropped away)."""
     pid, head, b, _, rows, y, x, inside, _, _ = _program_window(H, W, SH, SW, N_WIN, N_WIN_W, HEADS, BLOCK_M, MH, MW)
     dims = tl.arange(0, BLOCK_D)
-    o = load_tile(out_ptr + head * HEAD_DIM * so_c, _token_offsets(b, y, x, so_b, so_y, so_x), dims, so_c, inside,
-                  HEAD_DIM)
+    o = load_tile(out_ptr, _token_offsets(b, y, x, so_b, so_y, so_x), head * HEAD_DIM, dims, so_c, inside, HEAD_DIM)
     do = _load_dout(dout_ptr, b, y, x, inside, head, dims, sdo_b, sdo_y, sdo_x, sdo_c, HEAD_DIM)
     tl.store(delta_ptr + pid * (MH * MW) + rows, row_delta(o, do), mask=rows < MH * MW)
 
@@ -339,9 +338,8 @@ def _win_bwd_dkdv_kernel(
 
     dk = _unit_rows_bwd(k, k_inv, dk * sm_scale, COSINE)  # cosine: back through k / max(|k|, eps)
     d_off = _token_offsets(b, yk, xk, sd_b, sd_y, sd_x)
-    k_ptr = dqkv_ptr + (C + head * HEAD_DIM) * sd_c
-    store_tile(k_ptr, dk, d_off, dims, sd_c, inside_k, HEAD_DIM)
-    store_tile(k_ptr + C * sd_c, dv, d_off, dims, sd_c, inside_k, HEAD_DIM)
+    store_tile(dqkv_ptr, dk, d_off, C + head * HEAD_DIM, dims, sd_c, inside_k, HEAD_DIM)
+    store_tile(dqkv_ptr, dv, d_off, 2 * C + head * HEAD_DIM, dims, sd_c, inside_k, HEAD_DIM)
     if PAD_GRAD:  # padding keys are the qkv bias: their gradients belong to it
         # Only border windows hold padding, so only they own a slot (no slot per window of the grid).
         border, pad_win = _padded_window(win, N_WIN_W, FULL_H, FULL_W)
@@ -410,8 +408,8 @@ def _win_bwd_dq_kernel(
         tl.store(dhs_ptr + pid * N_TOK + rows, ds_cos - (delta_fixed - delta) * p_cos, mask=rows < N_TOK)
         dq = _unit_rows_bwd(q, q_inv, dq, COSINE)  # back through q / max(|q|, eps)
     tl.store(delta_ptr + pid * N_TOK + rows, delta_fixed, mask=rows < N_TOK)
-    store_tile(dqkv_ptr + head * HEAD_DIM * sd_c, dq, _token_offsets(b, y, x, sd_b, sd_y, sd_x), dims, sd_c,
-               inside_q, HEAD_DIM)
+    store_tile(dqkv_ptr, dq, _token_offsets(b, y, x, sd_b, sd_y, sd_x), head * HEAD_DIM, dims, sd_c, inside_q,
+               HEAD_DIM)
 
 
 @triton.jit
