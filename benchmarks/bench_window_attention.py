@@ -57,6 +57,18 @@ gradient; ``torch.autograd.grad`` for x and every parameter; no ``.grad`` accumu
   backend="triton")`` loaded with the timm block's state_dict (strict). Gradients: x and every
   parameter. Skipped with the reason when vitkern's module or op is not importable (yet).
 
+**Swin V2** (``test_window_attention_v2_block`` / ``test_window_attention_v2``): the same two levels for
+timm's ``swin_transformer_v2.SwinTransformerV2Block`` (cosine attention with a per-head logit scale,
+the continuous position-bias MLP's table, q/v biases, post-norm) on Swin-V2-T at 256 (grids 64², 32²,
+16², 8²; dims 96 / 192 / 384 / 768, heads 3 / 6 / 12 / 24; window 8, shift 4): ``naive`` is timm's
+block (timm V2 has no SDPA path), ``vitkern_triton`` is ``vitkern.nn.SwinTransformerV2Block`` (block)
+or the qkv Linear -> ``window_attention(..., logit_scale=attn.logit_scale)`` -> proj (attention part;
+the CPB MLP's table 16·sigmoid(cpb_mlp(coords)) computed in torch, as the module does). Gradients
+include ``attn.logit_scale``, ``attn.q_bias`` / ``attn.v_bias`` and the ``attn.cpb_mlp`` weights.
+Weights: timm's init with logit scales, q/v biases and LayerNorm affines perturbed. CPU: the smoke
+case ``tiny_v2_14x14_w7_shift3_bs2`` (naive rows; vitkern rows skipped with the reason). GPU: 4 shapes
+x 2 modes x 2 levels x 2 implementations = 32 more timed cases (estimate ~15-25 s with their references).
+
 Equality first, for every implementation: output and every gradient against timm's unfused
 block holding the same (bf16-representable) weights upcast to fp32 (TF32 off) on the GPU,
 float64 on CPU, within 2x (forward) / 3x (gradients) the error of the bf16 naive path
@@ -86,7 +98,7 @@ Peak memory (GPU) of one call is recorded for every row; ``summary.md`` adds "pe
 
 CPU (no GPU): a smoke grid (B = 2, 14×14 grid, C = 32, 2 heads, window 7, shift 3, fp32) for
 ``naive`` and ``timm_sdpa`` at both levels; FlexAttention and vitkern rows are skipped with the
-reason. vitkern's op and module are checked for equality under TRITON_INTERPRET=1 on tiny
+reason. vitkern's op and module (Swin V2's too) are checked for equality under TRITON_INTERPRET=1 on tiny
 shapes (``test_vitkern_window_attention_interpreter_equality``,
 ``test_vitkern_block_interpreter_equality``; skipped with the reason while they do not exist),
 and both FlexAttention implementations' math (score_mod, block mask, roll / pad / partition) is
@@ -143,6 +155,7 @@ class SwinCase:
     heads: int
     window: int  # requested window (the block's window_size argument)
     shift: int  # requested shift (the block's shift_size argument)
+    v2: bool = False  # timm's Swin V2 block (cosine attention, CPB table) instead of Swin's
 
     @property
     def head_dim(self) -> int:
@@ -190,10 +203,10 @@ STAGE_ORDER = (1, 3, 2, 4)  # stage 3 holds most of Swin's blocks; stage 1 is th
 FULL_BATCH = 128
 
 
-def full_grid() -> List[SwinCase]:
+def _stage_cases(models) -> List[SwinCase]:
     cases = []
     for stage in STAGE_ORDER:
-        for model, (res, dims, heads, window) in _MODELS.items():
+        for model, (res, dims, heads, window) in models.items():
             grid = res // 4 // 2 ** (stage - 1)
             shift = window // 2  # the shifted block; the small-grid rule drops it on the last stage
             cases.append(SwinCase(_case_name(model, stage, grid, window, shift, FULL_BATCH), FULL_BATCH,
@@ -201,8 +214,23 @@ def full_grid() -> List[SwinCase]:
     return cases
 
 
+def full_grid() -> List[SwinCase]:
+    return _stage_cases(_MODELS)
+
+
 def smoke_grid() -> List[SwinCase]:
     return [SwinCase("tiny_14x14_w7_shift3_bs2", 2, 14, 14, 32, 2, 7, 3)]
+
+
+_MODELS_V2 = {"swinv2_t_256": (256, (96, 192, 384, 768), (3, 6, 12, 24), 8)}
+
+
+def v2_full_grid() -> List[SwinCase]:
+    return [dataclasses.replace(c, v2=True) for c in _stage_cases(_MODELS_V2)]
+
+
+def v2_smoke_grid() -> List[SwinCase]:
+    return [SwinCase("tiny_v2_14x14_w7_shift3_bs2", 2, 14, 14, 32, 2, 7, 3, v2=True)]
 
 
 Mode = harness.Mode
@@ -211,6 +239,7 @@ MODES = harness.MODES
 BLOCK_IMPLS: Dict[str, str] = {"naive": "naive", "timm_sdpa": "peer", "vitkern_triton": "vitkern"}
 ATTN_IMPLS: Dict[str, str] = {"naive": "naive", "timm_sdpa": "peer", "vitkern_triton": "vitkern"}
 FLEX_IMPLS: Dict[str, str] = {"flex_blockmask": "peer", "flex_windows": "peer"}
+V2_IMPLS: Dict[str, str] = {"naive": "naive", "vitkern_triton": "vitkern"}  # both levels; timm V2 has no SDPA path
 BLOCK_PREFIX = "block_"  # block-level case names: block_<case>
 #: implementations that cannot run everywhere -> their kind (harness.skip_reason)
 KINDS = {"vitkern_triton": "triton", "flex_blockmask": "flex", "flex_windows": "flex"}
@@ -220,6 +249,9 @@ def pytest_generate_tests(metafunc):
     cases = harness.grid(metafunc.config, full_grid, smoke_grid)
     harness.parametrize(metafunc, "wa_block_point", cases, MODES, BLOCK_IMPLS, prefix=BLOCK_PREFIX)
     harness.parametrize(metafunc, "wa_attn_point", cases, MODES, ATTN_IMPLS)
+    v2_cases = harness.grid(metafunc.config, v2_full_grid, v2_smoke_grid)
+    harness.parametrize(metafunc, "wa_v2_block_point", v2_cases, MODES, V2_IMPLS, prefix=BLOCK_PREFIX)
+    harness.parametrize(metafunc, "wa_v2_attn_point", v2_cases, MODES, V2_IMPLS)
     if "wa_flex_point" in metafunc.fixturenames:
         # variant outermost: flex_blockmask (the issue's peer) on every shape before flex_windows
         pts, ids = [], []
@@ -281,16 +313,27 @@ def min_bytes(case: SwinCase, mode: Mode, level: str, elem: int) -> int:
 # --------------------------------------------------------------------------- #
 # timm blocks (one set per case) and vitkern's op / module, imported lazily
 # --------------------------------------------------------------------------- #
-def _timm_block_cls():
+def _timm_block_cls(v2: bool = False):
+    if v2:
+        from timm.models.swin_transformer_v2 import SwinTransformerV2Block
+
+        return SwinTransformerV2Block
     from timm.models.swin_transformer import SwinTransformerBlock
 
     return SwinTransformerBlock
 
 
 def _randomise(block: torch.nn.Module) -> None:
-    """A bias table large enough that a wrong bias index shows, and perturbed LayerNorm affines."""
+    """A bias table large enough that a wrong bias index shows (V2: logit scales and q/v biases
+    perturbed, the CPB MLP at its init), and perturbed LayerNorm affines."""
     with torch.no_grad():
-        block.attn.relative_position_bias_table.normal_(0.0, 0.5)
+        attn = block.attn
+        if hasattr(attn, "logit_scale"):
+            attn.logit_scale.add_(torch.randn_like(attn.logit_scale), alpha=0.3)
+            for bias in (attn.q_bias, attn.v_bias):
+                bias.normal_(0.0, 0.5)
+        else:
+            attn.relative_position_bias_table.normal_(0.0, 0.5)
         for norm in (block.norm1, block.norm2):
             norm.weight.add_(torch.randn_like(norm.weight), alpha=0.1)
             norm.bias.normal_(0.0, 0.1)
@@ -319,7 +362,7 @@ class SwinModules:
 
     def __init__(self, case: SwinCase, device: torch.device, dtype: torch.dtype):
         self.case, self.device, self.dtype = case, device, dtype
-        cls = _timm_block_cls()
+        cls = _timm_block_cls(case.v2)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(harness.seed_of(FAMILY, "modules", case.name))
             base = cls(case.dim, input_resolution=(case.H, case.W), num_heads=case.heads,
@@ -333,8 +376,9 @@ class SwinModules:
                                  f"swin_effective_window says {case.eff}")
         self.naive = copy.deepcopy(base)
         self.naive.attn.fused_attn = False  # timm's unfused q·kᵀ -> + bias + mask -> softmax -> ·v
-        self.sdpa = copy.deepcopy(base)
-        self.sdpa.attn.fused_attn = True  # F.scaled_dot_product_attention with the bias as attn_mask
+        self.sdpa = None if case.v2 else copy.deepcopy(base)
+        if self.sdpa is not None:
+            self.sdpa.attn.fused_attn = True  # F.scaled_dot_product_attention with the bias as attn_mask
         self.func = copy.deepcopy(base)  # parameters of the functional implementations (vitkern, flex)
         self.high = copy.deepcopy(base).to(harness.high_dtype(device))  # the same (bf16-representable) weights, upcast
         self.high.attn.fused_attn = False
@@ -343,13 +387,14 @@ class SwinModules:
         self._vitkern_reason: Optional[str] = None
 
     def vitkern_block(self):
-        """(vitkern.nn.SwinTransformerBlock with timm's weights, None) or (None, why not)."""
+        """(vitkern.nn.SwinTransformerBlock / SwinTransformerV2Block with timm's weights, None) or (None, why not)."""
         if self._vitkern is None and self._vitkern_reason is None:
             c = self.case
+            name = "SwinTransformerV2Block" if c.v2 else "SwinTransformerBlock"
             try:
-                cls = importlib.import_module("vitkern.nn").SwinTransformerBlock
+                cls = getattr(importlib.import_module("vitkern.nn"), name)
             except Exception as exc:  # noqa: BLE001 - being written, or broken: skip with the reason
-                self._vitkern_reason = f"vitkern.nn.SwinTransformerBlock is not importable: {harness.first_line(exc)}"
+                self._vitkern_reason = f"vitkern.nn.{name} is not importable: {harness.first_line(exc)}"
                 return None, self._vitkern_reason
             try:
                 mod = cls(c.dim, input_resolution=(c.H, c.W), num_heads=c.heads, window_size=c.window,
@@ -357,7 +402,7 @@ class SwinModules:
                 mod = mod.to(device=self.device, dtype=self.dtype).eval()
                 mod.load_state_dict(self.state_dict)  # strict: same keys and shapes as timm
             except Exception as exc:  # noqa: BLE001
-                self._vitkern_reason = (f"vitkern.nn.SwinTransformerBlock could not be built with timm's "
+                self._vitkern_reason = (f"vitkern.nn.{name} could not be built with timm's "
                                         f"state_dict: {harness.first_line(exc)}")
                 return None, self._vitkern_reason
             self._vitkern = mod
@@ -451,6 +496,18 @@ def vitkern_attn_fn(op: Callable, attn: torch.nn.Module, window, shift) -> Calla
         qkv = F.linear(x, attn.qkv.weight, attn.qkv.bias)
         o = op(qkv, attn.relative_position_bias_table, num_heads=attn.num_heads, window_size=window,
                shift_size=shift, scale=attn.scale, qkv_bias=attn.qkv.bias, backend="triton")
+        return F.linear(o, attn.proj.weight, attn.proj.bias)
+    return fn
+
+
+def vitkern_v2_attn_fn(op: Callable, attn: torch.nn.Module, window, shift) -> Callable:
+    """Swin V2: qkv Linear (q/v biases) -> CPB table in torch -> the window op's cosine attention -> proj."""
+    def fn(x):
+        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        qkv = F.linear(x, attn.qkv.weight, bias)
+        table = 16 * torch.sigmoid(attn.cpb_mlp(attn.relative_coords_table).view(-1, attn.num_heads))
+        o = op(qkv, table, num_heads=attn.num_heads, window_size=window, shift_size=shift, qkv_bias=bias,
+               logit_scale=attn.logit_scale, backend="triton")
         return F.linear(o, attn.proj.weight, attn.proj.bias)
     return fn
 
@@ -592,7 +649,7 @@ def _note_floors(common: dict, case: SwinCase, mode: Mode, level: str, mods: Swi
 def _prepare(common: dict, case: SwinCase, mode: Mode, impl: str, level: str, settings) -> SwinModules:
     """timm's modules (or a skip if timm is missing), the case's floors, then the skip for ``impl``."""
     try:
-        _timm_block_cls()
+        _timm_block_cls(case.v2)
     except ImportError as exc:
         harness.skip(common, f"timm is not installed: {harness.first_line(exc)}")
     mods = _modules(case, settings.device, settings.dtype)
@@ -621,9 +678,24 @@ def _run(benchmark, settings, ceilings, common: dict, state: SwinState, step: Ca
 # (compiles; the rows a time cap cuts)
 # --------------------------------------------------------------------------- #
 def test_window_attention_block(benchmark, vk_settings, vk_ceilings, wa_block_point):
-    case, mode, impl = wa_block_point
-    settings = vk_settings
-    common = _common(case, mode, impl, BLOCK_IMPLS[impl], "block", settings)
+    _bench_block(benchmark, vk_settings, vk_ceilings, wa_block_point, BLOCK_IMPLS)
+
+
+def test_window_attention(benchmark, vk_settings, vk_ceilings, wa_attn_point):
+    _bench_attn(benchmark, vk_settings, vk_ceilings, wa_attn_point, ATTN_IMPLS)
+
+
+def test_window_attention_v2_block(benchmark, vk_settings, vk_ceilings, wa_v2_block_point):
+    _bench_block(benchmark, vk_settings, vk_ceilings, wa_v2_block_point, V2_IMPLS)
+
+
+def test_window_attention_v2(benchmark, vk_settings, vk_ceilings, wa_v2_attn_point):
+    _bench_attn(benchmark, vk_settings, vk_ceilings, wa_v2_attn_point, V2_IMPLS)
+
+
+def _bench_block(benchmark, settings, vk_ceilings, point, impls: Dict[str, str]) -> None:
+    case, mode, impl = point
+    common = _common(case, mode, impl, impls[impl], "block", settings)
     benchmark.group = f"{FAMILY} {common['case']} {mode.name}"
     mods = _prepare(common, case, mode, impl, "block", settings)
     if impl == "vitkern_triton":
@@ -641,17 +713,17 @@ def test_window_attention_block(benchmark, vk_settings, vk_ceilings, wa_block_po
     _run(benchmark, settings, vk_ceilings, common, state, _make_step(block, params, mode.backward), level="block")
 
 
-def test_window_attention(benchmark, vk_settings, vk_ceilings, wa_attn_point):
-    case, mode, impl = wa_attn_point
-    settings = vk_settings
-    common = _common(case, mode, impl, ATTN_IMPLS[impl], "attn", settings)
+def _bench_attn(benchmark, settings, vk_ceilings, point, impls: Dict[str, str]) -> None:
+    case, mode, impl = point
+    common = _common(case, mode, impl, impls[impl], "attn", settings)
     benchmark.group = f"{FAMILY} {case.name} {mode.name}"
     mods = _prepare(common, case, mode, impl, "attn", settings)
     if impl == "vitkern_triton":
         op, why = _vitkern_op_or_reason()
         if op is None:
             harness.skip(common, why)
-        fn, owner = vitkern_attn_fn(op, mods.func.attn, mods.window, mods.shift), mods.func
+        make = vitkern_v2_attn_fn if case.v2 else vitkern_attn_fn
+        fn, owner = make(op, mods.func.attn, mods.window, mods.shift), mods.func
     else:
         owner = mods.naive if impl == "naive" else mods.sdpa
         fn = owner._attn
@@ -698,33 +770,36 @@ def test_window_attention_flex(benchmark, vk_settings, vk_ceilings, wa_flex_poin
 # --------------------------------------------------------------------------- #
 TINY = [SwinCase("tiny_14x14_w7_shift3_bs1", 1, 14, 14, 32, 2, 7, 3),
         SwinCase("tiny_10x13_w7_shift3_bs1", 1, 10, 13, 32, 2, 7, 3)]  # roll-then-pad, not square
+TINY_V2 = [SwinCase("tiny_v2_10x13_w7_shift3_bs1", 1, 10, 13, 32, 2, 7, 3, v2=True)]
 
 
-@pytest.mark.parametrize("case", TINY, ids=[c.name for c in TINY])
+@pytest.mark.parametrize("case", TINY + TINY_V2, ids=[c.name for c in TINY + TINY_V2])
 def test_vitkern_window_attention_interpreter_equality(case):
-    """The attention part on window_attention(backend="triton") vs timm's _attn in float64: out, dx, dW, dtable."""
-    harness.skip_unless_interpreter(_timm_block_cls)
+    """The attention part on window_attention(backend="triton") vs timm's _attn in float64: out, dx, dW, dtable
+    (Swin V2: d logit_scale, d q/v bias and the CPB MLP's weights instead of the table)."""
+    harness.skip_unless_interpreter(lambda: _timm_block_cls(case.v2))
     op, why = _vitkern_op_or_reason()
     if op is None:
         pytest.skip(why)
     mods = SwinModules(case, torch.device("cpu"), torch.float32)
     state = SwinState("attn", case, MODES[1], mods)
-    fn = vitkern_attn_fn(op, mods.func.attn, mods.window, mods.shift)
+    fn = (vitkern_v2_attn_fn if case.v2 else vitkern_attn_fn)(op, mods.func.attn, mods.window, mods.shift)
     out, grads = _make_step(fn, _params(mods.func, state.names), True)(state.sets[0])
     _check_equal("vitkern window_attention (interpreter)", out, grads, state)
 
 
-def test_vitkern_block_interpreter_equality():
-    """vitkern.nn.SwinTransformerBlock(backend="triton") with timm's weights vs timm's block in float64."""
-    harness.skip_unless_interpreter(_timm_block_cls)
-    case = TINY[0]
+@pytest.mark.parametrize("case", [TINY[0], TINY_V2[0]], ids=[TINY[0].name, TINY_V2[0].name])
+def test_vitkern_block_interpreter_equality(case):
+    """vitkern.nn.SwinTransformerBlock / SwinTransformerV2Block(backend="triton") with timm's weights vs
+    timm's block in float64."""
+    harness.skip_unless_interpreter(lambda: _timm_block_cls(case.v2))
     mods = SwinModules(case, torch.device("cpu"), torch.float32)
     block, why = mods.vitkern_block()
     if block is None:
         pytest.skip(why)
     state = SwinState("block", case, MODES[1], mods)
     out, grads = _make_step(block, _params(block, state.names), True)(state.sets[0])
-    _check_equal("vitkern.nn.SwinTransformerBlock (interpreter)", out, grads, state)
+    _check_equal(f"vitkern.nn.{type(block).__name__} (interpreter)", out, grads, state)
 
 
 @pytest.mark.parametrize("variant", ["blockmask", "windows"])

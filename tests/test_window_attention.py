@@ -19,7 +19,7 @@ from vitkern.ops.window_attention import window_dropout_keep_mask
 from vitkern.reference import window_attention_reference
 from vitkern.testing import poison_outputs
 
-from helpers import assert_close, nan_padded
+from helpers import FP32_RTOL, TF32_RTOL, assert_close, nan_padded, rel_err, use_gpu_tiles
 
 wa = importlib.import_module("vitkern.ops.window_attention")  # the module (vitkern.ops.window_attention is the op)
 ON_GPU = torch.cuda.is_available()
@@ -41,19 +41,26 @@ CASES = [
 ]
 
 
-def _inputs(B, H, W, C, heads, window, shift, with_bias, dtype):
+def _inputs(B, H, W, C, heads, window, shift, with_bias, dtype, cosine=False):
+    """cosine: Swin V2's logit_scale too (True: in ``dtype``; a dtype: in that one)."""
     mh, mw = (window, window) if isinstance(window, int) else window
-    return dict(
+    ins = dict(
         qkv=torch.randn(B, H, W, 3 * C, device=DEVICE).to(dtype),
         table=torch.randn((2 * mh - 1) * (2 * mw - 1), heads, device=DEVICE).to(dtype),
         qkv_bias=torch.randn(3 * C, device=DEVICE).to(dtype) if with_bias else None,
     )
+    if cosine:  # raw logit scales from 1 to 5.5: the last head is above the clamp (log 100)
+        scales = torch.linspace(1.0, 5.5, heads, device=DEVICE) + 0.1 * torch.rand(heads, device=DEVICE)
+        ins["logit_scale"] = scales.to(dtype if cosine is True else cosine)
+    return ins
 
 
 def _run(fn, ins, heads, window, shift, grad_out, **kw):
+    if ins.get("logit_scale") is not None:
+        kw["logit_scale"] = ins["logit_scale"]
     out = fn(ins["qkv"], ins["table"], num_heads=heads, window_size=window, shift_size=shift,
              qkv_bias=ins["qkv_bias"], **kw)
-    names = [n for n in ("qkv", "table", "qkv_bias") if ins[n] is not None]
+    names = [n for n in ("qkv", "table", "qkv_bias", "logit_scale") if ins.get(n) is not None]
     grads = torch.autograd.grad(out, [ins[n] for n in names], grad_out, allow_unused=True)
     # An unpadded grid never reads qkv_bias: its true gradient is zero.
     return out, {n: (torch.zeros_like(ins[n]) if g is None else g) for n, g in zip(names, grads)}
@@ -74,8 +81,8 @@ def _leaves(base, dtype=None, pad=False):
     return out
 
 
-def _check(B, H, W, C, heads, window, shift, with_bias, dtype, **kw):
-    base = _inputs(B, H, W, C, heads, window, shift, with_bias, dtype)
+def _check(B, H, W, C, heads, window, shift, with_bias, dtype, cosine=False, **kw):
+    base = _inputs(B, H, W, C, heads, window, shift, with_bias, dtype, cosine)
     grad_out = torch.randn(B, H, W, C, device=DEVICE).to(dtype)
     # NaN around every input catches out-of-bounds reads; poisoned outputs catch unwritten elements.
     with poison_outputs():
@@ -209,6 +216,13 @@ def _ok():
     (lambda a: a.update(qkv=torch.randn(1, 14, 14, 96, dtype=torch.float16)), {},
      r"rel_pos_bias_table.dtype must be qkv.dtype \(torch.float16\), got torch.float32"),
     (lambda a: None, {"dropout_p": 1.0}, r"dropout_p must be a float in \[0, 1\), got 1.0"),
+    (lambda a: None, {"logit_scale": torch.zeros(3)},
+     r"logit_scale must have shape \(num_heads,\) = \(2,\) or \(num_heads, 1, 1\) = \(2, 1, 1\), got \(3,\)"),
+    (lambda a: None, {"logit_scale": torch.zeros(2, dtype=torch.int64)},
+     r"logit_scale must be floating point, got torch.int64"),
+    (lambda a: None, {"logit_scale": torch.zeros(2, device="meta")}, r"logit_scale is on meta but qkv is on cpu"),
+    (lambda a: None, {"logit_scale": torch.zeros(2), "scale": 0.5}, r"scale must be None with logit_scale"),
+    (lambda a: None, {"logit_scale": [1.0, 2.0]}, r"logit_scale must be a tensor or None, got list"),
 ])
 def test_bad_input_raises_clear_error(change, kw, match, backend):
     args = _ok()
@@ -398,14 +412,15 @@ def _seed_after(manual_seed: int) -> int:
     return int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).item())
 
 
+@pytest.mark.parametrize("cosine", [False, True], ids=["dot", "cosine"])
 @pytest.mark.parametrize("tiles", ["one-tile", "gpu-tiles"])
-def test_dropout_equals_reference_with_the_kernels_mask(tiles, monkeypatch):
+def test_dropout_equals_reference_with_the_kernels_mask(tiles, cosine, monkeypatch):
     """Forward and every gradient equal the reference that applies the kernels' mask: the forward
     and all backward kernels (dQ, dK/dV, table gradient) draw the same numbers."""
     if tiles == "gpu-tiles":  # several query and key blocks per window: block offsets enter the draws
         monkeypatch.setattr(wa, "_tiles", _gpu_tiles)
     B, H, W, C, heads, window, shift, p = 2, 6, 11, 32, 2, (4, 9), (2, 4), 0.3
-    base = _inputs(B, H, W, C, heads, window, shift, True, torch.float32)
+    base = _inputs(B, H, W, C, heads, window, shift, True, torch.float32, cosine)
     g = torch.randn(B, H, W, C, device=DEVICE)
     kin = _leaves(base, pad=True)
     torch.manual_seed(1234)
@@ -418,8 +433,7 @@ def test_dropout_equals_reference_with_the_kernels_mask(tiles, monkeypatch):
     assert_close("out", out, ref_out)
     for name in grads:
         assert_close(f"d{name}", grads[name], ref_grads[name], grad=True)
-    no_drop = window_attention_reference(*(base[n].to(HIGH) for n in ("qkv", "table")), num_heads=heads,
-                                         window_size=window, shift_size=shift, qkv_bias=base["qkv_bias"].to(HIGH))
+    no_drop = _run(window_attention_reference, _leaves(base, HIGH), heads, window, shift, g.to(HIGH))[0]
     assert (out - no_drop).abs().max() > 0.1  # dropout is live
 
 
@@ -466,3 +480,106 @@ def test_autocast_casts_the_bias_table_with_qkv():
         out = window_attention(args["qkv"], args["table"], num_heads=2, window_size=7, shift_size=3,
                                qkv_bias=args["qkv_bias"], backend="torch")
     assert out.dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------- #
+# Swin V2: cosine attention (logit_scale), q and k normalised in-kernel
+# --------------------------------------------------------------------------- #
+COSINE_CASES = [
+    pytest.param(1, 8, 8, 32, 2, 4, 2, id="8x8-w4-s2"),
+    pytest.param(1, 7, 10, 32, 2, 4, 2, id="7x10-w4-s2-padded"),
+    pytest.param(2, 7, 7, 32, 2, 7, 0, id="7x7-w7-s0-b2"),
+    pytest.param(1, 9, 7, 16, 1, (3, 4), (1, 2), id="rect-window-padded"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,H,W,C,heads,window,shift", COSINE_CASES)
+def test_cosine_forward_and_every_gradient_match_reference(B, H, W, C, heads, window, shift, dtype):
+    """Out, d qkv, d table, d qkv_bias and d logit_scale (through the clamp) vs the float64 reference."""
+    _check(B, H, W, C, heads, window, shift, True, dtype, cosine=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cosine_near_constant_values_keep_the_scale_gradient_accurate(dtype, monkeypatch):
+    """Nearly identical values make dP ≈ delta, so dS is a small difference: d(logit_scale) must be summed
+    from the dS of the delta the dQ kernel corrected (as dQ itself), or O's rounding shows in it. The
+    problem is ill-conditioned: fp32 is held to PyTorch's own fp32 error (as attention's test of it)."""
+    monkeypatch.setattr(wa, "_tiles", _gpu_tiles)  # two key blocks per window
+    C = 32
+    base = _inputs(2, 7, 10, C, 2, (4, 9), (2, 4), True, torch.float32, cosine=True)
+    v_mean = 3 * torch.randn(C, device=DEVICE)
+    base["qkv"][..., 2 * C:] = v_mean + 0.02 * torch.randn(2, 7, 10, C, device=DEVICE)
+    base["qkv_bias"][2 * C:] = v_mean  # the padding tokens' v
+    base = {n: t.to(dtype) for n, t in base.items()}
+    g = torch.randn(2, 7, 10, C, device=DEVICE).to(dtype)
+    out, grads = _run(_triton, _leaves(base), 2, (4, 9), (2, 4), g)
+    ref_out, ref_grads = _run(window_attention_reference, _leaves(base, HIGH), 2, (4, 9), (2, 4), g.to(HIGH))
+    same = _run(window_attention_reference, _leaves(base), 2, (4, 9), (2, 4), g)[1]
+    for name in grads:
+        if dtype == torch.float32:
+            budget = max(rel_err(same[name], ref_grads[name]), TF32_RTOL if ON_GPU else FP32_RTOL)
+            err = rel_err(grads[name], ref_grads[name])
+            assert err <= budget, f"d{name}: {err:.2e} > {budget:.2e} (PyTorch fp32's error or the fp32 budget)"
+        else:
+            assert_close(f"d{name}", grads[name], ref_grads[name], same[name], grad=True)
+
+
+def test_cosine_float32_logit_scale_with_16bit_qkv():
+    """timm keeps logit_scale in float32 while autocast makes qkv 16-bit: the op takes it as it is."""
+    _check(1, 7, 10, 32, 2, 4, 2, True, torch.float16, cosine=torch.float32)
+
+
+def test_cosine_gpu_tiling_path_with_several_blocks_per_window(monkeypatch):
+    monkeypatch.setattr(wa, "_tiles", _gpu_tiles)
+    _check(1, 6, 11, 32, 2, (4, 9), (2, 4), True, torch.float32, cosine=True)
+
+
+def test_cosine_gpu_launch_tiles_for_49_token_windows(monkeypatch):
+    """The tiles a GPU launch gets for 7x7 windows: 64 queries, and 16-key blocks in the cosine backward."""
+    use_gpu_tiles(monkeypatch, wa, "_Geometry")
+    g = wa._Geometry(torch.empty(1, 9, 10, 96, device="meta"), 2, (7, 7), (3, 3), True)
+    assert (g.block_m, g.block_n, g.bwd_block_n) == (64, 64, 16)
+    _check(1, 9, 10, 32, 2, 7, 3, True, torch.float32, cosine=True)
+
+
+def test_cosine_takes_timm_parameter_shape_and_clamps():
+    """(heads, 1, 1) as timm's parameter and (heads,) give the same result; above log(100) the scale is 100
+    and the raw parameter's gradient is 0."""
+    base = _inputs(1, 7, 10, 32, 2, 4, 2, True, torch.float32, cosine=True)
+    g = torch.randn(1, 7, 10, 32, device=DEVICE)
+    flat = _leaves(base)
+    timm_shape = _leaves(dict(base, logit_scale=base["logit_scale"].view(2, 1, 1)))
+    a, ga = _run(_triton, flat, 2, 4, 2, g)
+    b, gb = _run(_triton, timm_shape, 2, 4, 2, g)
+    assert torch.equal(a, b) and gb["logit_scale"].shape == (2, 1, 1)
+    assert torch.equal(ga["logit_scale"], gb["logit_scale"].view(2))
+    assert base["logit_scale"][1] > math.log(100) and ga["logit_scale"][1] == 0 and ga["logit_scale"][0] != 0
+    at_clamp = _leaves(dict(base, logit_scale=torch.tensor([base["logit_scale"][0].item(), math.log(100)])))
+    assert_close("out at the clamp", _run(_triton, at_clamp, 2, 4, 2, g)[0], a)
+
+
+def test_cosine_deterministic_bit_for_bit_and_empty_batch():
+    base = _inputs(2, 7, 10, 32, 2, 4, 2, True, torch.float32, cosine=True)
+    g = torch.randn(2, 7, 10, 32, device=DEVICE)
+    runs = [_run(_triton, _leaves(base), 2, 4, 2, g) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    for name in runs[0][1]:
+        assert torch.equal(runs[0][1][name], runs[1][1][name]), name
+    empty = _leaves(_inputs(0, 7, 10, 32, 2, 4, 2, True, torch.float32, cosine=True))
+    out, grads = _run(_triton, empty, 2, 4, 2, torch.randn(0, 7, 10, 32, device=DEVICE))
+    assert out.shape == (0, 7, 10, 32) and grads["logit_scale"].shape == (2,) and not grads["logit_scale"].any()
+
+
+def test_cosine_custom_ops_opcheck_and_compile():
+    base = _leaves(_inputs(1, 7, 10, 32, 2, 4, 2, True, torch.float32, cosine=True))
+    head_scale = base["logit_scale"].detach().clamp(max=math.log(100)).exp().requires_grad_(True)
+    torch.library.opcheck(torch.ops.vitkern.window_attention_fwd.default,
+                          (base["qkv"], base["table"], base["qkv_bias"], 2, [4, 4], [2, 2], 1.0, -100.0, 0.0, None,
+                           head_scale))
+    g = torch.randn(1, 7, 10, 32, device=DEVICE)
+    compiled = torch.compile(_triton, fullgraph=True, backend="aot_eager")
+    eager, comp = _run(_triton, _leaves(base), 2, 4, 2, g), _run(compiled, _leaves(base), 2, 4, 2, g)
+    assert torch.equal(eager[0], comp[0])
+    for name in eager[1]:
+        assert torch.equal(eager[1][name], comp[1][name]), name

@@ -16,6 +16,9 @@ timm module                                            vitkern replacement
 ``timm.models.deit.VisionTransformerDistilled``        :class:`vitkern.models.timm_vit.VisionTransformerDistilled`
 =====================================================  =====================================
 
+and ``timm.models.swin_transformer_v2.SwinTransformerV2Block`` by
+:class:`vitkern.nn.SwinTransformerV2Block` (Swin V2: cosine attention, continuous position bias).
+
 **The ViT embedding.** A timm ``VisionTransformer`` / ``VisionTransformerDistilled`` is converted
 in place, after its modules (so its ``patch_embed`` is vitkern's by then): its class becomes the
 vitkern subclass of the same name (the object, modules, parameters, attributes and hooks stay),
@@ -370,7 +373,13 @@ def _convert_swin_block(old, backend: str) -> nn.Module:
         )
     except ValueError as exc:
         raise _Unsupported(str(exc)) from None
-    # timm's exact window bookkeeping (e.g. after set_input_size with another window)
+    _copy_swin_windows(new, old)
+    new.attn.scale = attn.scale
+    return _finish(new, old, {"attn": {}})
+
+
+def _copy_swin_windows(new, old) -> None:
+    """timm's exact window bookkeeping (e.g. after set_input_size with another window), V1 and V2 blocks."""
     new.window_size = tuple(pair(old.window_size))
     new.shift_size = tuple(pair(old.shift_size))
     new.target_shift_size = tuple(pair(old.target_shift_size))
@@ -379,7 +388,46 @@ def _convert_swin_block(old, backend: str) -> nn.Module:
         new._check_window_shift()
     except ValueError as exc:
         raise _Unsupported(str(exc)) from None
-    new.attn.scale = attn.scale
+
+
+def _convert_swinv2_block(old, backend: str) -> nn.Module:
+    from vitkern.nn.window_attention_v2 import SwinTransformerV2Block, WindowAttention
+
+    attn = old.attn
+    _exact(attn.qkv, nn.Linear, "attn.qkv")
+    _exact(attn.proj, nn.Linear, "attn.proj")
+    if attn.qkv.bias is not None:
+        raise _Unsupported("attn.qkv must have no bias (Swin V2's q/v biases are separate parameters)")
+    if (attn.qkv.in_features, attn.qkv.out_features, attn.proj.in_features) != (old.dim, 3 * old.dim, old.dim):
+        raise _Unsupported(f"attn.qkv must be Linear({old.dim}, {3 * old.dim}) and attn.proj take {old.dim} "
+                           f"features, got qkv {attn.qkv.in_features} -> {attn.qkv.out_features}, proj "
+                           f"{attn.proj.in_features} -> {attn.proj.out_features}")
+    if tuple(pair(attn.window_size)) != tuple(pair(old.window_size)):
+        raise _Unsupported(f"attn.window_size={attn.window_size} != block window_size={old.window_size}")
+    try:
+        new = SwinTransformerV2Block(
+            dim=old.dim,
+            input_resolution=old.input_resolution,
+            num_heads=attn.num_heads,
+            window_size=old.window_size,  # the effective window and shift (small-grid rule already applied)
+            shift_size=old.shift_size,
+            always_partition=old.always_partition,
+            dynamic_mask=getattr(old, "dynamic_mask", False),
+            mlp_ratio=old.mlp_ratio,
+            qkv_bias=attn.q_bias is not None,
+            pretrained_window_size=attn.pretrained_window_size,
+            device="meta",
+            dtype=attn.qkv.weight.dtype,  # the k_bias / coordinates buffers are taken from timm's: same dtype
+            backend=backend,
+        )
+    except ValueError as exc:
+        raise _Unsupported(str(exc)) from None
+    _copy_swin_windows(new, old)
+    new.attn.qkv_bias_separate = bool(attn.qkv_bias_separate)
+    layers = sys.modules.get("timm.layers")  # FX: keep the drop-ins as leaves, as register_fx_leaf_modules does
+    if layers is not None and hasattr(layers, "register_notrace_module"):
+        for cls in (SwinTransformerV2Block, WindowAttention):
+            layers.register_notrace_module(cls)
     return _finish(new, old, {"attn": {}})
 
 
@@ -572,6 +620,7 @@ def _timm_converters() -> Tuple[Dict[type, Tuple[str, Callable]], Tuple[type, ..
     add("timm.layers.attention", "Attention", "Attention", _convert_attention)
     add("timm.models.vision_transformer", "Attention", "Attention", _convert_attention)  # the same class today
     add("timm.models.swin_transformer", "SwinTransformerBlock", "SwinTransformerBlock", _convert_swin_block)
+    add("timm.models.swin_transformer_v2", "SwinTransformerV2Block", "SwinTransformerV2Block", _convert_swinv2_block)
     add("timm.models.pvt_v2", "Attention", "SRAttention", _convert_pvt_attention)
     add("timm.models.beit", "Attention", "BeitAttention", _convert_beit_attention)
     add("timm.models.maxxvit", "AttentionCl", "MaxxVitAttentionCl",
@@ -629,8 +678,9 @@ def convert(model: nn.Module, *, backend: Optional[str] = None) -> ConversionRep
         report.timm_note = ("timm is installed but was not imported, so the model holds no timm modules"
                             if installed else "timm is not installed, so the model holds no timm modules")
     else:
-        report.timm_note = ("no timm PatchEmbed, Attention, SwinTransformerBlock, pvt_v2.Attention, beit.Attention, "
-                            "maxxvit AttentionCl / Attention2d or VisionTransformer in the model")
+        report.timm_note = ("no timm PatchEmbed, Attention, SwinTransformerBlock, SwinTransformerV2Block, "
+                            "pvt_v2.Attention, beit.Attention, maxxvit AttentionCl / Attention2d or "
+                            "VisionTransformer in the model")
     models = _timm_models()
     memo: Dict[int, nn.Module] = {}
 

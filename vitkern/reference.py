@@ -6,6 +6,7 @@ baseline, so both always check against the same code.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -195,6 +196,7 @@ def window_attention_reference(
     mask_value: float = -100.0,
     dropout_p: float = 0.0,
     dropout_mask: Optional[torch.Tensor] = None,
+    logit_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Swin (shifted-)window multi-head attention, before the output projection.
 
@@ -218,6 +220,11 @@ def window_attention_reference(
     probabilities (the elements, in order, of timm's (B*nW, heads, n, n) ``attn_drop`` input).
     dropout_mask (B, nW, heads, n, n), instead, multiplies the probabilities by given factors
     (for tests: the Triton kernels' mask, :func:`vitkern.ops.window_attention.window_dropout_keep_mask`).
+
+    logit_scale (num_heads,) or timm's (num_heads, 1, 1): Swin V2's cosine attention. It is the raw
+    parameter: the scores become F.normalize(q) F.normalize(k)^T * exp(clamp(logit_scale, max=log(100)))
+    per head (timm V2's ``WindowAttention``), and ``scale`` must be None. The table is then the
+    final bias table (Swin V2: 16 * sigmoid(cpb_mlp(relative_coords_table)), computed by the module).
     """
     if qkv.dim() != 4:
         raise ValueError(f"qkv: expected rank 4 (B, H, W, 3C), got rank {qkv.dim()} with shape {tuple(qkv.shape)}")
@@ -241,6 +248,12 @@ def window_attention_reference(
     if qkv_bias is not None and tuple(qkv_bias.shape) != (C3,):
         raise ValueError(f"qkv_bias: expected shape ({C3},), got {tuple(qkv_bias.shape)}")
     head_dim = C // num_heads
+    if logit_scale is not None:
+        if scale is not None:
+            raise ValueError(f"scale: expected None with logit_scale (cosine attention has no scale), got {scale!r}")
+        if tuple(logit_scale.shape) not in ((num_heads,), (num_heads, 1, 1)):
+            raise ValueError(f"logit_scale: expected shape ({num_heads},) or ({num_heads}, 1, 1), "
+                             f"got {tuple(logit_scale.shape)}")
     scale = head_dim ** -0.5 if scale is None else scale
 
     # 1. cyclic shift, then pad bottom/right with the value a zero token has after the qkv Linear.
@@ -266,6 +279,10 @@ def window_attention_reference(
     if sh or sw:
         mask = _shift_mask((hp, wp), window, shift, mask_value, bias.dtype, qkv.device)
         bias = bias + mask[:, None]
+    if logit_scale is not None:
+        # cosine attention: unit q and k rows, the per-head scale folded into q (a (heads, 1, 1) factor)
+        head_scale = torch.clamp(logit_scale.reshape(num_heads, 1, 1), max=math.log(100.0)).exp()
+        q, k, scale = F.normalize(q, dim=-1) * head_scale.to(q.dtype), F.normalize(k, dim=-1), 1.0
     if dropout_mask is None:
         out = attention_reference(q, k, v, scale=scale, attn_bias=bias, dropout_p=dropout_p)  # (B, nW, heads, n, d)
     else:

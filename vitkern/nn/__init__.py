@@ -9,12 +9,15 @@
 * :class:`BeitAttention`, :class:`MaxxVitAttentionCl`, :class:`MaxxVitAttention2d` - timm
   ``beit.Attention`` and ``maxxvit.AttentionCl`` / ``Attention2d`` (relative-position bias as the
   fused attention op's differentiable ``attn_bias``).
+* :class:`SwinTransformerV2Block` - timm ``swin_transformer_v2.SwinTransformerV2Block`` (cosine
+  attention, continuous position bias) on the fused shifted-window attention op.
 """
 from vitkern.nn.attention import Attention
 from vitkern.nn.attention_relpos import BeitAttention, MaxxVitAttention2d, MaxxVitAttentionCl
 from vitkern.nn.patch_embed import PatchEmbed
 from vitkern.nn.sr_attention import SRAttention
 from vitkern.nn.window_attention import SwinTransformerBlock
+from vitkern.nn.window_attention_v2 import SwinTransformerV2Block
 
 __all__ = ["Attention", "BeitAttention", "MaxxVitAttention2d", "MaxxVitAttentionCl", "PatchEmbed", "SRAttention",
-           "SwinTransformerBlock"]
+           "SwinTransformerBlock", "SwinTransformerV2Block"]

@@ -35,6 +35,15 @@ column holds padding, so no slot for the others); the table gradient by first su
 images and windows per (head, query, key) in split partial sums, then folding those (n × n)
 sums into the table by relative offset.
 
+Cosine attention (Swin V2, ``logit_scale``; the constexpr COSINE): scores are
+(q·k)/(max(|q|, eps)·max(|k|, eps))·exp(clamp(logit_scale, max=log 100)) per head. The kernels
+keep q and k as loaded and scale each score by the row and column inverse norms (computed in
+fp32 per tile), so no unit row is rounded to 16 bits before the dot; the backward's dots take
+unit rows, and dQ / dK go back through the normalisation. d(head scale) = Σ dS∘cos is summed
+per query row in the dQ kernel from the fp32 dS (with dQ's delta correction), then over rows
+and windows on the host (fixed order, no atomics); the clamp and exp run in torch, so autograd
+takes that gradient to the raw parameter.
+
 Tiles: the window's n = Mh·Mw tokens are covered by power-of-two blocks chosen to waste
 the least (49 tokens: 64; 144 tokens: blocks of 16, no padding).
 All addresses are int64 (indices are cast before they meet a stride). An empty batch
@@ -47,6 +56,7 @@ fake and autograd registrations -> validation and backend predicates -> the publ
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -71,6 +81,7 @@ _SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
 MAX_WINDOW_TOKENS = 1024
+LOGIT_SCALE_MAX = math.log(100.0)  # Swin V2 (timm): the per-head score scale is exp(min(logit_scale, log 100))
 
 
 # --------------------------------------------------------------------------- #
@@ -156,6 +167,58 @@ def _load_kv(qkv_ptr, bias_ptr, row_off, inside, in_window, head, C, dims, s_c, 
 
 
 @triton.jit
+def _inv_norms(t, COSINE: tl.constexpr):
+    """Cosine attention (Swin V2): 1 / max(|row|, eps) of t's rows in fp32 (F.normalize's eps 1e-12); else 1.
+
+    The scores use q and k as loaded, scaled by these (rows of q, columns of k): unit rows rounded
+    back to 16 bits before the dot would cost precision for nothing.
+    """
+    inv = 1.0
+    if COSINE:
+        tf = t.to(tl.float32)
+        inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(tf * tf, 1)), 1e-12)
+    return inv
+
+
+@triton.jit
+def _pair_scale(qk_scale, q_inv, k_inv, COSINE: tl.constexpr):
+    """What q kᵀ is multiplied by: qk_scale, or per (query, key) qk_scale / (|q_i| |k_j|) under COSINE."""
+    scale = qk_scale
+    if COSINE:
+        scale = (qk_scale * q_inv)[:, None] * k_inv[None, :]
+    return scale
+
+
+@triton.jit
+def _unit_rows(t, inv, COSINE: tl.constexpr):
+    """The operand of a gradient dot: t's unit rows in t's dtype under COSINE, else t."""
+    if COSINE:
+        t = (t.to(tl.float32) * inv[:, None]).to(t.dtype)
+    return t
+
+
+@triton.jit
+def _unit_rows_bwd(t, inv, du, COSINE: tl.constexpr):
+    """d t from du = d(t / max(|t|, eps)): (du - u·rowsum(u∘du)) / |t|, u the unit rows; a row no longer
+    than eps was divided by the constant eps: du / eps. du itself when COSINE is off."""
+    if COSINE:
+        tf = t.to(tl.float32)
+        u = tf * inv[:, None]
+        proj = tl.where(tl.sqrt(tl.sum(tf * tf, 1)) > 1e-12, tl.sum(u * du, 1), 0.0)
+        du = (du - u * proj[:, None]) * inv[:, None]
+    return du
+
+
+@triton.jit
+def _head_scales(hs_ptr, head, qk_scale, sm_scale, COSINE: tl.constexpr):
+    """(score scale · log2(e), score scale): the per-head exp(clamp(logit_scale)) under COSINE."""
+    if COSINE:
+        sm_scale = tl.load(hs_ptr + head)
+        qk_scale = sm_scale * 1.4426950408889634
+    return qk_scale, sm_scale
+
+
+@triton.jit
 def _window_scores(q, k, table_ptr, head, rows, cols, ys_q, xs_q, ys_k, xs_k, HP, WP, SH, SW,
                    st_t, st_h, qk_scale, mask_value, N_TOK,
                    MH: tl.constexpr, MW: tl.constexpr, HAS_SHIFT: tl.constexpr):
@@ -176,11 +239,11 @@ def _window_scores(q, k, table_ptr, head, rows, cols, ys_q, xs_q, ys_k, xs_k, HP
 
 @triton.jit
 def _win_fwd_kernel(
-    qkv_ptr, qkv_bias_ptr, table_ptr, out_ptr, lse_ptr,
+    qkv_ptr, qkv_bias_ptr, table_ptr, hs_ptr, out_ptr, lse_ptr,
     H, W, HP, WP, SH, SW, N_WIN, N_WIN_W, HEADS, C, qk_scale, mask_value, seed, dropout_p, inv_keep,
     s_b, s_y, s_x, s_c, so_b, so_y, so_x, so_c, st_t, st_h,
     MH: tl.constexpr, MW: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_QKV_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_QKV_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_DROPOUT: tl.constexpr, COSINE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid, head, b, win, rows, y, x, inside_q, ys_q, xs_q = _program_window(H, W, SH, SW, N_WIN, N_WIN_W, HEADS,
@@ -189,6 +252,8 @@ def _win_fwd_kernel(
     dims = tl.arange(0, BLOCK_D)
     q = _load_tokens(qkv_ptr, qkv_bias_ptr, _token_offsets(b, y, x, s_b, s_y, s_x), inside_q, rows < N_TOK,
                      head * HEAD_DIM, dims, s_c, HEAD_DIM, HAS_QKV_BIAS)
+    q_inv = _inv_norms(q, COSINE)
+    qk_scale, _ = _head_scales(hs_ptr, head, qk_scale, qk_scale, COSINE)
 
     m_i, l_i, acc = softmax_init(BLOCK_M, BLOCK_D)
     for start in range(0, N_TOK, BLOCK_N):
@@ -197,8 +262,10 @@ def _win_fwd_kernel(
         k_off = _token_offsets(b, yk, xk, s_b, s_y, s_x)
         k = _load_tokens(qkv_ptr, qkv_bias_ptr, k_off, inside_k, cols < N_TOK, C + head * HEAD_DIM, dims, s_c,
                          HEAD_DIM, HAS_QKV_BIAS)
+        k_inv = _inv_norms(k, COSINE)
         s = _window_scores(q, k, table_ptr, head, rows, cols, ys_q, xs_q, ys_k, xs_k, HP, WP, SH, SW,
-                           st_t, st_h, qk_scale, mask_value, N_TOK, MH, MW, HAS_SHIFT)
+                           st_t, st_h, _pair_scale(qk_scale, q_inv, k_inv, COSINE), mask_value, N_TOK, MH, MW,
+                           HAS_SHIFT)
         p, alpha, m_i, l_i = softmax_step(s, m_i, l_i, seed, pid, rows, cols, N_TOK, N_TOK, dropout_p, inv_keep,
                                           HAS_DROPOUT)
         v = _load_tokens(qkv_ptr, qkv_bias_ptr, k_off, inside_k, cols < N_TOK, 2 * C + head * HEAD_DIM, dims,
@@ -234,13 +301,13 @@ def _win_bwd_delta_kernel(
 
 @triton.jit
 def _win_bwd_dkdv_kernel(
-    qkv_ptr, qkv_bias_ptr, table_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, pad_grad_ptr,
+    qkv_ptr, qkv_bias_ptr, table_ptr, hs_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, pad_grad_ptr,
     H, W, HP, WP, SH, SW, N_WIN, N_WIN_W, HEADS, C, qk_scale, sm_scale, mask_value, seed, dropout_p, inv_keep,
     FULL_H, FULL_W, N_PAD_WIN,
     s_b, s_y, s_x, s_c, sdo_b, sdo_y, sdo_x, sdo_c, sd_b, sd_y, sd_x, sd_c, st_t, st_h,
     MH: tl.constexpr, MW: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_QKV_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_DROPOUT: tl.constexpr, PAD_GRAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    COSINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK, dV of one key block of one (image, window, head); padding keys' sums go to pad_grad."""
     pid, head, b, win, cols, yk, xk, inside_k, ys_k, xs_k = _program_window(H, W, SH, SW, N_WIN, N_WIN_W, HEADS,
@@ -249,6 +316,8 @@ def _win_bwd_dkdv_kernel(
     dims = tl.arange(0, BLOCK_D)
     k, v = _load_kv(qkv_ptr, qkv_bias_ptr, _token_offsets(b, yk, xk, s_b, s_y, s_x), inside_k, cols < N_TOK, head,
                     C, dims, s_c, HEAD_DIM, HAS_QKV_BIAS)
+    k_inv = _inv_norms(k, COSINE)
+    qk_scale, sm_scale = _head_scales(hs_ptr, head, qk_scale, sm_scale, COSINE)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -257,15 +326,17 @@ def _win_bwd_dkdv_kernel(
         y, x, inside_q, ys_q, xs_q = _window_tokens(rows, win, H, W, SH, SW, N_WIN_W, MH, MW)
         q = _load_tokens(qkv_ptr, qkv_bias_ptr, _token_offsets(b, y, x, s_b, s_y, s_x), inside_q, rows < N_TOK,
                          head * HEAD_DIM, dims, s_c, HEAD_DIM, HAS_QKV_BIAS)
+        q_inv = _inv_norms(q, COSINE)
         do = _load_dout(dout_ptr, b, y, x, inside_q, head, dims, sdo_b, sdo_y, sdo_x, sdo_c, HEAD_DIM)
         lse, delta = load_row_stats(lse_ptr, delta_ptr, pid * N_TOK + rows, rows < N_TOK)
         s = _window_scores(q, k, table_ptr, head, rows, cols, ys_q, xs_q, ys_k, xs_k, HP, WP, SH, SW,
-                           st_t, st_h, qk_scale, mask_value, N_TOK, MH, MW, HAS_SHIFT)
+                           st_t, st_h, _pair_scale(qk_scale, q_inv, k_inv, COSINE), mask_value, N_TOK, MH, MW,
+                           HAS_SHIFT)
         p = recompute_p(s, lse, (rows < N_TOK)[:, None] & (cols < N_TOK)[None, :])
-        dk, dv = dkdv_step(dk, dv, p, q, do, v, delta, seed, pid, rows, cols, N_TOK, N_TOK, dropout_p, inv_keep,
-                           HAS_DROPOUT)
+        dk, dv = dkdv_step(dk, dv, p, _unit_rows(q, q_inv, COSINE), do, v, delta, seed, pid, rows, cols, N_TOK,
+                           N_TOK, dropout_p, inv_keep, HAS_DROPOUT)
 
-    dk = dk * sm_scale
+    dk = _unit_rows_bwd(k, k_inv, dk * sm_scale, COSINE)  # cosine: back through k / max(|k|, eps)
     d_off = _token_offsets(b, yk, xk, sd_b, sd_y, sd_x)
     store_tile(dqkv_ptr, dk, d_off, C + head * HEAD_DIM, dims, sd_c, inside_k, HEAD_DIM)
     store_tile(dqkv_ptr, dv, d_off, 2 * C + head * HEAD_DIM, dims, sd_c, inside_k, HEAD_DIM)
@@ -282,13 +353,13 @@ def _win_bwd_dkdv_kernel(
 
 @triton.jit
 def _win_bwd_dq_kernel(
-    qkv_ptr, qkv_bias_ptr, table_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr,
+    qkv_ptr, qkv_bias_ptr, table_ptr, hs_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, dhs_ptr,
     H, W, HP, WP, SH, SW, N_WIN, N_WIN_W, HEADS, C, qk_scale, sm_scale, mask_value, seed, dropout_p, inv_keep,
     FULL_H, FULL_W, N_PAD_WIN,
     s_b, s_y, s_x, s_c, sdo_b, sdo_y, sdo_x, sdo_c, sd_b, sd_y, sd_x, sd_c, st_t, st_h,
     MH: tl.constexpr, MW: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_QKV_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_DROPOUT: tl.constexpr, PAD_GRAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    COSINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ of one query block of one (image, window, head), written to the token's position."""
     pid, head, b, win, rows, y, x, inside_q, ys_q, xs_q = _program_window(H, W, SH, SW, N_WIN, N_WIN_W, HEADS,
@@ -297,37 +368,58 @@ def _win_bwd_dq_kernel(
     dims = tl.arange(0, BLOCK_D)
     q = _load_tokens(qkv_ptr, qkv_bias_ptr, _token_offsets(b, y, x, s_b, s_y, s_x), inside_q, rows < N_TOK,
                      head * HEAD_DIM, dims, s_c, HEAD_DIM, HAS_QKV_BIAS)
+    q_inv = _inv_norms(q, COSINE)
+    qk_scale, sm_scale = _head_scales(hs_ptr, head, qk_scale, sm_scale, COSINE)
     do = _load_dout(dout_ptr, b, y, x, inside_q, head, dims, sdo_b, sdo_y, sdo_x, sdo_c, HEAD_DIM)
     lse, delta = load_row_stats(lse_ptr, delta_ptr, pid * N_TOK + rows, rows < N_TOK)
 
     # As attention's dQ kernel, this program also corrects delta (see dq_finish) for the dK/dV
     # and table-gradient kernels, which run after this one.
     dq, pk, ds_sum, p_sum = dq_init(BLOCK_M, BLOCK_D)
+    ds_cos = tl.zeros((BLOCK_M,), dtype=tl.float32)  # cosine: rowsums of dS ∘ cos and P ∘ cos
+    p_cos = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for start in range(0, N_TOK, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         yk, xk, inside_k, ys_k, xs_k = _window_tokens(cols, win, H, W, SH, SW, N_WIN_W, MH, MW)
         k, v = _load_kv(qkv_ptr, qkv_bias_ptr, _token_offsets(b, yk, xk, s_b, s_y, s_x), inside_k, cols < N_TOK,
                         head, C, dims, s_c, HEAD_DIM, HAS_QKV_BIAS)
+        k_inv = _inv_norms(k, COSINE)
         s = _window_scores(q, k, table_ptr, head, rows, cols, ys_q, xs_q, ys_k, xs_k, HP, WP, SH, SW,
-                           st_t, st_h, qk_scale, mask_value, N_TOK, MH, MW, HAS_SHIFT)
+                           st_t, st_h, _pair_scale(qk_scale, q_inv, k_inv, COSINE), mask_value, N_TOK, MH, MW,
+                           HAS_SHIFT)
         p = recompute_p(s, lse, (rows < N_TOK)[:, None] & (cols < N_TOK)[None, :])
-        dq, pk, ds_sum, p_sum = dq_step(dq, pk, ds_sum, p_sum, p, k, v, do, delta, seed, pid, rows, cols, N_TOK,
-                                        N_TOK, dropout_p, inv_keep, HAS_DROPOUT)
+        if COSINE:
+            # As dq_step on unit k rows, and d(scale) = Σ_j dS_ij cos_ij from the fp32 dS (the dots round it)
+            ds = dscore(p, do, v, delta, seed, pid, rows, cols, N_TOK, N_TOK, dropout_p, inv_keep, HAS_DROPOUT)
+            k_unit = _unit_rows(k, k_inv, COSINE)
+            dq += tl.dot(ds.to(k.dtype), k_unit)
+            pk += tl.dot(p.to(k.dtype), k_unit)
+            ds_sum += tl.sum(ds, 1)
+            p_sum += tl.sum(p, 1)
+            cos = tl.dot(q, tl.trans(k)) * q_inv[:, None] * k_inv[None, :]
+            ds_cos += tl.sum(ds * cos, 1)
+            p_cos += tl.sum(p * cos, 1)
+        else:
+            dq, pk, ds_sum, p_sum = dq_step(dq, pk, ds_sum, p_sum, p, k, v, do, delta, seed, pid, rows, cols,
+                                            N_TOK, N_TOK, dropout_p, inv_keep, HAS_DROPOUT)
 
-    dq, delta = dq_finish(dq, pk, ds_sum, p_sum, delta, sm_scale)
-    tl.store(delta_ptr + pid * N_TOK + rows, delta, mask=rows < N_TOK)
+    dq, delta_fixed = dq_finish(dq, pk, ds_sum, p_sum, delta, sm_scale)
+    if COSINE:  # d(scale) per query row, with dq's delta correction; summed over rows and windows on the host
+        tl.store(dhs_ptr + pid * N_TOK + rows, ds_cos - (delta_fixed - delta) * p_cos, mask=rows < N_TOK)
+        dq = _unit_rows_bwd(q, q_inv, dq, COSINE)  # back through q / max(|q|, eps)
+    tl.store(delta_ptr + pid * N_TOK + rows, delta_fixed, mask=rows < N_TOK)
     store_tile(dqkv_ptr, dq, _token_offsets(b, y, x, sd_b, sd_y, sd_x), head * HEAD_DIM, dims, sd_c, inside_q,
                HEAD_DIM)
 
 
 @triton.jit
 def _win_bwd_dscore_sum_kernel(
-    qkv_ptr, qkv_bias_ptr, table_ptr, dout_ptr, lse_ptr, delta_ptr, partial_ptr,
+    qkv_ptr, qkv_bias_ptr, table_ptr, hs_ptr, dout_ptr, lse_ptr, delta_ptr, partial_ptr,
     H, W, HP, WP, SH, SW, N_WIN, N_WIN_W, HEADS, C, qk_scale, mask_value, seed, dropout_p, inv_keep,
     Z_TOTAL, Z_PER_SPLIT,
     s_b, s_y, s_x, s_c, sdo_b, sdo_y, sdo_x, sdo_c, st_t, st_h,
     MH: tl.constexpr, MW: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_QKV_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_QKV_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_DROPOUT: tl.constexpr, COSINE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """partial[split, head, i, j] = Σ dS[z, head, i, j] over the split's (image · window) range z."""
@@ -341,6 +433,7 @@ def _win_bwd_dscore_sum_kernel(
     dims = tl.arange(0, BLOCK_D)
     valid = (rows < N_TOK)[:, None] & (cols < N_TOK)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    qk_scale, _ = _head_scales(hs_ptr, head, qk_scale, qk_scale, COSINE)
     z_lo = split * Z_PER_SPLIT
     z_hi = tl.minimum(z_lo + Z_PER_SPLIT, Z_TOTAL)
     for zw in range(z_lo, z_hi):
@@ -354,10 +447,13 @@ def _win_bwd_dscore_sum_kernel(
                          head * HEAD_DIM, dims, s_c, HEAD_DIM, HAS_QKV_BIAS)
         k, v = _load_kv(qkv_ptr, qkv_bias_ptr, _token_offsets(b, yk, xk, s_b, s_y, s_x), inside_k, cols < N_TOK,
                         head, C, dims, s_c, HEAD_DIM, HAS_QKV_BIAS)
+        q_inv = _inv_norms(q, COSINE)
+        k_inv = _inv_norms(k, COSINE)
         do = _load_dout(dout_ptr, b, y, x, inside_q, head, dims, sdo_b, sdo_y, sdo_x, sdo_c, HEAD_DIM)
         lse, delta = load_row_stats(lse_ptr, delta_ptr, pid * N_TOK + rows, rows < N_TOK)
         s = _window_scores(q, k, table_ptr, head, rows, cols, ys_q, xs_q, ys_k, xs_k, HP, WP, SH, SW,
-                           st_t, st_h, qk_scale, mask_value, N_TOK, MH, MW, HAS_SHIFT)
+                           st_t, st_h, _pair_scale(qk_scale, q_inv, k_inv, COSINE), mask_value, N_TOK, MH, MW,
+                           HAS_SHIFT)
         p = recompute_p(s, lse, valid)
         acc += dscore(p, do, v, delta, seed, pid, rows, cols, N_TOK, N_TOK, dropout_p, inv_keep, HAS_DROPOUT)
     out = partial_ptr + ((split * HEADS + head) * N_TOK + rows[:, None].to(tl.int64)) * N_TOK + cols[None, :]
@@ -404,15 +500,16 @@ def _tiles(n_tok: int) -> Tuple[int, int]:
     return _tile(n_tok), _tile(n_tok)
 
 
-def _shape_class(dtype: torch.dtype, n_tok: int, head_dim: int, shifted: bool) -> str:
+def _shape_class(dtype: torch.dtype, n_tok: int, head_dim: int, shifted: bool, cosine: bool = False) -> str:
     """The key of a tuned-config table entry (vitkern.configs): what the tiles depend on."""
-    return f"{str(dtype).replace('torch.', '')}|t{n_tok}|d{head_dim}|shift{int(shifted)}"
+    key = f"{str(dtype).replace('torch.', '')}|t{n_tok}|d{head_dim}|shift{int(shifted)}"
+    return key + "|cosine" if cosine else key
 
 
 class _Geometry:
     """Grid, window and shift arithmetic shared by the launchers."""
 
-    def __init__(self, qkv: Tensor, num_heads: int, window, shift):
+    def __init__(self, qkv: Tensor, num_heads: int, window, shift, cosine: bool = False):
         self.B, self.H, self.W, c3 = qkv.shape
         self.C = c3 // 3
         self.heads = num_heads
@@ -439,7 +536,11 @@ class _Geometry:
         big = self.block_m >= 64 and not _triton.INTERPRET
         self.warps, self.stages = (8, 1) if big else (4, 3)
         self.dscore_m, self.dscore_n = (32, 32) if big else (self.block_m, self.block_n)
-        self.shape_class = _shape_class(qkv.dtype, self.n_tok, self.head_dim, bool(self.SH or self.SW))
+        # Cosine attention's backward also holds the inverse norms, the unit-row operands and, in dQ, a
+        # second score-sized tile (for d(scale)): at 64 queries, 32-key blocks still spill 4-32 B in dK/dV
+        # or dQ (sm_80, Triton 3.6 or 3.8); 16-key blocks spill nothing (compile report, ci set).
+        self.bwd_block_n = 16 if (big and cosine) else self.block_n
+        self.shape_class = _shape_class(qkv.dtype, self.n_tok, self.head_dim, bool(self.SH or self.SW), cosine)
 
     def launch(self, group: str, block_m: int, block_n: int, warps: int, stages: int) -> dict:
         """One kernel group's tiles and launch settings: a tuned table entry (vitkern.configs)
@@ -451,12 +552,18 @@ class _Geometry:
     def grid_args(self):
         return (self.H, self.W, self.HP, self.WP, self.SH, self.SW, self.n_win, self.n_win_w, self.heads, self.C)
 
-    def consts(self, qkv_bias, dropout_p):
+    def consts(self, qkv_bias, dropout_p, head_scale):
         return dict(MH=self.MH, MW=self.MW, HEAD_DIM=self.head_dim, HAS_QKV_BIAS=qkv_bias is not None,
-                    HAS_SHIFT=bool(self.SH or self.SW), HAS_DROPOUT=dropout_p > 0, BLOCK_D=self.block_d)
+                    HAS_SHIFT=bool(self.SH or self.SW), HAS_DROPOUT=dropout_p > 0, COSINE=head_scale is not None,
+                    BLOCK_D=self.block_d)
 
 
-def _launch_fwd(qkv, table, qkv_bias, g: _Geometry, scale, mask_value, dropout_p, seed):
+def _head_scale_arg(head_scale: Optional[Tensor], qkv: Tensor) -> Tensor:
+    """The kernels' per-head score scale (fp32, dense), or any tensor when COSINE is off (never read)."""
+    return head_scale.to(torch.float32).contiguous() if head_scale is not None else qkv
+
+
+def _launch_fwd(qkv, table, qkv_bias, g: _Geometry, scale, mask_value, dropout_p, seed, head_scale=None):
     out = new_output((g.B, g.H, g.W, g.C), dtype=qkv.dtype, device=qkv.device)
     lse = new_output((g.programs, g.n_tok), dtype=torch.float32, device=qkv.device)
     if g.programs == 0:  # an empty batch: nothing to launch
@@ -464,10 +571,10 @@ def _launch_fwd(qkv, table, qkv_bias, g: _Geometry, scale, mask_value, dropout_p
     bias_arg = qkv_bias.contiguous() if qkv_bias is not None else qkv  # (3C,): the kernels index it densely
     cfg = g.launch("fwd", g.block_m, g.block_n, g.warps, g.stages)
     _win_fwd_kernel[(g.programs, cdiv(g.n_tok, cfg["BLOCK_M"]))](
-        qkv, bias_arg, table, out, lse,
+        qkv, bias_arg, table, _head_scale_arg(head_scale, qkv), out, lse,
         *g.grid_args(), scale * _LOG2E, float(mask_value), *dropout_args(dropout_p, seed),
         *qkv.stride(), *out.stride(), *table.stride(),
-        **cfg, **g.consts(qkv_bias, dropout_p),
+        **cfg, **g.consts(qkv_bias, dropout_p, head_scale),
     )
     return out, lse
 
@@ -481,20 +588,22 @@ def _dscore_splits(g: _Geometry, tiles: int, device) -> int:
     return max(1, min(total, cdiv(target, g.heads * tiles)))
 
 
-def _empty_grads(qkv, table, qkv_bias, need_table: bool):
-    """The gradients of an empty batch: empty dqkv, zero d(qkv_bias) and d(table)."""
+def _empty_grads(qkv, table, qkv_bias, need_table: bool, head_scale):
+    """The gradients of an empty batch: empty dqkv, zero d(qkv_bias), d(table) and d(head_scale)."""
     f32 = dict(dtype=torch.float32, device=qkv.device)
     return (torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device),
             torch.zeros(qkv_bias.shape, **f32) if qkv_bias is not None else torch.empty(0, **f32),
-            torch.zeros(table.shape, **f32) if need_table else torch.empty(0, **f32))
+            torch.zeros(table.shape, **f32) if need_table else torch.empty(0, **f32),
+            torch.zeros(head_scale.shape, **f32) if head_scale is not None else torch.empty(0, **f32))
 
 
 def _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g: _Geometry, scale, mask_value, dropout_p, seed,
-                need_table: bool):
+                need_table: bool, head_scale=None):
     if g.programs == 0:
-        return _empty_grads(qkv, table, qkv_bias, need_table)
+        return _empty_grads(qkv, table, qkv_bias, need_table, head_scale)
     dev = qkv.device
-    consts = g.consts(qkv_bias, dropout_p)
+    consts = g.consts(qkv_bias, dropout_p, head_scale)
+    hs_arg = _head_scale_arg(head_scale, qkv)
     bias_arg = qkv_bias.contiguous() if qkv_bias is not None else qkv
     delta = new_output((g.programs, g.n_tok), dtype=torch.float32, device=dev)
     _win_bwd_delta_kernel[(g.programs, cdiv(g.n_tok, g.block_m))](
@@ -503,7 +612,7 @@ def _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g: _Geometry, scale, mask_
     )
     # Every token of the grid is in exactly one window, so the kernels write every element of dqkv.
     dqkv = new_output(qkv.shape, dtype=qkv.dtype, device=dev)
-    cfg = g.launch("bwd", g.block_m, g.block_n, g.warps, g.stages)  # dQ and dK/dV: one key-block count
+    cfg = g.launch("bwd", g.block_m, g.bwd_block_n, g.warps, g.stages)  # dQ and dK/dV: one key-block count
     key_blocks = cdiv(g.n_tok, cfg["BLOCK_N"])
     pad_grad_on = qkv_bias is not None and g.pad_windows > 0
     # One (k | v) slot per (image, padded window, head, key block); every slot is written.
@@ -513,11 +622,16 @@ def _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g: _Geometry, scale, mask_
     common = (*g.grid_args(), scale * _LOG2E, scale, float(mask_value), *drop, g.full_h, g.full_w, g.pad_windows,
               *qkv.stride(), *dout.stride(), *dqkv.stride(), *table.stride())
     blocks = dict(cfg, PAD_GRAD=pad_grad_on, **consts)
+    # Cosine attention: d(head scale) per (image · window · head, query row), summed below.
+    dhs_rows = new_output((g.programs, g.n_tok), dtype=torch.float32, device=dev) if head_scale is not None else qkv
     # dQ first: it replaces delta by the corrected one that the later kernels use.
     _win_bwd_dq_kernel[(g.programs, cdiv(g.n_tok, cfg["BLOCK_M"]))](
-        qkv, bias_arg, table, dout, lse, delta, dqkv, *common, **blocks)
+        qkv, bias_arg, table, hs_arg, dout, lse, delta, dqkv, dhs_rows, *common, **blocks)
     _win_bwd_dkdv_kernel[(g.programs, key_blocks)](
-        qkv, bias_arg, table, dout, lse, delta, dqkv, pad_grad, *common, **blocks)
+        qkv, bias_arg, table, hs_arg, dout, lse, delta, dqkv, pad_grad, *common, **blocks)
+    dhead_scale = qkv.new_empty(0, dtype=torch.float32)
+    if head_scale is not None:  # fixed-order sum over images · windows and query rows: deterministic
+        dhead_scale = dhs_rows.view(g.B * g.n_win, g.heads, g.n_tok).sum(dim=(0, 2))
 
     dqkv_bias = qkv.new_empty(0, dtype=torch.float32)
     if qkv_bias is not None:  # q of padding tokens gets no gradient: their outputs are cropped
@@ -536,7 +650,7 @@ def _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g: _Geometry, scale, mask_
         partial = new_output((splits, g.heads, g.n_tok, g.n_tok), dtype=torch.float32, device=dev)
         blocks.pop("PAD_GRAD")
         _win_bwd_dscore_sum_kernel[(g.heads, tiles, splits)](
-            qkv, bias_arg, table, dout, lse, delta, partial,
+            qkv, bias_arg, table, hs_arg, dout, lse, delta, partial,
             *g.grid_args(), scale * _LOG2E, float(mask_value), *drop, g.B * g.n_win, per_split,
             *qkv.stride(), *dout.stride(), *table.stride(),
             **dict(blocks, **dscore),
@@ -546,7 +660,7 @@ def _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g: _Geometry, scale, mask_
         dtable = new_output((rows, g.heads), dtype=torch.float32, device=dev)
         _table_grad_kernel[(g.heads, cdiv(rows, 32))](
             dscore_sum, dtable, g.heads, rows, MH=g.MH, MW=g.MW, N_PAD=next_power_of_2(g.n_tok), BLOCK=32)
-    return dqkv, dqkv_bias, dtable
+    return dqkv, dqkv_bias, dtable, dhead_scale
 
 
 def window_dropout_keep_mask(seed: int, batch: int, grid: Tuple[int, int], num_heads: int, window,
@@ -573,14 +687,16 @@ def window_dropout_keep_mask(seed: int, batch: int, grid: Tuple[int, int], num_h
 def _window_attention_fwd(
     qkv: Tensor, table: Tensor, qkv_bias: Optional[Tensor], num_heads: int, window: Sequence[int],
     shift: Sequence[int], scale: float, mask_value: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
+    head_scale: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    g = _Geometry(qkv, num_heads, tuple(window), tuple(shift))
-    return _launch_fwd(qkv, table, qkv_bias, g, scale, mask_value, dropout_p, seed)
+    """head_scale (heads,): cosine attention (Swin V2) with this per-head score scale; ``scale`` is then unused."""
+    g = _Geometry(qkv, num_heads, tuple(window), tuple(shift), head_scale is not None)
+    return _launch_fwd(qkv, table, qkv_bias, g, scale, mask_value, dropout_p, seed, head_scale)
 
 
 @_window_attention_fwd.register_fake
 def _window_attention_fwd_fake(qkv, table, qkv_bias, num_heads, window, shift, scale, mask_value, dropout_p=0.0,
-                               seed=None):
+                               seed=None, head_scale=None):
     g = _Geometry(qkv, num_heads, tuple(window), tuple(shift))
     return qkv.new_empty((g.B, g.H, g.W, g.C)), qkv.new_empty((g.programs, g.n_tok), dtype=torch.float32)
 
@@ -589,37 +705,42 @@ def _window_attention_fwd_fake(qkv, table, qkv_bias, num_heads, window, shift, s
 def _window_attention_bwd(
     dout: Tensor, qkv: Tensor, table: Tensor, qkv_bias: Optional[Tensor], out: Tensor, lse: Tensor,
     num_heads: int, window: Sequence[int], shift: Sequence[int], scale: float, mask_value: float,
-    need_table: bool, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns (dqkv, d qkv_bias in fp32 or empty, d table in fp32 or empty)."""
-    g = _Geometry(qkv, num_heads, tuple(window), tuple(shift))
-    return _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g, scale, mask_value, dropout_p, seed, need_table)
+    need_table: bool, dropout_p: float = 0.0, seed: Optional[Tensor] = None, head_scale: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dqkv, d qkv_bias, d table, d head_scale), the last three in fp32 or empty."""
+    g = _Geometry(qkv, num_heads, tuple(window), tuple(shift), head_scale is not None)
+    return _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g, scale, mask_value, dropout_p, seed, need_table,
+                       head_scale)
 
 
 @_window_attention_bwd.register_fake
 def _window_attention_bwd_fake(dout, qkv, table, qkv_bias, out, lse, num_heads, window, shift, scale, mask_value,
-                               need_table, dropout_p=0.0, seed=None):
+                               need_table, dropout_p=0.0, seed=None, head_scale=None):
     f32 = dict(dtype=torch.float32)
     return (qkv.new_empty(qkv.shape), qkv.new_empty(qkv_bias.shape if qkv_bias is not None else 0, **f32),
-            qkv.new_empty(table.shape if need_table else 0, **f32))
+            qkv.new_empty(table.shape if need_table else 0, **f32),
+            qkv.new_empty(head_scale.shape if head_scale is not None else 0, **f32))
 
 
 def _window_attention_fwd_setup_context(ctx, inputs, output):
-    qkv, table, qkv_bias, num_heads, window, shift, scale, mask_value, dropout_p, seed = inputs
+    qkv, table, qkv_bias, num_heads, window, shift, scale, mask_value, dropout_p, seed, head_scale = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, table, qkv_bias, out, lse, seed)
+    ctx.save_for_backward(qkv, table, qkv_bias, out, lse, seed, head_scale)
     ctx.args = (num_heads, tuple(window), tuple(shift), scale, mask_value)
     ctx.dropout_p = dropout_p
     ctx.mark_non_differentiable(lse)
 
 
 def _window_attention_fwd_backward(ctx, dout, _dlse):
-    qkv, table, qkv_bias, out, lse, seed = ctx.saved_tensors
+    qkv, table, qkv_bias, out, lse, seed, head_scale = ctx.saved_tensors
     need_qkv, need_table, need_bias = ctx.needs_input_grad[:3]
-    dqkv, dqkv_bias, dtable = torch.ops.vitkern.window_attention_bwd(
-        dout, qkv, table, qkv_bias, out, lse, *ctx.args, need_table, ctx.dropout_p, seed)
-    return (dqkv if need_qkv else None, dtable.to(table.dtype) if need_table else None,
-            dqkv_bias.to(qkv_bias.dtype) if need_bias else None, None, None, None, None, None, None, None)
+    need_scale = len(ctx.needs_input_grad) > 10 and ctx.needs_input_grad[10]  # head_scale passed and needs one
+    dqkv, dqkv_bias, dtable, dhead_scale = torch.ops.vitkern.window_attention_bwd(
+        dout, qkv, table, qkv_bias, out, lse, *ctx.args, need_table, ctx.dropout_p, seed, head_scale)
+    grads = (dqkv if need_qkv else None, dtable.to(table.dtype) if need_table else None,
+             dqkv_bias.to(qkv_bias.dtype) if need_bias else None, None, None, None, None, None, None, None,
+             dhead_scale.to(head_scale.dtype) if need_scale else None)
+    return grads[:len(ctx.needs_input_grad)]
 
 
 _window_attention_fwd.register_autograd(
@@ -650,7 +771,7 @@ def _bwd_flops(dout_shape, qkv_shape, table_shape, bias_shape, saved_out_shape, 
 # --------------------------------------------------------------------------- #
 # Validation, backend predicates, public op
 # --------------------------------------------------------------------------- #
-def _validate(qkv, table, qkv_bias, num_heads, window, shift, dropout_p) -> None:
+def _validate(qkv, table, qkv_bias, num_heads, window, shift, dropout_p, logit_scale=None, scale=None) -> None:
     if not isinstance(qkv, Tensor) or qkv.dim() != 4:
         got = tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__
         raise ValueError(f"window_attention: qkv must be a 4-D tensor (B, H, W, 3C), got {got}")
@@ -688,6 +809,20 @@ def _validate(qkv, table, qkv_bias, num_heads, window, shift, dropout_p) -> None
         raise ValueError(f"window_attention: qkv_bias must have shape ({C3},), got {tuple(qkv_bias.shape)}")
     if isinstance(dropout_p, bool) or not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"window_attention: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if logit_scale is None:
+        return
+    if not isinstance(logit_scale, Tensor):
+        raise TypeError(f"window_attention: logit_scale must be a tensor or None, got {type(logit_scale).__name__}")
+    if tuple(logit_scale.shape) not in ((num_heads,), (num_heads, 1, 1)):
+        raise ValueError(f"window_attention: logit_scale must have shape (num_heads,) = ({num_heads},) or "
+                         f"(num_heads, 1, 1) = ({num_heads}, 1, 1), got {tuple(logit_scale.shape)}")
+    if not logit_scale.is_floating_point():
+        raise TypeError(f"window_attention: logit_scale must be floating point, got {logit_scale.dtype}")
+    if logit_scale.device != qkv.device:
+        raise ValueError(f"window_attention: logit_scale is on {logit_scale.device} but qkv is on {qkv.device}")
+    if scale is not None:
+        raise ValueError(f"window_attention: scale must be None with logit_scale (cosine attention scales the "
+                         f"scores by exp(clamp(logit_scale)) instead), got {scale!r}")
 
 
 @dataclass
@@ -699,13 +834,14 @@ class _Call:
     num_heads: int
     window: Tuple[int, int]
     shift: Tuple[int, int]
-    scale: float
+    scale: Optional[float]  # None with logit_scale
     mask_value: float
     dropout_p: float
+    logit_scale: Optional[Tensor] = None
 
 
 def _prepare(qkv, rel_pos_bias_table, *, num_heads, window_size, shift_size=0, scale=None, qkv_bias=None,
-             mask_value=-100.0, dropout_p=0.0) -> _Call:
+             mask_value=-100.0, dropout_p=0.0, logit_scale=None) -> _Call:
     """window_attention()'s public boundary: pairs normalised, autocast, validated, scale defaulted."""
     window = pair(window_size, "window_size", "window_attention")
     shift = pair(shift_size, "shift_size", "window_attention")
@@ -714,11 +850,12 @@ def _prepare(qkv, rel_pos_bias_table, *, num_heads, window_size, shift_size=0, s
         qkv = qkv.to(dtype)
         if isinstance(rel_pos_bias_table, Tensor) and rel_pos_bias_table.is_floating_point():
             rel_pos_bias_table = rel_pos_bias_table.to(dtype)
-    _validate(qkv, rel_pos_bias_table, qkv_bias, num_heads, window, shift, dropout_p)
+    _validate(qkv, rel_pos_bias_table, qkv_bias, num_heads, window, shift, dropout_p, logit_scale, scale)
     head_dim = qkv.shape[-1] // 3 // num_heads
-    scale = head_dim ** -0.5 if scale is None else float(scale)
+    if logit_scale is None:
+        scale = head_dim ** -0.5 if scale is None else float(scale)
     return _Call(qkv, rel_pos_bias_table, qkv_bias, num_heads, window, shift, scale, float(mask_value),
-                 float(dropout_p))
+                 float(dropout_p), logit_scale)
 
 
 def _why_not_triton(call: _Call) -> Optional[str]:
@@ -730,7 +867,7 @@ def _why_not_triton(call: _Call) -> Optional[str]:
         return f"head_dim {head_dim} is larger than the Triton kernels support ({MAX_HEAD_DIM})"
     if window[0] * window[1] > MAX_WINDOW_TOKENS:
         return f"windows of {window[0] * window[1]} tokens exceed the Triton kernels' {MAX_WINDOW_TOKENS}"
-    return backends.triton_reason([qkv, call.table, call.qkv_bias], qkv.dtype)
+    return backends.triton_reason([qkv, call.table, call.qkv_bias, call.logit_scale], qkv.dtype)
 
 
 _BACKENDS = backends.register("window_attention", prepare=_prepare,
@@ -748,6 +885,7 @@ def window_attention(
     qkv_bias: Optional[Tensor] = None,
     mask_value: float = -100.0,
     dropout_p: float = 0.0,
+    logit_scale: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> Tensor:
     """Swin (shifted-)window attention from the qkv Linear's output, before ``proj``.
@@ -766,19 +904,29 @@ def window_attention(
             in eval, as timm's ``attn_drop`` does). The Triton kernels draw it in-kernel from a seed
             taken from torch's default generator (:func:`window_dropout_keep_mask` reproduces it);
             the torch backend uses ``F.dropout``.
+        logit_scale: Swin V2's cosine attention: the raw per-head parameter, (num_heads,) or timm's
+            (num_heads, 1, 1). q and k rows are then normalised (as F.normalize, eps 1e-12) and the
+            scores multiplied by exp(clamp(logit_scale, max=log 100)) per head (``scale`` must be None);
+            ``rel_pos_bias_table`` is the final table (Swin V2: 16·sigmoid(cpb_mlp(coords))). Gets a
+            gradient (0 for a head above the clamp, as timm's).
         backend: "auto" | "cuda" | "triton" | "torch".
 
     Returns:
         (B, H, W, C), each token's attention output at its own position.
     """
     c = _prepare(qkv, rel_pos_bias_table, num_heads=num_heads, window_size=window_size, shift_size=shift_size,
-                 scale=scale, qkv_bias=qkv_bias, mask_value=mask_value, dropout_p=dropout_p)
+                 scale=scale, qkv_bias=qkv_bias, mask_value=mask_value, dropout_p=dropout_p, logit_scale=logit_scale)
     chosen = _BACKENDS.select(backend, c)
     if chosen == "triton":
+        # The clamp and exp run here, in autograd: the kernels return d(head scale) and torch takes it
+        # to the raw parameter (0 above the clamp, as timm's).
+        head_scale = None if c.logit_scale is None else \
+            torch.clamp(c.logit_scale.reshape(-1).float(), max=LOGIT_SCALE_MAX).exp()
         out, _ = torch.ops.vitkern.window_attention_fwd(c.qkv, c.table, c.qkv_bias, c.num_heads, list(c.window),
-                                                        list(c.shift), c.scale, c.mask_value, c.dropout_p,
-                                                        new_dropout_seed(c.dropout_p))
+                                                        list(c.shift), 1.0 if c.scale is None else c.scale,
+                                                        c.mask_value, c.dropout_p, new_dropout_seed(c.dropout_p),
+                                                        head_scale)
         return out
     return window_attention_reference(c.qkv, c.table, num_heads=c.num_heads, window_size=c.window,
                                       shift_size=c.shift, scale=c.scale, qkv_bias=c.qkv_bias,
-                                      mask_value=c.mask_value, dropout_p=c.dropout_p)
+                                      mask_value=c.mask_value, dropout_p=c.dropout_p, logit_scale=c.logit_scale)

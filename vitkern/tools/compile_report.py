@@ -133,7 +133,7 @@ def _bias(kind: Optional[str], B, H, NQ, NK, dtype):
     return torch.randn(shape, dtype=dtype, requires_grad=True)
 
 
-def _window_case(B, grid, C, heads, window, shift, dtype, qkv_bias: bool):
+def _window_case(B, grid, C, heads, window, shift, dtype, qkv_bias: bool, cosine: bool = False):
     import torch
 
     from vitkern.ops import window_attention
@@ -142,8 +142,9 @@ def _window_case(B, grid, C, heads, window, shift, dtype, qkv_bias: bool):
         qkv = torch.randn(B, grid, grid, 3 * C, dtype=dtype, requires_grad=True)
         table = torch.randn((2 * window - 1) ** 2, heads, dtype=dtype, requires_grad=True)
         bias = torch.randn(3 * C, dtype=dtype, requires_grad=True) if qkv_bias else None
+        logit_scale = torch.randn(heads, requires_grad=True) if cosine else None  # Swin V2
         out = window_attention(qkv, table, num_heads=heads, window_size=window, shift_size=shift, qkv_bias=bias,
-                               backend="triton")
+                               logit_scale=logit_scale, backend="triton")
         out.float().sum().backward()
     return run
 
@@ -239,9 +240,9 @@ def cases(which: str = "full") -> List[Tuple[str, str, Callable[[], None]]]:
         out.append((f"swin grid{grid} C{C} w{win} shift{shift}", "bfloat16",
                     _window_case(1, grid, C, heads, win, shift, bf16, False)))
 
-    def win(w, shift, name, qkv_bias=True):  # a grid that is not a multiple of the window: padding tokens
-        return (f"swin w{w} shift{shift} padded qkv_bias={int(qkv_bias)} d32", name,
-                _window_case(1, 2 * w + 3, 64, 2, w, shift, dt[name], qkv_bias))
+    def win(w, shift, name, qkv_bias=True, cosine=False):  # a grid not a multiple of the window: padding tokens
+        return (f"swin{'v2 cosine' if cosine else ''} w{w} shift{shift} padded qkv_bias={int(qkv_bias)} d32", name,
+                _window_case(1, 2 * w + 3, 64, 2, w, shift, dt[name], qkv_bias, cosine))
 
     for w in (WINDOWS if full else (7, 12)):
         for shift in ((0, w // 2) if full else (w // 2,)):
@@ -250,6 +251,15 @@ def cases(which: str = "full") -> List[Tuple[str, str, Callable[[], None]]]:
             out.append(win(w, w // 2, "float32"))
     if full:
         out.append(win(7, 3, "float16"))
+    # Swin V2's cosine attention (the COSINE kernels): both window tile classes, 16-bit and fp32.
+    for w in (WINDOWS if full else (7, 12)):
+        out.append(win(w, w // 2, "bfloat16", cosine=True))
+    out.append(win(7, 3, "float32", cosine=True))
+    if full:
+        out.append(win(8, 4, "float16", cosine=True))
+        for grid, C, heads in ((64, 96, 3), (32, 192, 6), (16, 384, 12), (8, 768, 24)):  # Swin-V2-T 256, window 8
+            out.append((f"swinv2 grid{grid} C{C} w8 shift{4 if grid > 8 else 0} cosine", "bfloat16",
+                        _window_case(1, grid, C, heads, 8, 4 if grid > 8 else 0, bf16, True, cosine=True)))
 
     # Patchify: ViT-B p16/p32 at 224/384/512 with CLS + pos, Swin's p4 stem.
     pe = [(224, 16), (384, 16), (512, 16), (224, 32), (384, 32), (512, 32)] if full else [(224, 16)]
