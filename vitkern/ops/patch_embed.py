@@ -353,7 +353,7 @@ def _launch_forward(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_
     """Returns out; with ``norm = (ln_weight, ln_bias, eps)`` returns (out, pre-norm fp32, mean, rstd)."""
     B, C, H, W = x.shape
     D, _, PH, PW = weight.shape
-    grid_h, grid_w = H // PH, W // PW
+    grid_w = W // PW
     prefix, tokens = _token_count(x.shape, weight.shape, prefix_tokens, keep_indices, prefix_tokens2)
     M, K = B * tokens, C * PH * PW
     out = new_output((B, tokens, D), dtype=_out_dtype(x, prefix_tokens, prefix_tokens2, pos_embed), device=x.device)
