@@ -261,7 +261,7 @@ def test_block_calls_the_window_op_with_the_raw_logit_scale(monkeypatch):
     (qkv, table), kw = calls[0]
     attn = mod.attn
     assert kw["logit_scale"] is attn.logit_scale and kw["window_size"] == (4, 4) and kw["shift_size"] == (2, 2)
-    assert "scale" not in kw and kw["backend"] == "torch" and kw["dropout_p"] == 0.0
+    assert kw.get("scale") is None and kw["backend"] == "torch" and kw["dropout_p"] == 0.0
     assert qkv.shape == (1, 7, 10, 48) and table.shape == (49, 2)
     torch.testing.assert_close(table, 16 * torch.sigmoid(attn.cpb_mlp(attn.relative_coords_table).view(-1, 2)))
     torch.testing.assert_close(kw["qkv_bias"], torch.cat((attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias)))

@@ -27,7 +27,7 @@ from vitkern.ops.entry import ENTRY_OPS
 from vitkern.nn.window_attention import WindowAttention as VWindowAttention
 
 timm = pytest.importorskip("timm")
-from timm.models import beit, get_notrace_functions, get_notrace_modules, maxxvit  # noqa: E402
+from timm.models import beit, get_notrace_functions, get_notrace_modules, maxxvit, swin_transformer_v2  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 from timm.models.deit import VisionTransformerDistilled  # noqa: E402
 
@@ -36,7 +36,8 @@ from test_optimize import _pvt, _randomise, _swin  # noqa: E402 - the same tiny 
 pytestmark = pytest.mark.timm
 
 TORCH_RTOL = 1e-10  # float64 reference path vs timm in float64
-VITKERN_MODULES = (vnn.PatchEmbed, vnn.Attention, vnn.SwinTransformerBlock, VWindowAttention, vnn.SRAttention,
+VITKERN_MODULES = (vnn.PatchEmbed, vnn.Attention, vnn.SwinTransformerBlock, vnn.SwinTransformerV2Block,
+                   VWindowAttention, vnn.SRAttention,
                    vnn.BeitAttention, vnn.MaxxVitAttentionCl, vnn.MaxxVitAttention2d)
 
 
@@ -63,12 +64,19 @@ def _maxvit():
     return maxxvit.MaxxVit(cfg, img_size=32, num_classes=5)
 
 
-MODELS = {"vit": _vit, "deit": _deit, "swin": _swin, "pvt": _pvt, "beit": _beit, "maxvit": _maxvit}
+def _swinv2():
+    return swin_transformer_v2.SwinTransformerV2(img_size=32, patch_size=4, embed_dim=16, depths=(2,), num_heads=(2,),
+                                                 window_size=4, num_classes=5)
+
+
+MODELS = {"vit": _vit, "deit": _deit, "swin": _swin, "pvt": _pvt, "beit": _beit, "maxvit": _maxvit,
+          "swinv2": _swinv2}
 TRITON_MODELS = ["vit", "deit", "pvt", "beit"]  # quick in the interpreter
 EXPECTED = {  # the drop-ins each converted model must hold (so every workflow runs through them)
     "vit": {vnn.PatchEmbed, vnn.Attention}, "deit": {vnn.PatchEmbed, vnn.Attention},
     "swin": {vnn.PatchEmbed, vnn.SwinTransformerBlock}, "pvt": {vnn.SRAttention},
     "beit": {vnn.PatchEmbed, vnn.BeitAttention}, "maxvit": {vnn.MaxxVitAttentionCl, vnn.MaxxVitAttention2d},
+    "swinv2": {vnn.PatchEmbed, vnn.SwinTransformerV2Block},
 }
 
 _REF = {}
@@ -248,7 +256,7 @@ def test_fx_traced_through_the_drop_ins_forward_and_backward(model_id, backend, 
     _check(model_id, backend, dtype, _fx(vitkern_leaves=False))
 
 
-@pytest.mark.parametrize("model_id", ["vit", "swin", "pvt", "beit", "maxvit"])
+@pytest.mark.parametrize("model_id", ["vit", "swin", "pvt", "beit", "maxvit", "swinv2"])
 def test_fx_graph_through_the_drop_ins_scripts(model_id):
     """timm's fx_torchscript workflow: the traced graph (vitkern's ops as nodes) compiles with TorchScript."""
     def workflow(model, x):

@@ -65,15 +65,16 @@ def patch_embed(x: Tensor, weight: Tensor, bias: Optional[Tensor], cls_token: Op
 
 def window_attention(qkv: Tensor, table: Tensor, num_heads: int, window_size: Tuple[int, int],
                      shift_size: Tuple[int, int], scale: Optional[float], qkv_bias: Optional[Tensor],
-                     dropout_p: float, backend: str) -> Tensor:
+                     dropout_p: float, backend: str, logit_scale: Optional[Tensor] = None) -> Tensor:
     if torch.jit.is_scripting():
         return torch.ops.vitkern.window_attention(qkv, table, num_heads=num_heads,
                                                   window_size=[window_size[0], window_size[1]],
                                                   shift_size=[shift_size[0], shift_size[1]], scale=scale,
-                                                  qkv_bias=qkv_bias, dropout_p=dropout_p, backend=backend)
+                                                  qkv_bias=qkv_bias, dropout_p=dropout_p, logit_scale=logit_scale,
+                                                  backend=backend)
     op = torch.ops.vitkern.window_attention if fx_proxy(qkv) else _ops.window_attention
     return op(qkv, table, num_heads=num_heads, window_size=window_size, shift_size=shift_size, scale=scale,
-              qkv_bias=qkv_bias, dropout_p=dropout_p, backend=backend)
+              qkv_bias=qkv_bias, dropout_p=dropout_p, logit_scale=logit_scale, backend=backend)
 
 
 def sr_attention(x: Tensor, feat_size: List[int], num_heads: int, q_weight: Tensor, q_bias: Optional[Tensor],

@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkern import backends as _backends
-from vitkern import ops as _ops
+from vitkern.nn import _graph
 from vitkern._args import pair
 from vitkern.nn.window_attention import DropPath, Mlp, SwinTransformerBlock
-from vitkern.reference import attention_reference, relative_position_index
+from vitkern.reference import relative_position_index
 
 __all__ = ["SwinTransformerV2Block", "WindowAttention", "relative_coords_table"]
 
@@ -200,26 +200,15 @@ class WindowAttention(nn.Module):
         """((2Mh-1)(2Mw-1), heads): 16 * sigmoid(cpb_mlp(relative_coords_table)), the op's final bias table."""
         return 16 * torch.sigmoid(self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads))
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        """Cosine attention within windows x (B*nW, N, C), N = window area; mask (nW, N, N) additive, or None.
-
-        Without a mask: the window op, each window a grid of its own (q, k normalised in-kernel). With a
-        mask: the op cannot take an arbitrary mask (it builds the shift mask itself), so this runs the
-        reference math in PyTorch, and an explicit "triton" / "cuda" backend raises.
-        """
+    @torch.jit.unused  # scripted forwards leave the checks to the op (see vitkern.nn._graph)
+    def _check_input(self, x: Tensor, mask: Optional[Tensor]) -> None:
         owner = type(self).__name__
-        (mh, mw), heads = self.window_size, self.num_heads
-        n = mh * mw
+        n = self.window_size[0] * self.window_size[1]
         if x.dim() != 3 or x.shape[1] != n or x.shape[2] != self.dim:
             raise ValueError(f"{owner}: x must be (B*nW, N={n}, C={self.dim}) windows, got shape {tuple(x.shape)}")
-        B_, N, C = x.shape
-        qkv, _ = self.qkv_and_bias(x)
-        dropout_p = self.attn_drop.p if self.training else 0.0
         if mask is None:
-            y = _ops.window_attention(qkv.reshape(B_, mh, mw, 3 * C), self.bias_table(), num_heads=heads,
-                                      window_size=self.window_size, logit_scale=self.logit_scale,
-                                      dropout_p=dropout_p, backend=self.backend)
-            return self.proj_drop(self.proj(y.reshape(B_, N, C)))
+            return
+        B_, N, _ = x.shape
         num_win = mask.shape[0] if mask.dim() == 3 else 0
         if mask.dim() != 3 or mask.shape[1:] != (N, N) or num_win == 0 or B_ % num_win:
             raise ValueError(f"{owner}: mask must be (nW, {N}, {N}) with B*nW={B_} a multiple of nW, "
@@ -229,16 +218,37 @@ class WindowAttention(nn.Module):
                 f"{owner}: backend={self.backend!r} cannot run the windows interface with a mask: the fused window "
                 f"op takes no arbitrary mask (it builds the shift mask itself; SwinTransformerV2Block needs none). "
                 f"Use backend='auto' or 'torch' here")
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """Cosine attention within windows x (B*nW, N, C), N = window area; mask (nW, N, N) additive, or None.
+
+        Without a mask: the window op, each window a grid of its own (q, k normalised in-kernel). With a
+        mask: the op cannot take an arbitrary mask (it builds the shift mask itself), so this runs the
+        reference math in PyTorch, and an explicit "triton" / "cuda" backend raises.
+        """
+        if _graph.eager(x):
+            self._check_input(x, mask)
+        mh, mw = self.window_size[0], self.window_size[1]
+        heads = self.num_heads
+        B_, N, C = x.shape
+        qkv, _ = self.qkv_and_bias(x)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        if mask is None:
+            y = _graph.window_attention(qkv.reshape(B_, mh, mw, 3 * C), self.bias_table(), heads, (mh, mw), (0, 0),
+                                        None, None, dropout_p, self.backend, logit_scale=self.logit_scale)
+            return self.proj_drop(self.proj(y.reshape(B_, N, C)))
+        num_win = mask.shape[0]
         q, k, v = qkv.reshape(B_, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)  # (B_, heads, N, d)
-        q = F.normalize(q, dim=-1) * torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
+        q = F.normalize(q, dim=-1) * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()  # LOGIT_SCALE_MAX
         k = F.normalize(k, dim=-1)
         table = self.bias_table()
         bias = table[self.relative_position_index.view(-1)].view(N, N, heads).permute(2, 0, 1)
-        # windows w of every image share mask[w]: heads of the nW windows side by side, broadcast over B
+        # windows w of every image share mask[w]: the heads of the nW windows side by side, broadcast over B
         bias = (bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)).reshape(1, num_win * heads, N, N)
-        shape = (B_ // num_win, num_win * heads, N, C // heads)
-        y = attention_reference(q.reshape(shape), k.reshape(shape), v.reshape(shape), scale=1.0, attn_bias=bias,
-                                dropout_p=dropout_p)
+        shape = [B_ // num_win, num_win * heads, N, C // heads]
+        scores = q.reshape(shape) @ k.reshape(shape).transpose(-2, -1) + bias
+        probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout_p, training=dropout_p > 0.0)
+        y = probs @ v.reshape(shape)
         y = y.reshape(B_, heads, N, C // heads).transpose(1, 2).reshape(B_, N, C)
         return self.proj_drop(self.proj(y))
 
@@ -331,22 +341,24 @@ class SwinTransformerV2Block(nn.Module):
         """Shifted-window cosine attention of the grid x (B, H, W, C), including attn.proj (timm's _attn)."""
         attn = self.attn
         qkv, qkv_bias = attn.qkv_and_bias(x)  # (B, H, W, 3C); padded tokens are zeros before it: the bias
-        y = _ops.window_attention(
+        y = _graph.window_attention(
             qkv,
             attn.bias_table(),
-            num_heads=attn.num_heads,
-            window_size=self.window_size,
-            shift_size=self.shift_size,
-            qkv_bias=qkv_bias,
+            attn.num_heads,
+            self.window_size,
+            self.shift_size,
+            None,
+            qkv_bias,
+            attn.attn_drop.p if self.training else 0.0,
+            self.backend,
             logit_scale=attn.logit_scale,
-            dropout_p=attn.attn_drop.p if self.training else 0.0,
-            backend=self.backend,
         )  # (B, H, W, C)
         return attn.proj_drop(attn.proj(y))
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, H, W, C) -> (B, H, W, C); post-norm residuals as timm V2."""
-        self._check_input(x)
+        if _graph.eager(x):
+            self._check_input(x)
         B, H, W, C = x.shape
         x = x + self.drop_path1(self.norm1(self._attn(x)))
         x = x.reshape(B, H * W, C)  # not (B, -1, C): that cannot reshape an empty batch

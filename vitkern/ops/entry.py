@@ -50,10 +50,10 @@ def _patch_embed(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, cls_t
 def _window_attention(qkv: Tensor, rel_pos_bias_table: Tensor, num_heads: int, window_size: List[int],
                       shift_size: List[int] = (0, 0), scale: Optional[float] = None,
                       qkv_bias: Optional[Tensor] = None, mask_value: float = -100.0, dropout_p: float = 0.0,
-                      backend: str = "auto") -> Tensor:
+                      logit_scale: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
     return window_attention(qkv, rel_pos_bias_table, num_heads=num_heads, window_size=tuple(window_size),
                             shift_size=tuple(shift_size), scale=scale, qkv_bias=qkv_bias, mask_value=mask_value,
-                            dropout_p=dropout_p, backend=backend)
+                            dropout_p=dropout_p, logit_scale=logit_scale, backend=backend)
 
 
 def _sr_attention(x: Tensor, feat_size: List[int], num_heads: int, q_weight: Tensor, q_bias: Optional[Tensor],
@@ -85,7 +85,7 @@ ENTRY_OPS = {
     "window_attention": (
         "window_attention(Tensor qkv, Tensor rel_pos_bias_table, *, int num_heads, int[2] window_size, "
         "int[2] shift_size=[0, 0], float? scale=None, Tensor? qkv_bias=None, float mask_value=-100.0, "
-        "float dropout_p=0.0, str backend='auto') -> Tensor", _window_attention),
+        "float dropout_p=0.0, Tensor? logit_scale=None, str backend='auto') -> Tensor", _window_attention),
     "sr_attention": (
         "sr_attention(Tensor x, int[2] feat_size, *, int num_heads, Tensor q_weight, Tensor? q_bias, "
         "Tensor kv_weight, Tensor? kv_bias, Tensor proj_weight, Tensor? proj_bias, Tensor? sr_weight=None, "
