@@ -583,3 +583,13 @@ def test_cosine_custom_ops_opcheck_and_compile():
     assert torch.equal(eager[0], comp[0])
     for name in eager[1]:
         assert torch.equal(eager[1][name], comp[1][name]), name
+
+
+@pytest.mark.parametrize("cosine", [False, True], ids=["swin", "cosine"])
+def test_gpu_launch_tiles_for_256_token_windows(monkeypatch, cosine):
+    """The tiles a GPU launch gets for 16x16 windows: 64 queries and 32-key blocks in the forward and
+    backward (64x64 spilled on sm_80), the d(score) sum in 32x32 tiles; forward and every gradient."""
+    use_gpu_tiles(monkeypatch, wa, "_Geometry")
+    g = wa._Geometry(torch.empty(1, 18, 17, 64, device="meta"), 2, (16, 16), (8, 8), cosine)
+    assert (g.block_m, g.fwd_block_n, g.bwd_block_n) == (64, 32, 16 if cosine else 32)
+    _check(1, 18, 17, 32, 2, 16, 8, True, torch.float32, cosine=cosine)

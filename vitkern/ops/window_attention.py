@@ -540,6 +540,13 @@ class _Geometry:
         # second score-sized tile (for d(scale)): at 64 queries, 32-key blocks still spill 4-32 B in dK/dV
         # or dQ (sm_80, Triton 3.6 or 3.8); 16-key blocks spill nothing (compile report, ci set).
         self.bwd_block_n = 16 if (big and cosine) else self.block_n
+        # Windows over 64 tokens (Swin's 16x16) with 64x64 tiles sit at 255 registers on sm_80 once the
+        # online softmax guards fully masked key blocks: 32-key blocks there (compile report, full set).
+        if big and self.n_tok > 64:
+            self.fwd_block_n = 32
+            self.bwd_block_n = min(self.bwd_block_n, 32)
+        else:
+            self.fwd_block_n = self.block_n
         self.shape_class = _shape_class(qkv.dtype, self.n_tok, self.head_dim, bool(self.SH or self.SW), cosine)
 
     def launch(self, group: str, block_m: int, block_n: int, warps: int, stages: int) -> dict:
@@ -569,7 +576,7 @@ def _launch_fwd(qkv, table, qkv_bias, g: _Geometry, scale, mask_value, dropout_p
     if g.programs == 0:  # an empty batch: nothing to launch
         return out, lse
     bias_arg = qkv_bias.contiguous() if qkv_bias is not None else qkv  # (3C,): the kernels index it densely
-    cfg = g.launch("fwd", g.block_m, g.block_n, g.warps, g.stages)
+    cfg = g.launch("fwd", g.block_m, g.fwd_block_n, g.warps, g.stages)
     _win_fwd_kernel[(g.programs, cdiv(g.n_tok, cfg["BLOCK_M"]))](
         qkv, bias_arg, table, _head_scale_arg(head_scale, qkv), out, lse,
         *g.grid_args(), scale * _LOG2E, float(mask_value), *dropout_args(dropout_p, seed),
@@ -642,7 +649,8 @@ def _launch_bwd(dout, qkv, table, qkv_bias, out, lse, g: _Geometry, scale, mask_
 
     dtable = qkv.new_empty(0, dtype=torch.float32)
     if need_table:
-        dscore = g.launch("dscore", g.dscore_m, g.dscore_n, 4, g.stages)
+        # two stages at least: one stage spills 4 B at 32x32 tiles on sm_80 (Triton 3.8, compile report)
+        dscore = g.launch("dscore", g.dscore_m, g.dscore_n, 4, max(g.stages, 2))
         tiles = cdiv(g.n_tok, dscore["BLOCK_M"]) * cdiv(g.n_tok, dscore["BLOCK_N"])
         splits = _dscore_splits(g, tiles, dev)
         per_split = cdiv(g.B * g.n_win, splits)
