@@ -553,9 +553,10 @@ def test_prefix_pos_keep_forward_and_every_gradient_match_reference(B, C, H, W, 
         assert torch.all(dx.permute(0, 2, 1, 3, 4)[~kept.to(DEVICE)] == 0)
 
 
-@pytest.mark.parametrize("T,per_image,K", [(1, False, 5), (3, True, None)], ids=["keep", "prefix-tile"])
+@pytest.mark.parametrize("T,per_image,K", [(1, False, 5), (3, True, None), (1, False, None)],
+                         ids=["keep", "prefix-tile", "cls"])
 def test_prefix_and_keep_with_the_gpu_tiles(monkeypatch, T, per_image, K):
-    """The tiles a GPU launch picks (fp32 with kept patches or a prefix tile: 128x64, see _gathered_tiles),
+    """The tiles a GPU launch picks (fp32 with kept patches or any prefix: 128x64, see _gathered_tiles),
     run by the interpreter: rows and channels over several programs, masked edges."""
     module = importlib.import_module("vitkern.ops.patch_embed")  # (vitkern.ops.patch_embed is the function)
     use_gpu_tiles(monkeypatch, module, "_gemm_config", "_backward_tiles", "_gathered_tiles")

@@ -316,9 +316,9 @@ def _backward_tiles(cfg: dict) -> dict:
 
 
 def _gathered_tiles(cfg: dict, dtype: torch.dtype, two_prefixes: bool = False) -> dict:
-    """Forward tiles with kept patches or a prefix tile: in fp32, 128x128 tiles spill 32-96 B there (kept:
-    sm_80 under Triton 3.6; prefix: sm_90a under 3.8; `python -m vitkern.tools.compile_report`); 128x64
-    with 2 stages do not. 16-bit tiles stay, except with a second prefix tensor (CLS + register tokens:
+    """Forward tiles with kept patches or a prefix: in fp32, 128x128 tiles spill 28-96 B there (kept:
+    sm_80 under Triton 3.6; a prefix tile, or ViT-B's one CLS row: sm_90a under 3.8;
+    `python -m vitkern.tools.compile_report`); 128x64 with 2 stages do not. 16-bit tiles stay, except with a second prefix tensor (CLS + register tokens:
     12-304 B of spills at 128x128, 3 stages, under both Triton versions)."""
     if _triton.INTERPRET or (dtype != torch.float32 and not two_prefixes):
         return cfg
@@ -398,7 +398,7 @@ def _launch_forward(x, weight, bias, prefix_tokens, pos_embed, pos_embed_covers_
         cfg = _tuned("fwd_norm", cfg, x.dtype, D, K)  # BLOCK_N stays the whole row: entries omit it
     else:
         cfg = _tuned("fwd", cfg, x.dtype, D, K)
-        if keep_indices is not None or gathered_prefix:
+        if keep_indices is not None or gathered_prefix or (has_prefix and x.dtype == torch.float32):
             cfg = _gathered_tiles(cfg, x.dtype, pre2 is not None)
     if M == 0:  # empty batch: nothing to compute, no zero-size grid to launch
         return out if norm is None else (out, pre, mean, rstd)
