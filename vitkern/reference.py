@@ -57,10 +57,13 @@ def patch_embed_reference(
     tokens = F.conv2d(x, weight, bias, stride=patch)  # (B, D, H/Ph, W/Pw): every patch
     tokens = tokens.flatten(2).transpose(1, 2)  # (B, N, D)
     B, N, D = tokens.shape
-    patch_rows = torch.arange(N, device=x.device).expand(B, N)  # which patch each patch row holds
+    pos = pos_embed.reshape(1, -1, D) if pos_embed is not None else None
     if keep_indices is not None:
-        patch_rows = keep_indices
         tokens = tokens.gather(1, keep_indices[:, :, None].expand(-1, -1, D))  # (B, K, D)
+    if pos is not None and not pos_embed_covers_prefix:  # timm's no_embed_class: add, then cat
+        if keep_indices is not None:  # a kept patch's row gets its patch's position row
+            pos = pos.expand(B, -1, D).gather(1, keep_indices[:, :, None].expand(-1, -1, D))
+        tokens = tokens + pos
     T = 0
     if prefix_tokens is not None:
         seq = list(prefix_tokens) if isinstance(prefix_tokens, (list, tuple)) else [prefix_tokens]
@@ -68,14 +71,11 @@ def patch_embed_reference(
         prefix = [(p if p.dim() == 3 else p[None]).expand(B, -1, D) for p in seq]
         T = sum(p.shape[1] for p in prefix)
         tokens = torch.cat([*prefix, tokens], dim=1)  # (B, T+K, D)
-    if pos_embed is not None:
-        pos = pos_embed.reshape(1, -1, D).expand(B, -1, D)
-        if pos_embed_covers_prefix:  # pos row t for prefix row t, pos row T+n for patch n
-            rows = torch.cat([torch.arange(T, device=x.device).expand(B, T), T + patch_rows], dim=1)
-            tokens = tokens + pos.gather(1, rows[:, :, None].expand(-1, -1, D))
-        else:  # timm's no_embed_class: pos row n for patch n, nothing on the prefix rows
-            patch_pos = pos.gather(1, patch_rows[:, :, None].expand(-1, -1, D))
-            tokens = torch.cat([tokens[:, :T], tokens[:, T:] + patch_pos], dim=1)
+    if pos is not None and pos_embed_covers_prefix:  # timm's default: cat, then add
+        if keep_indices is not None:  # pos row t for prefix row t, pos row T+n for patch n
+            rows = torch.cat([torch.arange(T, device=x.device).expand(B, T), T + keep_indices], dim=1)
+            pos = pos.expand(B, -1, D).gather(1, rows[:, :, None].expand(-1, -1, D))
+        tokens = tokens + pos
     return tokens
 
 
