@@ -73,6 +73,9 @@ def window_attention(qkv: Tensor, table: Tensor, num_heads: int, window_size: Tu
                                                   qkv_bias=qkv_bias, dropout_p=dropout_p, logit_scale=logit_scale,
                                                   backend=backend)
     op = torch.ops.vitkern.window_attention if fx_proxy(qkv) else _ops.window_attention
+    if logit_scale is None:  # Swin V1: the call as it was before Swin V2's argument existed
+        return op(qkv, table, num_heads=num_heads, window_size=window_size, shift_size=shift_size, scale=scale,
+                  qkv_bias=qkv_bias, dropout_p=dropout_p, backend=backend)
     return op(qkv, table, num_heads=num_heads, window_size=window_size, shift_size=shift_size, scale=scale,
               qkv_bias=qkv_bias, dropout_p=dropout_p, logit_scale=logit_scale, backend=backend)
 
