@@ -184,7 +184,7 @@ def leaves(inputs: Dict[str, Optional[torch.Tensor]], needs: Dict[str, bool], dt
     requires_grad as drawn. Non-tensors pass through."""
     out = {}
     for name, t in inputs.items():
-        if not isinstance(t, torch.Tensor):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():  # (index tensors stay as they are)
             out[name] = t
             continue
         t = t.detach() if dtype is None else t.detach().to(dtype).contiguous()

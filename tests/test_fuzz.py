@@ -18,6 +18,7 @@ draws N per op (bad input: N // 20 per mutation), VITKERN_FUZZ_SEED=S another se
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import re
 import subprocess
@@ -212,20 +213,33 @@ def _draw_patch_embed(d: Draw, dtype):
     gh, gw = d.size(1, 5), d.size(1, 5)
     D = d.size(1, 40, (16, 17, 64, 65))
     cls = d.rng.random() < 0.5
-    d.record(B=B, C=C, patch=(ph, pw), grid=(gh, gw), D=D, cls=cls)
-    tokens = gh * gw + cls
+    # a multi-row prefix (CLS + register / distillation tokens), shared or per image, instead of a CLS row
+    T = d.rng.choice((2, 3)) if not cls and d.rng.random() < 0.5 else int(cls)
+    n = gh * gw
+    K = d.size(1, n) if d.rng.random() < 0.35 else None  # MAE: only K of the n patches
+    covers = d.rng.random() < 0.7
+    d.record(B=B, C=C, patch=(ph, pw), grid=(gh, gw), D=D, cls=cls, T=T, K=K, covers=covers)
     x = d.randn(B, C, gh * ph, gw * pw, dtype=dtype)
     inputs = {
         "x": draw_layout(d, "x", x, kinds=("offset", "sliced", "permuted", "channels_last", "expanded")),
         "weight": draw_layout(d, "weight", d.randn(D, C, ph, pw, dtype=dtype, scale=(C * ph * pw) ** -0.5)),
         "bias": draw_layout(d, "bias", d.randn(D, dtype=dtype)) if d.rng.random() < 0.7 else None,
-        "cls_token": None, "pos_embed": None,
+        "cls_token": None, "prefix_tokens": None, "pos_embed": None, "pos_embed_covers_prefix": covers,
+        "keep_indices": None,
     }
     if cls:
         shape = d.record(cls_shape=d.rng.choice(((1, 1, D), (D,), (1, D))))
         inputs["cls_token"] = draw_layout(d, "cls_token", d.randn(*shape, dtype=dtype))
+    elif T:
+        shape = d.record(prefix_shape=d.rng.choice(((1, T, D), (B, T, D), (T, D))))
+        inputs["prefix_tokens"] = draw_layout(d, "prefix_tokens", d.randn(*shape, dtype=dtype))
+    if K is not None:
+        perm = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(d.rng.randrange(2**31)))[:K]
+                            for _ in range(B)]) if B else torch.empty(0, K, dtype=torch.int64)
+        inputs["keep_indices"] = perm.to(DEVICE)
     if d.rng.random() < 0.6:
-        shape = d.record(pos_shape=d.rng.choice(((1, tokens, D), (tokens, D))))
+        rows = T + n if covers else n
+        shape = d.record(pos_shape=d.rng.choice(((1, rows, D), (rows, D))))
         inputs["pos_embed"] = draw_layout(d, "pos_embed", d.randn(*shape, dtype=dtype, scale=0.5))
     return inputs
 
@@ -236,9 +250,11 @@ def test_patch_embed_matches_reference(case):
     with reported(d):
         dtype = d.record(dtype=d.dtype())
         inputs = _draw_patch_embed(d, dtype)
-        needs = _needs(d, list(inputs))
+        needs = _needs(d, [n for n in inputs if n != "keep_indices"])
         x, w = inputs["x"], inputs["weight"]
-        tokens = (x.shape[2] // w.shape[2]) * (x.shape[3] // w.shape[3]) + (inputs["cls_token"] is not None)
+        kept = inputs["keep_indices"]
+        patches = kept.shape[1] if kept is not None else (x.shape[2] // w.shape[2]) * (x.shape[3] // w.shape[3])
+        tokens = patches + d.drawn["T"]
         grad_out = upstream_grad(d, (x.shape[0], tokens, w.shape[0]), dtype)
         check_against_reference(d, lambda **kw: patch_embed(**kw, backend="triton"), patch_embed_reference,
                                 inputs, needs, grad_out, dtype, rerun=d.rng.random() < 0.3)
@@ -273,6 +289,11 @@ def _draw_window(d: Draw, dtype):
                            expand_dims=(0, 3)),
         "rel_pos_bias_table": draw_layout(d, "table", d.randn(table_rows, heads, dtype=dtype)),
         "qkv_bias": draw_layout(d, "qkv_bias", d.randn(3 * C, dtype=dtype)) if d.rng.random() < 0.6 else None,
+        # Swin V2 cosine attention: the raw per-head parameter, some heads above the clamp at log(100). Not at
+        # head_dim 1, where unit rows are +-1 (a degenerate case whose d(logit_scale) is not yet understood)
+        "logit_scale": (torch.tensor([d.rng.uniform(math.log(2.0), math.log(150.0)) for _ in range(heads)],
+                                     dtype=torch.float32, device=DEVICE)
+                        if head_dim >= 3 and d.rng.random() < 0.3 else None),
     }, heads, window, shift
 
 
@@ -297,6 +318,8 @@ def test_window_attention_matches_reference(case):
         needs = _needs(d, list(inputs))
         qkv = inputs["qkv"]
         grad_out = upstream_grad(d, (*qkv.shape[:3], qkv.shape[3] // 3), dtype)
+        if inputs["logit_scale"] is not None:
+            scale = None  # cosine attention has no scale of its own
         kw = dict(num_heads=heads, window_size=window, shift_size=shift, scale=scale, mask_value=mask_value)
         mask = _window_mask(d, p, qkv.shape, heads, window) if p else None
 
@@ -582,9 +605,10 @@ def test_every_public_op_is_fuzzed():
     drawn = {
         attention: {"q", "k", "v", "scale", "attn_bias", "dropout_p", "is_causal", "backend"},
         attention_packed: {"qkv", "num_heads", "scale", "attn_bias", "dropout_p", "is_causal", "backend"},
-        patch_embed: {"x", "weight", "bias", "cls_token", "pos_embed", "backend"},
+        patch_embed: {"x", "weight", "bias", "cls_token", "prefix_tokens", "pos_embed", "pos_embed_covers_prefix",
+                      "keep_indices", "backend"},
         window_attention: {"qkv", "rel_pos_bias_table", "num_heads", "window_size", "shift_size", "scale",
-                           "qkv_bias", "mask_value", "dropout_p", "backend"},
+                           "qkv_bias", "mask_value", "dropout_p", "logit_scale", "backend"},
         sr_attention: {"x", "feat_size", "num_heads", "q_weight", "q_bias", "kv_weight", "kv_bias", "proj_weight",
                        "proj_bias", "sr_weight", "sr_bias", "norm_weight", "norm_bias", "sr_ratio", "linear_attn",
                        "norm_eps", "scale", "dropout_p", "backend"},
