@@ -593,3 +593,14 @@ def test_gpu_launch_tiles_for_256_token_windows(monkeypatch, cosine):
     g = wa._Geometry(torch.empty(1, 18, 17, 64, device="meta"), 2, (16, 16), (8, 8), cosine)
     assert (g.block_m, g.fwd_block_n, g.bwd_block_n) == (64, 32, 16 if cosine else 32)
     _check(1, 18, 17, 32, 2, 16, 8, True, torch.float32, cosine=cosine)
+
+
+def test_cosine_at_head_dim_below_3_is_refused_by_the_triton_backend():
+    """Unit rows of one or two elements are not verified in the cosine kernel: the predicate says so and
+    auto runs the reference."""
+    qkv = torch.randn(1, 4, 4, 3 * 2, device=DEVICE)  # 2 heads of head_dim 1
+    table, scale = torch.randn(9, 2, device=DEVICE), torch.ones(2, device=DEVICE)
+    with pytest.raises(Exception, match=r"head_dim 1 < 3 is not verified"):
+        window_attention(qkv, table, num_heads=2, window_size=2, logit_scale=scale, backend="triton")
+    ref = window_attention_reference(qkv, table, num_heads=2, window_size=2, logit_scale=scale)
+    assert torch.equal(window_attention(qkv, table, num_heads=2, window_size=2, logit_scale=scale), ref)
